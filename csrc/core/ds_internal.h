@@ -1,0 +1,136 @@
+/* Internal declarations shared by the core's translation units. */
+#ifndef DS_INTERNAL_H
+#define DS_INTERNAL_H
+
+#include "ds_core.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define DS_INLINE static inline __attribute__((always_inline))
+#define DS_LIKELY(x) __builtin_expect(!!(x), 1)
+#define DS_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#else
+#define DS_INLINE static inline
+#define DS_LIKELY(x) (x)
+#define DS_UNLIKELY(x) (x)
+#endif
+
+#ifdef DS_DEBUG
+#include <assert.h>
+#define DS_ASSERT(c) assert(c)
+#else
+#define DS_ASSERT(c) ((void)0)
+#endif
+
+#define DS_MAX_MR 4
+#define DS_MAX_NR 8
+
+/* ---- scalar conversions (round to nearest even, NaN kept quiet) -------- */
+DS_INLINE float ds_bf16_to_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+DS_INLINE uint16_t ds_f32_to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x0040u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+float ds_f16_to_f32(uint16_t h);
+uint16_t ds_f32_to_f16(float f);
+
+/* Reads element i of a small typed array as double (routing data). */
+DS_INLINE double ds_load_real(const void *p, ds_dtype dt, int64_t i)
+{
+    switch (dt) {
+    case DS_F32: return ((const float *)p)[i];
+    case DS_BF16: return ds_bf16_to_f32(((const uint16_t *)p)[i]);
+    case DS_F16: return ds_f16_to_f32(((const uint16_t *)p)[i]);
+    case DS_F64: return ((const double *)p)[i];
+    default: return NAN;
+    }
+}
+
+DS_INLINE int64_t ds_load_int(const void *p, ds_dtype dt, int64_t i)
+{
+    switch (dt) {
+    case DS_I8: return ((const int8_t *)p)[i];
+    case DS_U8: return ((const uint8_t *)p)[i];
+    case DS_I16: return ((const int16_t *)p)[i];
+    case DS_I32: return ((const int32_t *)p)[i];
+    case DS_I64: return ((const int64_t *)p)[i];
+    default: return INT64_MIN;
+    }
+}
+
+DS_INLINE int ds_is_real(ds_dtype dt) { return dt == DS_F32 || dt == DS_BF16 || dt == DS_F16; }
+DS_INLINE int ds_is_int(ds_dtype dt)
+{
+    return dt == DS_I8 || dt == DS_U8 || dt == DS_I16 || dt == DS_I32 || dt == DS_I64;
+}
+
+/* ---- kernels -------------------------------------------------------------
+ * dot tile: c[i*ldc + j] (+)= sum_{k<K} x[i][k] * w[j][k]  for i < mr, j < nr,
+ * float32 accumulation, mr <= DS_MAX_MR, nr <= DS_MAX_NR.  The summation
+ * order depends only on (K, level, dtype), never on threads. */
+typedef void (*ds_dot_tile_fn)(int mr, int nr, const void *const *x, const void *const *w,
+                               int64_t K, float *c, int64_t ldc, int accumulate);
+
+/* dst[j] = silu(gu[2j]) * gu[2j+1] for j < n, converted to dst's dtype. */
+typedef void (*ds_act_fn)(const float *gu, int64_t n, void *dst);
+
+/* gu holds interleaved (a, b) pairs for n neurons; for each neuron j,
+ * acc[m*stride + j] += c * metric_m(a_j, b_j) for the four metrics. */
+typedef void (*ds_imp_fn)(const float *gu, int64_t n, double c, double *acc, int64_t stride);
+
+typedef struct {
+    ds_dot_tile_fn dot;
+    ds_act_fn act;
+    int mr, nr;       /* preferred tile: rows of x, rows of w */
+    int mr1_nr;       /* preferred nr when only one row of x */
+    int64_t kc;       /* K block that keeps a tile's operands in L1 */
+} ds_kernels;
+
+/* Kernel set for (level, dtype); NULL when not compiled in. */
+const ds_kernels *ds_kernels_generic(ds_dtype dt);
+const ds_kernels *ds_kernels_avx2(ds_dtype dt);
+const ds_kernels *ds_kernels_avx512(ds_dtype dt);
+const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt);
+const ds_kernels *ds_kernels_get(ds_dtype dt);       /* for the active level */
+
+void ds_importance_epilogue(const float *gu, int64_t n, double c, double *acc, int64_t stride);
+float ds_silu(float g);
+
+/* ---- workspace carving -------------------------------------------------- */
+typedef struct {
+    char *base;
+    size_t used, size;
+} ds_arena;
+
+DS_INLINE size_t ds_align_up(size_t n) { return (n + 63u) & ~(size_t)63u; }
+
+DS_INLINE void *ds_arena_take(ds_arena *a, size_t bytes)
+{
+    size_t n = ds_align_up(bytes);
+    if (a->base == NULL) { /* sizing pass */
+        a->used += n;
+        return NULL;
+    }
+    if (a->used + n > a->size)
+        return NULL;
+    void *p = a->base + a->used;
+    a->used += n;
+    return p;
+}
+
+#endif /* DS_INTERNAL_H */

@@ -1,0 +1,379 @@
+/* x86-64 kernels: AVX2+FMA and AVX-512 (with and without the BF16 dot
+ * product), each function compiled for its own target and called only after
+ * the CPU has been checked (ds_common.c), so one build runs on any x86-64.
+ *
+ * All are "dot tiles": mr rows of x against nr rows of w, both contiguous
+ * along K, one vector accumulator per (row, row) pair, reduced at the end.
+ * Weights are read where they lie; no packing, no copies. */
+#include "ds_internal.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(DS_NO_X86_KERNELS)
+
+#include <immintrin.h>
+
+#define TGT2 __attribute__((target("avx2,fma,f16c")))
+#define TGT5 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#define TGT5B __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
+#define INL static inline __attribute__((always_inline))
+
+/* One switch over every (mr, nr) so that each tile shape is a fully unrolled
+ * specialisation with its accumulators in registers. */
+#define DS_TILE_SWITCH(FN, mr, nr, ...)                                          \
+    switch ((mr) * 16 + (nr)) {                                                  \
+    case 0x11: FN(1, 1, __VA_ARGS__); break;                                     \
+    case 0x12: FN(1, 2, __VA_ARGS__); break;                                     \
+    case 0x13: FN(1, 3, __VA_ARGS__); break;                                     \
+    case 0x14: FN(1, 4, __VA_ARGS__); break;                                     \
+    case 0x15: FN(1, 5, __VA_ARGS__); break;                                     \
+    case 0x16: FN(1, 6, __VA_ARGS__); break;                                     \
+    case 0x17: FN(1, 7, __VA_ARGS__); break;                                     \
+    case 0x18: FN(1, 8, __VA_ARGS__); break;                                     \
+    case 0x21: FN(2, 1, __VA_ARGS__); break;                                     \
+    case 0x22: FN(2, 2, __VA_ARGS__); break;                                     \
+    case 0x23: FN(2, 3, __VA_ARGS__); break;                                     \
+    case 0x24: FN(2, 4, __VA_ARGS__); break;                                     \
+    case 0x25: FN(2, 5, __VA_ARGS__); break;                                     \
+    case 0x26: FN(2, 6, __VA_ARGS__); break;                                     \
+    case 0x27: FN(2, 7, __VA_ARGS__); break;                                     \
+    case 0x28: FN(2, 8, __VA_ARGS__); break;                                     \
+    case 0x31: FN(3, 1, __VA_ARGS__); break;                                     \
+    case 0x32: FN(3, 2, __VA_ARGS__); break;                                     \
+    case 0x33: FN(3, 3, __VA_ARGS__); break;                                     \
+    case 0x34: FN(3, 4, __VA_ARGS__); break;                                     \
+    case 0x35: FN(3, 5, __VA_ARGS__); break;                                     \
+    case 0x36: FN(3, 6, __VA_ARGS__); break;                                     \
+    case 0x37: FN(3, 7, __VA_ARGS__); break;                                     \
+    case 0x38: FN(3, 8, __VA_ARGS__); break;                                     \
+    case 0x41: FN(4, 1, __VA_ARGS__); break;                                     \
+    case 0x42: FN(4, 2, __VA_ARGS__); break;                                     \
+    case 0x43: FN(4, 3, __VA_ARGS__); break;                                     \
+    case 0x44: FN(4, 4, __VA_ARGS__); break;                                     \
+    case 0x45: FN(4, 5, __VA_ARGS__); break;                                     \
+    case 0x46: FN(4, 6, __VA_ARGS__); break;                                     \
+    case 0x47: FN(4, 7, __VA_ARGS__); break;                                     \
+    case 0x48: FN(4, 8, __VA_ARGS__); break;                                     \
+    default: break;                                                              \
+    }
+
+/* =========================== AVX-512 ===================================== */
+
+INL TGT5 __m512 ld5_f32(const void *p, int64_t k) { return _mm512_loadu_ps((const float *)p + k); }
+INL TGT5 __m512 ld5m_f32(const void *p, int64_t k, __mmask16 m)
+{
+    return _mm512_maskz_loadu_ps(m, (const float *)p + k);
+}
+INL TGT5 __m512 ld5_bf16(const void *p, int64_t k)
+{
+    __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + k));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+INL TGT5 __m512 ld5m_bf16(const void *p, int64_t k, __mmask16 m)
+{
+    __m256i v = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + k);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+INL TGT5 __m512 ld5_f16(const void *p, int64_t k)
+{
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + k)));
+}
+INL TGT5 __m512 ld5m_f16(const void *p, int64_t k, __mmask16 m)
+{
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + k));
+}
+
+#define DEF_TILE5(T)                                                                      \
+    INL TGT5 void tile5_##T(const int MR, const int NR, const void *const *x,           \
+                             const void *const *w, int64_t K, float *c, int64_t ldc,     \
+                             int accumulate)                                             \
+    {                                                                                    \
+        __m512 acc[DS_MAX_MR][DS_MAX_NR];                                                \
+        const void *xp[DS_MAX_MR], *wp[DS_MAX_NR];                                       \
+        for (int i = 0; i < MR; i++) {                                                   \
+            xp[i] = x[i];                                                                \
+            for (int j = 0; j < NR; j++)                                                 \
+                acc[i][j] = _mm512_setzero_ps();                                         \
+        }                                                                                \
+        for (int j = 0; j < NR; j++)                                                     \
+            wp[j] = w[j];                                                                \
+        int64_t k = 0;                                                                   \
+        for (; k + 16 <= K; k += 16) {                                                   \
+            __m512 xv[DS_MAX_MR];                                                        \
+            for (int i = 0; i < MR; i++)                                                 \
+                xv[i] = ld5_##T(xp[i], k);                                               \
+            for (int j = 0; j < NR; j++) {                                               \
+                __m512 wv = ld5_##T(wp[j], k);                                           \
+                for (int i = 0; i < MR; i++)                                             \
+                    acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);                   \
+            }                                                                            \
+        }                                                                                \
+        if (k < K) {                                                                     \
+            __mmask16 m = (__mmask16)((1u << (unsigned)(K - k)) - 1u);                   \
+            __m512 xv[DS_MAX_MR];                                                        \
+            for (int i = 0; i < MR; i++)                                                 \
+                xv[i] = ld5m_##T(xp[i], k, m);                                           \
+            for (int j = 0; j < NR; j++) {                                               \
+                __m512 wv = ld5m_##T(wp[j], k, m);                                       \
+                for (int i = 0; i < MR; i++)                                             \
+                    acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);                   \
+            }                                                                            \
+        }                                                                                \
+        for (int i = 0; i < MR; i++)                                                     \
+            for (int j = 0; j < NR; j++) {                                               \
+                float v = _mm512_reduce_add_ps(acc[i][j]);                               \
+                c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;                    \
+            }                                                                            \
+    }                                                                                    \
+    static TGT5 void dot5_##T(int mr, int nr, const void *const *x, const void *const *w, \
+                              int64_t K, float *c, int64_t ldc, int accumulate)           \
+    {                                                                                    \
+        DS_TILE_SWITCH(tile5_##T, mr, nr, x, w, K, c, ldc, accumulate)                   \
+    }
+
+DEF_TILE5(f32)
+DEF_TILE5(bf16)
+DEF_TILE5(f16)
+
+/* bf16 with the dot-product instruction: 32 elements per step, pairs summed
+ * inside the instruction. */
+INL TGT5B void tile5b(const int MR, const int NR, const void *const *x, const void *const *w,
+                      int64_t K, float *c, int64_t ldc, int accumulate)
+{
+    __m512 acc[DS_MAX_MR][DS_MAX_NR];
+    const uint16_t *xp[DS_MAX_MR], *wp[DS_MAX_NR];
+    for (int i = 0; i < MR; i++) {
+        xp[i] = (const uint16_t *)x[i];
+        for (int j = 0; j < NR; j++)
+            acc[i][j] = _mm512_setzero_ps();
+    }
+    for (int j = 0; j < NR; j++)
+        wp[j] = (const uint16_t *)w[j];
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512bh xv[DS_MAX_MR];
+        for (int i = 0; i < MR; i++)
+            xv[i] = (__m512bh)_mm512_loadu_si512((const void *)(xp[i] + k));
+        for (int j = 0; j < NR; j++) {
+            __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(wp[j] + k));
+            for (int i = 0; i < MR; i++)
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[i], wv);
+        }
+    }
+    if (k < K) {
+        __mmask32 m = (__mmask32)((1u << (unsigned)(K - k)) - 1u);
+        __m512bh xv[DS_MAX_MR];
+        for (int i = 0; i < MR; i++)
+            xv[i] = (__m512bh)_mm512_maskz_loadu_epi16(m, xp[i] + k);
+        for (int j = 0; j < NR; j++) {
+            __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, wp[j] + k);
+            for (int i = 0; i < MR; i++)
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[i], wv);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) {
+            float v = _mm512_reduce_add_ps(acc[i][j]);
+            c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;
+        }
+}
+
+static TGT5B void dot5b_bf16(int mr, int nr, const void *const *x, const void *const *w,
+                             int64_t K, float *c, int64_t ldc, int accumulate)
+{
+    DS_TILE_SWITCH(tile5b, mr, nr, x, w, K, c, ldc, accumulate)
+}
+
+/* exp(v) for the SiLU: range reduction to |r| <= ln2/2, a degree-6
+ * polynomial, and scalef for 2^n (which also handles overflow to inf and
+ * underflow to 0).  Relative error below 2 ulp. */
+INL TGT5 __m512 exp5(__m512 v)
+{
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 ln2hi = _mm512_set1_ps(0.693359375f);
+    const __m512 ln2lo = _mm512_set1_ps(-2.12194440e-4f);
+    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, ln2hi, v);
+    r = _mm512_fnmadd_ps(n, ln2lo, r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 r2 = _mm512_mul_ps(r, r);
+    p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Splits n <= 16 interleaved (g, u) pairs and returns silu(g) * u in the
+ * first n lanes.  NaN in g or u propagates. */
+INL TGT5 __m512 act5_pairs(const float *gu, unsigned n)
+{
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    unsigned nl = 2 * n < 16 ? 2 * n : 16, nh = 2 * n - nl;
+    __m512 lo = _mm512_maskz_loadu_ps((__mmask16)((1u << nl) - 1u), gu);
+    __m512 hi = _mm512_maskz_loadu_ps((__mmask16)((1u << nh) - 1u), gu + 16);
+    __m512 g = _mm512_permutex2var_ps(lo, even, hi);
+    __m512 u = _mm512_permutex2var_ps(lo, odd, hi);
+    __m512 e = exp5(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    return _mm512_mul_ps(s, u);
+}
+
+/* float32 -> bfloat16, round to nearest even, NaN kept quiet (the same bits
+ * as ds_f32_to_bf16). */
+INL TGT5 __m256i cvt5_bf16(__m512 v)
+{
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+#define DEF_ACT5(T, STORE)                                                   \
+    static TGT5 void act5_##T(const float *gu, int64_t n, void *dst)       \
+    {                                                                        \
+        int64_t j = 0;                                                       \
+        for (; j + 16 <= n; j += 16) {                                       \
+            __m512 a = act5_pairs(gu + 2 * j, 16);                           \
+            STORE(dst, j, a, 0xffff);                                        \
+        }                                                                    \
+        if (j < n) {                                                         \
+            __mmask16 m = (__mmask16)((1u << (unsigned)(n - j)) - 1u);       \
+            __m512 a = act5_pairs(gu + 2 * j, (unsigned)(n - j));            \
+            STORE(dst, j, a, m);                                             \
+        }                                                                    \
+    }
+
+#define ST5_F32(d, j, a, m) _mm512_mask_storeu_ps((float *)(d) + (j), (m), (a))
+#define ST5_BF16(d, j, a, m) _mm256_mask_storeu_epi16((uint16_t *)(d) + (j), (m), cvt5_bf16(a))
+#define ST5_F16(d, j, a, m) \
+    _mm256_mask_storeu_epi16((uint16_t *)(d) + (j), (m), _mm512_cvtps_ph((a), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+
+DEF_ACT5(f32, ST5_F32)
+DEF_ACT5(bf16, ST5_BF16)
+DEF_ACT5(f16, ST5_F16)
+
+static const ds_kernels k5_f32 = {dot5_f32, act5_f32, 4, 6, 8, 512};
+static const ds_kernels k5_bf16 = {dot5_bf16, act5_bf16, 4, 6, 8, 512};
+static const ds_kernels k5_f16 = {dot5_f16, act5_f16, 4, 6, 8, 512};
+static const ds_kernels k5b_bf16 = {dot5b_bf16, act5_bf16, 4, 6, 8, 1024};
+
+const ds_kernels *ds_kernels_avx512(ds_dtype dt)
+{
+    switch (dt) {
+    case DS_F32: return &k5_f32;
+    case DS_BF16: return &k5_bf16;
+    case DS_F16: return &k5_f16;
+    default: return NULL;
+    }
+}
+
+const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt) { return dt == DS_BF16 ? &k5b_bf16 : NULL; }
+
+/* ============================= AVX2 ====================================== */
+
+INL TGT2 __m256 ld2_f32(const void *p, int64_t k) { return _mm256_loadu_ps((const float *)p + k); }
+INL TGT2 __m256 ld2_bf16(const void *p, int64_t k)
+{
+    __m128i v = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + k));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+INL TGT2 __m256 ld2_f16(const void *p, int64_t k)
+{
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + k)));
+}
+INL float sc_f32(const void *p, int64_t k) { return ((const float *)p)[k]; }
+INL float sc_bf16(const void *p, int64_t k) { return ds_bf16_to_f32(((const uint16_t *)p)[k]); }
+INL float sc_f16(const void *p, int64_t k) { return ds_f16_to_f32(((const uint16_t *)p)[k]); }
+
+INL TGT2 float hsum2(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* The K tail (< 8 elements) is added after the vector reduction, in order. */
+#define DEF_TILE2(T)                                                                      \
+    INL TGT2 void tile2_##T(const int MR, const int NR, const void *const *x,           \
+                             const void *const *w, int64_t K, float *c, int64_t ldc,     \
+                             int accumulate)                                             \
+    {                                                                                    \
+        __m256 acc[DS_MAX_MR][DS_MAX_NR];                                                \
+        for (int i = 0; i < MR; i++)                                                     \
+            for (int j = 0; j < NR; j++)                                                 \
+                acc[i][j] = _mm256_setzero_ps();                                         \
+        int64_t k = 0;                                                                   \
+        for (; k + 8 <= K; k += 8) {                                                     \
+            __m256 xv[DS_MAX_MR];                                                        \
+            for (int i = 0; i < MR; i++)                                                 \
+                xv[i] = ld2_##T(x[i], k);                                                \
+            for (int j = 0; j < NR; j++) {                                               \
+                __m256 wv = ld2_##T(w[j], k);                                            \
+                for (int i = 0; i < MR; i++)                                             \
+                    acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);                   \
+            }                                                                            \
+        }                                                                                \
+        for (int i = 0; i < MR; i++)                                                     \
+            for (int j = 0; j < NR; j++) {                                               \
+                float v = hsum2(acc[i][j]);                                              \
+                for (int64_t kk = k; kk < K; kk++)                                       \
+                    v += sc_##T(x[i], kk) * sc_##T(w[j], kk);                            \
+                c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;                    \
+            }                                                                            \
+    }                                                                                    \
+    static TGT2 void dot2_##T(int mr, int nr, const void *const *x, const void *const *w, \
+                              int64_t K, float *c, int64_t ldc, int accumulate)           \
+    {                                                                                    \
+        DS_TILE_SWITCH(tile2_##T, mr, nr, x, w, K, c, ldc, accumulate)                   \
+    }
+
+DEF_TILE2(f32)
+DEF_TILE2(bf16)
+DEF_TILE2(f16)
+
+static void act2_f32(const float *gu, int64_t n, void *dst)
+{
+    float *d = (float *)dst;
+    for (int64_t j = 0; j < n; j++)
+        d[j] = ds_silu(gu[2 * j]) * gu[2 * j + 1];
+}
+static void act2_bf16(const float *gu, int64_t n, void *dst)
+{
+    uint16_t *d = (uint16_t *)dst;
+    for (int64_t j = 0; j < n; j++)
+        d[j] = ds_f32_to_bf16(ds_silu(gu[2 * j]) * gu[2 * j + 1]);
+}
+static void act2_f16(const float *gu, int64_t n, void *dst)
+{
+    uint16_t *d = (uint16_t *)dst;
+    for (int64_t j = 0; j < n; j++)
+        d[j] = ds_f32_to_f16(ds_silu(gu[2 * j]) * gu[2 * j + 1]);
+}
+
+static const ds_kernels k2_f32 = {dot2_f32, act2_f32, 3, 4, 6, 512};
+static const ds_kernels k2_bf16 = {dot2_bf16, act2_bf16, 3, 4, 6, 512};
+static const ds_kernels k2_f16 = {dot2_f16, act2_f16, 3, 4, 6, 512};
+
+const ds_kernels *ds_kernels_avx2(ds_dtype dt)
+{
+    switch (dt) {
+    case DS_F32: return &k2_f32;
+    case DS_BF16: return &k2_bf16;
+    case DS_F16: return &k2_f16;
+    default: return NULL;
+    }
+}
+
+#else /* not x86-64 with GCC/Clang */
+
+const ds_kernels *ds_kernels_avx2(ds_dtype dt) { (void)dt; return NULL; }
+const ds_kernels *ds_kernels_avx512(ds_dtype dt) { (void)dt; return NULL; }
+const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt) { (void)dt; return NULL; }
+
+#endif

@@ -1,0 +1,550 @@
+/* Expert computation with prefix partitions, and neuron importance.
+ *
+ * A routing plan first: every (token, slot) pair with level > 0 becomes a
+ * row; rows are grouped by expert and, inside an expert, ordered by level
+ * (highest first, then token order), so the rows that need partition q form
+ * a prefix of the expert's rows.  Then three parallel phases:
+ *   1. gate/up: for (expert, neuron chunk) items, the fused SwiGLU
+ *      activations A[row, neuron] of the rows whose prefix covers the chunk;
+ *   2. down:    for (expert, hidden chunk) items, Y[row, h] = A[row, :n] .
+ *      down[e][h, :n] with n the row's prefix length;
+ *   3. combine: for token blocks, out[t] = sum_k w[t,k] * Y[row(t,k)] in k
+ *      order.
+ * Each item writes a region no other item touches and the split into items
+ * depends only on the problem, so any thread count gives the same bits. */
+#include "ds_internal.h"
+
+#include <limits.h>
+
+#define NC 128   /* neurons per phase-1 item */
+#define HC 128   /* hidden rows per phase-2 item */
+#define MB 64    /* rows per block inside an item */
+#define TB 8     /* tokens per combine item */
+
+typedef struct {
+    int64_t e, q, j0, j1; /* q = 0: importance (all rows, no levels) */
+} item1_t;
+
+typedef struct {
+    int64_t e, h0, h1;
+} item2_t;
+
+typedef struct {
+    const ds_experts *w;
+    const ds_kernels *kern;
+    int64_t T, K, P;
+    const void *x;
+    int64_t ldx;
+    /* plan */
+    int64_t R;
+    int64_t *row_tok;   /* R: token of each row */
+    int64_t *row_pair;  /* R: t*K + k of each row */
+    int64_t *pos;       /* T*K: row of each pair, -1 when dropped */
+    int64_t *e_row0;    /* E+1 */
+    int64_t *e_m;       /* E*(P+2): rows of e with level >= q, e_m[.., P+1] = 0 */
+    item1_t *items1;
+    int64_t n1;
+    item2_t *items2;
+    int64_t n2;
+    /* buffers */
+    char *A;            /* R x I activations, dtype of the weights */
+    size_t act_esz;
+    float *Y;           /* R x H */
+    float *scratch;     /* per thread */
+    int64_t scratch_len;
+    /* moe outputs */
+    const ds_moe_args *a;
+    /* importance */
+    const ds_importance_args *imp;
+} moe_ctx;
+
+static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+static int64_t scratch_floats(const ds_experts *w) { return MB * 2 * NC > w->H ? MB * 2 * NC : w->H; }
+
+/* ---- validation ---------------------------------------------------------- */
+
+static ds_status check_experts(const char *fn, const ds_experts *w)
+{
+    if (w == NULL)
+        return ds_error(DS_ERR_VALUE, "%s: experts descriptor is NULL", fn);
+    if (w->E < 1 || w->I < 1 || w->H < 1)
+        return ds_error(DS_ERR_SHAPE, "%s: experts need E, I, H >= 1; got E=%lld I=%lld H=%lld",
+                        fn, (long long)w->E, (long long)w->I, (long long)w->H);
+    if (!ds_is_real(w->dtype))
+        return ds_error(DS_ERR_TYPE, "%s: weights must be float32, bfloat16 or float16; got %s",
+                        fn, ds_dtype_name(w->dtype));
+    if (w->ld_gu < w->H || w->ld_down < w->I)
+        return ds_error(DS_ERR_SHAPE, "%s: weight row strides too small (ld_gu=%lld < H=%lld or "
+                        "ld_down=%lld < I=%lld)", fn, (long long)w->ld_gu, (long long)w->H,
+                        (long long)w->ld_down, (long long)w->I);
+    if (w->gate == NULL || w->up == NULL || w->down == NULL)
+        return ds_error(DS_ERR_VALUE, "%s: weight pointer tables are NULL", fn);
+    for (int64_t e = 0; e < w->E; e++)
+        if (w->gate[e] == NULL || w->up[e] == NULL || w->down[e] == NULL)
+            return ds_error(DS_ERR_VALUE, "%s: weights of expert %lld are NULL", fn, (long long)e);
+    return DS_OK;
+}
+
+static ds_status check_ids(const char *fn, const ds_mat *ids, int64_t T, int64_t K, int64_t E)
+{
+    if (ids->dtype != DS_I32 && ids->dtype != DS_I64)
+        return ds_error(DS_ERR_TYPE, "%s: topk_ids must be int32 or int64; got %s", fn,
+                        ds_dtype_name(ids->dtype));
+    if (T > 0 && ids->data == NULL)
+        return ds_error(DS_ERR_VALUE, "%s: topk_ids is NULL", fn);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < K; k++) {
+            int64_t v = ds_load_int(ids->data, ids->dtype, t * ids->s0 + k * ids->s1);
+            if (v < 0 || v >= E)
+                return ds_error(DS_ERR_VALUE,
+                                "%s: topk_ids[%lld, %lld] = %lld is outside [0, %lld) (E = %lld experts)",
+                                fn, (long long)t, (long long)k, (long long)v, (long long)E,
+                                (long long)E);
+        }
+    return DS_OK;
+}
+
+/* ---- plan ---------------------------------------------------------------- */
+
+/* Rows grouped by expert, levels descending, pairs in (t, k) order inside a
+ * level; cnt is E*P scratch. */
+static void build_plan(moe_ctx *c, const ds_mat *ids, const ds_mat *levels, int64_t *cnt)
+{
+    const int64_t E = c->w->E, P = c->P, T = c->T, K = c->K;
+    memset(cnt, 0, (size_t)(E * P) * sizeof *cnt);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < K; k++) {
+            int64_t e = ds_load_int(ids->data, ids->dtype, t * ids->s0 + k * ids->s1);
+            int64_t l = levels && levels->data
+                            ? ds_load_int(levels->data, levels->dtype, t * levels->s0 + k * levels->s1)
+                            : P;
+            if (l > 0)
+                cnt[e * P + (P - l)]++;
+        }
+    /* e_m[e][q] = rows of e with level >= q */
+    int64_t total = 0;
+    for (int64_t e = 0; e < E; e++) {
+        c->e_row0[e] = total;
+        int64_t *m = c->e_m + e * (P + 2);
+        m[P + 1] = 0;
+        for (int64_t q = P; q >= 1; q--)
+            m[q] = m[q + 1] + cnt[e * P + (P - q)];
+        m[0] = m[1];
+        for (int64_t key = e * P; key < (e + 1) * P; key++) {
+            int64_t n = cnt[key];
+            cnt[key] = total;
+            total += n;
+        }
+    }
+    c->e_row0[E] = total;
+    c->R = total;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < K; k++) {
+            int64_t e = ds_load_int(ids->data, ids->dtype, t * ids->s0 + k * ids->s1);
+            int64_t l = levels && levels->data
+                            ? ds_load_int(levels->data, levels->dtype, t * levels->s0 + k * levels->s1)
+                            : P;
+            if (l > 0) {
+                int64_t r = cnt[e * P + (P - l)]++;
+                c->row_tok[r] = t;
+                c->row_pair[r] = t * K + k;
+                c->pos[t * K + k] = r;
+            } else {
+                c->pos[t * K + k] = -1;
+            }
+        }
+}
+
+/* Neuron chunks never straddle a partition boundary, so every chunk has one
+ * row count: the rows whose level reaches its partition. */
+static void build_items1(moe_ctx *c, int importance)
+{
+    const ds_experts *w = c->w;
+    int64_t n = 0;
+    for (int64_t e = 0; e < w->E; e++) {
+        int64_t P = importance ? 1 : c->P;
+        for (int64_t q = 1; q <= P; q++) {
+            int64_t lo = ((q - 1) * w->I) / P, hi = (q * w->I) / P;
+            if (c->e_m[e * (c->P + 2) + q] == 0 || lo == hi)
+                continue;
+            for (int64_t j = lo; j < hi; j += NC) {
+                item1_t *it = &c->items1[n++];
+                it->e = e;
+                it->q = importance ? 0 : q;
+                it->j0 = j;
+                it->j1 = j + NC < hi ? j + NC : hi;
+            }
+        }
+    }
+    c->n1 = n;
+}
+
+static void build_items2(moe_ctx *c)
+{
+    const ds_experts *w = c->w;
+    int64_t n = 0;
+    for (int64_t e = 0; e < w->E; e++) {
+        if (c->e_row0[e + 1] == c->e_row0[e])
+            continue;
+        for (int64_t h = 0; h < w->H; h += HC) {
+            item2_t *it = &c->items2[n++];
+            it->e = e;
+            it->h0 = h;
+            it->h1 = h + HC < w->H ? h + HC : w->H;
+        }
+    }
+    c->n2 = n;
+}
+
+/* ---- phase 1: fused gate/up ---------------------------------------------- */
+
+static void gate_up_item(void *vctx, int64_t item, int tid)
+{
+    moe_ctx *c = (moe_ctx *)vctx;
+    const ds_experts *w = c->w;
+    const ds_kernels *kn = c->kern;
+    const item1_t *it = &c->items1[item];
+    const int64_t e = it->e, j0 = it->j0, nj = it->j1 - it->j0;
+    const int64_t row0 = c->e_row0[e];
+    const int64_t m = it->q ? c->e_m[e * (c->P + 2) + it->q] : c->e_row0[e + 1] - row0;
+    const size_t esz = ds_dtype_size(w->dtype);
+    const int64_t H = w->H, ldS = 2 * NC;
+    float *S = c->scratch + (int64_t)tid * c->scratch_len;
+    const char *gate = (const char *)w->gate[e], *up = (const char *)w->up[e];
+
+    for (int64_t rb = 0; rb < m; rb += MB) {
+        const int64_t mb = m - rb < MB ? m - rb : MB;
+        const int mr = mb == 1 ? 1 : kn->mr;
+        const int nr = mb == 1 ? kn->mr1_nr : kn->nr;
+        const int nn = nr >= 2 ? nr / 2 : 1; /* neurons per tile: a gate and an up row each */
+        for (int64_t k0 = 0; k0 < H; k0 += kn->kc) {
+            const int64_t kl = H - k0 < kn->kc ? H - k0 : kn->kc;
+            for (int64_t jt = 0; jt < nj; jt += nn) {
+                const int nt = (int)(nj - jt < nn ? nj - jt : nn);
+                const void *wr[DS_MAX_NR];
+                for (int jj = 0; jj < nt; jj++) {
+                    int64_t off = ((j0 + jt + jj) * w->ld_gu + k0) * (int64_t)esz;
+                    wr[2 * jj] = gate + off;
+                    wr[2 * jj + 1] = up + off;
+                }
+                for (int64_t i = 0; i < mb; i += mr) {
+                    const int ni = (int)(mb - i < mr ? mb - i : mr);
+                    const void *xr[DS_MAX_MR];
+                    for (int ii = 0; ii < ni; ii++)
+                        xr[ii] = (const char *)c->x +
+                                 (c->row_tok[row0 + rb + i + ii] * c->ldx + k0) * (int64_t)esz;
+                    kn->dot(ni, 2 * nt, xr, wr, kl, S + (i * ldS) + 2 * jt, ldS, k0 > 0);
+                }
+            }
+        }
+        if (c->imp) {
+            const ds_importance_args *ia = c->imp;
+            for (int64_t i = 0; i < mb; i++) {
+                double cw = 1.0;
+                if (ia->weighted) {
+                    int64_t pr = c->row_pair[row0 + rb + i];
+                    int64_t t = pr / c->K, k = pr % c->K;
+                    cw = ds_load_real(ia->topk_weights.data, ia->topk_weights.dtype,
+                                      t * ia->topk_weights.s0 + k * ia->topk_weights.s1);
+                }
+                ds_importance_epilogue(S + i * ldS, nj, cw, ia->accum + e * w->I + j0,
+                                       w->E * w->I);
+            }
+        } else {
+            for (int64_t i = 0; i < mb; i++)
+                kn->act(S + i * ldS, nj,
+                        c->A + ((row0 + rb + i) * w->I + j0) * (int64_t)c->act_esz);
+        }
+    }
+}
+
+/* ---- phase 2: down projection over each row's prefix ---------------------- */
+
+static void down_item(void *vctx, int64_t item, int tid)
+{
+    (void)tid;
+    moe_ctx *c = (moe_ctx *)vctx;
+    const ds_experts *w = c->w;
+    const ds_kernels *kn = c->kern;
+    const item2_t *it = &c->items2[item];
+    const int64_t e = it->e, P = c->P, I = w->I, H = w->H;
+    const int64_t row0 = c->e_row0[e];
+    const int64_t *em = c->e_m + e * (P + 2);
+    const size_t esz = ds_dtype_size(w->dtype);
+    const char *down = (const char *)w->down[e];
+
+    for (int64_t p = P; p >= 1; p--) {
+        const int64_t rs = em[p + 1], re = em[p], n = (p * I) / P;
+        if (re == rs)
+            continue;
+        for (int64_t rb = rs; rb < re; rb += MB) {
+            const int64_t mb = re - rb < MB ? re - rb : MB;
+            const int mr = mb == 1 ? 1 : kn->mr;
+            const int nr = mb == 1 ? kn->mr1_nr : kn->nr;
+            for (int64_t k0 = 0; k0 < n; k0 += kn->kc) {
+                const int64_t kl = n - k0 < kn->kc ? n - k0 : kn->kc;
+                for (int64_t h = it->h0; h < it->h1; h += nr) {
+                    const int nt = (int)(it->h1 - h < nr ? it->h1 - h : nr);
+                    const void *wr[DS_MAX_NR];
+                    for (int jj = 0; jj < nt; jj++)
+                        wr[jj] = down + ((h + jj) * w->ld_down + k0) * (int64_t)esz;
+                    for (int64_t i = 0; i < mb; i += mr) {
+                        const int ni = (int)(mb - i < mr ? mb - i : mr);
+                        const void *ar[DS_MAX_MR];
+                        for (int ii = 0; ii < ni; ii++)
+                            ar[ii] = c->A + ((row0 + rb + i + ii) * I + k0) * (int64_t)c->act_esz;
+                        kn->dot(ni, nt, ar, wr, kl, c->Y + (row0 + rb + i) * H + h, H, k0 > 0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* ---- phase 3: weighted combine in token order ------------------------------ */
+
+static void combine_item(void *vctx, int64_t item, int tid)
+{
+    moe_ctx *c = (moe_ctx *)vctx;
+    const ds_moe_args *a = c->a;
+    const int64_t H = c->w->H, K = c->K;
+    const ds_dtype dt = c->w->dtype;
+    float *acc = c->scratch + (int64_t)tid * c->scratch_len;
+    const int64_t t1 = (item + 1) * TB < c->T ? (item + 1) * TB : c->T;
+    for (int64_t t = item * TB; t < t1; t++) {
+        for (int64_t h = 0; h < H; h++)
+            acc[h] = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t r = c->pos[t * K + k];
+            if (r < 0)
+                continue;
+            const float wk = (float)ds_load_real(a->topk_weights.data, a->topk_weights.dtype,
+                                                 t * a->topk_weights.s0 + k * a->topk_weights.s1);
+            const float *y = c->Y + r * H;
+            for (int64_t h = 0; h < H; h++)
+                acc[h] += wk * y[h];
+        }
+        if (dt == DS_F32) {
+            memcpy((float *)a->out + t * a->ldo, acc, (size_t)H * sizeof(float));
+        } else if (dt == DS_BF16) {
+            uint16_t *o = (uint16_t *)a->out + t * a->ldo;
+            for (int64_t h = 0; h < H; h++)
+                o[h] = ds_f32_to_bf16(acc[h]);
+        } else {
+            uint16_t *o = (uint16_t *)a->out + t * a->ldo;
+            for (int64_t h = 0; h < H; h++)
+                o[h] = ds_f32_to_f16(acc[h]);
+        }
+    }
+}
+
+/* ---- workspace ----------------------------------------------------------- */
+
+static int carve(moe_ctx *c, ds_arena *ar, const ds_experts *w, int64_t T, int64_t K,
+                 int64_t P, int n_threads, int importance, int64_t **cnt)
+{
+    const int64_t TK = T * K, E = w->E;
+    c->pos = ds_arena_take(ar, (size_t)TK * 8);
+    c->row_tok = ds_arena_take(ar, (size_t)TK * 8);
+    c->row_pair = ds_arena_take(ar, (size_t)TK * 8);
+    c->e_row0 = ds_arena_take(ar, (size_t)(E + 1) * 8);
+    c->e_m = ds_arena_take(ar, (size_t)(E * (P + 2)) * 8);
+    *cnt = ds_arena_take(ar, (size_t)(E * P) * 8);
+    c->items1 = ds_arena_take(ar, (size_t)(E * (P + cdiv(w->I, NC))) * sizeof(item1_t));
+    c->scratch_len = scratch_floats(w);
+    c->scratch = ds_arena_take(ar, (size_t)(n_threads * c->scratch_len) * sizeof(float));
+    if (!importance) {
+        c->items2 = ds_arena_take(ar, (size_t)(E * cdiv(w->H, HC)) * sizeof(item2_t));
+        c->act_esz = ds_dtype_size(w->dtype);
+        c->A = ds_arena_take(ar, (size_t)TK * (size_t)w->I * c->act_esz);
+        c->Y = ds_arena_take(ar, (size_t)TK * (size_t)w->H * sizeof(float));
+    }
+    return ar->base == NULL || ar->used <= ar->size;
+}
+
+static size_t workspace_bytes(const ds_experts *w, int64_t T, int64_t K, int64_t P,
+                              int n_threads, int importance)
+{
+    moe_ctx c;
+    int64_t *cnt;
+    ds_arena ar = {NULL, 0, 0};
+    memset(&c, 0, sizeof c);
+    if (n_threads < 1)
+        n_threads = 1;
+    if (T < 0 || K < 1 || P < 1 || w == NULL || w->E < 1 || w->I < 1 || w->H < 1)
+        return 64;
+    carve(&c, &ar, w, T, K, P, n_threads, importance, &cnt);
+    return ar.used + 64;
+}
+
+static int arena_open(ds_arena *ar, void *workspace, size_t size)
+{
+    uintptr_t p = (uintptr_t)workspace, q = (p + 63u) & ~(uintptr_t)63u;
+    if (workspace == NULL || size < (q - p))
+        return 0;
+    ar->base = (char *)q;
+    ar->used = 0;
+    ar->size = size - (q - p);
+    return 1;
+}
+
+size_t ds_moe_workspace_size(const ds_experts *w, const ds_moe_args *a, int n_threads)
+{
+    if (a == NULL)
+        return 64;
+    return workspace_bytes(w, a->T, a->K, a->P, n_threads, 0);
+}
+
+size_t ds_importance_workspace_size(const ds_experts *w, const ds_importance_args *a,
+                                    int n_threads)
+{
+    if (a == NULL)
+        return 64;
+    return workspace_bytes(w, a->T, a->K, 1, n_threads, 1);
+}
+
+/* ---- entry points ---------------------------------------------------------- */
+
+ds_status ds_moe_experts(const ds_experts *w, const ds_moe_args *a, void *workspace,
+                         size_t workspace_size, int n_threads)
+{
+    static const char fn[] = "moe_experts";
+    ds_status st = check_experts(fn, w);
+    if (st != DS_OK)
+        return st;
+    if (a == NULL)
+        return ds_error(DS_ERR_VALUE, "%s: arguments are NULL", fn);
+    if (a->T < 0 || a->K < 1)
+        return ds_error(DS_ERR_SHAPE, "%s: need T >= 0 and K >= 1; got T=%lld K=%lld", fn,
+                        (long long)a->T, (long long)a->K);
+    if (a->K > w->E)
+        return ds_error(DS_ERR_SHAPE, "%s: topk_ids has K=%lld slots but there are only E=%lld "
+                        "experts (K must be <= E)", fn, (long long)a->K, (long long)w->E);
+    if (a->P < 1 || a->P > 127 || a->P > w->I)
+        return ds_error(DS_ERR_VALUE, "%s: num_partitions must be in [1, min(127, I=%lld)]; got %d",
+                        fn, (long long)w->I, a->P);
+    if (n_threads < 1 || n_threads > ds_max_threads())
+        return ds_error(DS_ERR_VALUE, "%s: num_threads must be in [1, %d]; got %d", fn,
+                        ds_max_threads(), n_threads);
+    if (!ds_is_real(a->topk_weights.dtype))
+        return ds_error(DS_ERR_TYPE, "%s: topk_weights must be float32, bfloat16 or float16; got %s",
+                        fn, ds_dtype_name(a->topk_weights.dtype));
+    if (a->levels.data != NULL && !ds_is_int(a->levels.dtype))
+        return ds_error(DS_ERR_TYPE, "%s: levels must be an integer array; got %s", fn,
+                        ds_dtype_name(a->levels.dtype));
+    if (a->T > 0 && (a->x == NULL || a->out == NULL || a->topk_weights.data == NULL))
+        return ds_error(DS_ERR_VALUE, "%s: x, topk_weights and out must not be NULL", fn);
+    if (a->ldx < w->H || a->ldo < w->H)
+        return ds_error(DS_ERR_SHAPE, "%s: row strides of x (%lld) and out (%lld) must be >= H=%lld",
+                        fn, (long long)a->ldx, (long long)a->ldo, (long long)w->H);
+    if ((st = check_ids(fn, &a->topk_ids, a->T, a->K, w->E)) != DS_OK)
+        return st;
+    if (a->levels.data != NULL)
+        for (int64_t t = 0; t < a->T; t++)
+            for (int64_t k = 0; k < a->K; k++) {
+                int64_t v = ds_load_int(a->levels.data, a->levels.dtype,
+                                        t * a->levels.s0 + k * a->levels.s1);
+                if (v < 0 || v > a->P)
+                    return ds_error(DS_ERR_VALUE,
+                                    "%s: levels[%lld, %lld] = %lld is outside [0, num_partitions=%d]",
+                                    fn, (long long)t, (long long)k, (long long)v, a->P);
+            }
+    if (a->T == 0)
+        return DS_OK;
+    const ds_kernels *kern = ds_kernels_get(w->dtype);
+    if (kern == NULL)
+        return ds_error(DS_ERR_UNSUPPORTED, "%s: no kernel for %s", fn, ds_dtype_name(w->dtype));
+
+    moe_ctx c;
+    memset(&c, 0, sizeof c);
+    c.w = w;
+    c.kern = kern;
+    c.T = a->T;
+    c.K = a->K;
+    c.P = a->P;
+    c.x = a->x;
+    c.ldx = a->ldx;
+    c.a = a;
+    ds_arena ar;
+    int64_t *cnt;
+    size_t need = workspace_bytes(w, a->T, a->K, a->P, n_threads, 0);
+    if (workspace_size < need || !arena_open(&ar, workspace, workspace_size) ||
+        !carve(&c, &ar, w, a->T, a->K, a->P, n_threads, 0, &cnt))
+        return ds_error(DS_ERR_VALUE, "%s: workspace of %zu bytes is too small; need %zu", fn,
+                        workspace_size, need);
+    build_plan(&c, &a->topk_ids, &a->levels, cnt);
+    build_items1(&c, 0);
+    build_items2(&c);
+    if ((st = ds_parallel_for(n_threads, c.n1, gate_up_item, &c)) != DS_OK)
+        return st;
+    if ((st = ds_parallel_for(n_threads, c.n2, down_item, &c)) != DS_OK)
+        return st;
+    return ds_parallel_for(n_threads, cdiv(a->T, TB), combine_item, &c);
+}
+
+ds_status ds_importance_accumulate(const ds_experts *w, const ds_importance_args *a,
+                                   void *workspace, size_t workspace_size, int n_threads)
+{
+    static const char fn[] = "importance";
+    ds_status st = check_experts(fn, w);
+    if (st != DS_OK)
+        return st;
+    if (a == NULL)
+        return ds_error(DS_ERR_VALUE, "%s: arguments are NULL", fn);
+    if (a->T < 0 || a->K < 1)
+        return ds_error(DS_ERR_SHAPE, "%s: need T >= 0 and K >= 1; got T=%lld K=%lld", fn,
+                        (long long)a->T, (long long)a->K);
+    if (a->K > w->E)
+        return ds_error(DS_ERR_SHAPE, "%s: topk_ids has K=%lld slots but there are only E=%lld "
+                        "experts (K must be <= E)", fn, (long long)a->K, (long long)w->E);
+    if (n_threads < 1 || n_threads > ds_max_threads())
+        return ds_error(DS_ERR_VALUE, "%s: num_threads must be in [1, %d]; got %d", fn,
+                        ds_max_threads(), n_threads);
+    if (a->accum == NULL)
+        return ds_error(DS_ERR_VALUE, "%s: accum is NULL", fn);
+    if (a->weighted && (a->topk_weights.data == NULL || !ds_is_real(a->topk_weights.dtype)))
+        return ds_error(DS_ERR_TYPE, "%s: weighted importance needs float topk_weights", fn);
+    if (a->T > 0 && a->x == NULL)
+        return ds_error(DS_ERR_VALUE, "%s: x is NULL", fn);
+    if (a->ldx < w->H)
+        return ds_error(DS_ERR_SHAPE, "%s: row stride of x (%lld) must be >= H=%lld", fn,
+                        (long long)a->ldx, (long long)w->H);
+    if ((st = check_ids(fn, &a->topk_ids, a->T, a->K, w->E)) != DS_OK)
+        return st;
+    if (a->T == 0)
+        return DS_OK;
+    const ds_kernels *kern = ds_kernels_get(w->dtype);
+    if (kern == NULL)
+        return ds_error(DS_ERR_UNSUPPORTED, "%s: no kernel for %s", fn, ds_dtype_name(w->dtype));
+
+    moe_ctx c;
+    memset(&c, 0, sizeof c);
+    c.w = w;
+    c.kern = kern;
+    c.T = a->T;
+    c.K = a->K;
+    c.P = 1;
+    c.x = a->x;
+    c.ldx = a->ldx;
+    c.imp = a;
+    ds_arena ar;
+    int64_t *cnt;
+    size_t need = workspace_bytes(w, a->T, a->K, 1, n_threads, 1);
+    if (workspace_size < need || !arena_open(&ar, workspace, workspace_size) ||
+        !carve(&c, &ar, w, a->T, a->K, 1, n_threads, 1, &cnt))
+        return ds_error(DS_ERR_VALUE, "%s: workspace of %zu bytes is too small; need %zu", fn,
+                        workspace_size, need);
+    build_plan(&c, &a->topk_ids, NULL, cnt);
+    if (a->counts != NULL)
+        for (int64_t r = 0; r < c.R; r++) {
+            int64_t pr = c.row_pair[r], t = pr / a->K, k = pr % a->K;
+            int64_t e = ds_load_int(a->topk_ids.data, a->topk_ids.dtype,
+                                    t * a->topk_ids.s0 + k * a->topk_ids.s1);
+            a->counts[e] += a->weighted ? ds_load_real(a->topk_weights.data, a->topk_weights.dtype,
+                                                       t * a->topk_weights.s0 + k * a->topk_weights.s1)
+                                        : 1.0;
+        }
+    build_items1(&c, 1);
+    return ds_parallel_for(n_threads, c.n1, gate_up_item, &c);
+}

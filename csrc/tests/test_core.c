@@ -1,0 +1,493 @@
+/* Unit tests of csrc/core alone (no Python): every operation against a
+ * float64 reference written here, on every SIMD level this CPU offers.
+ * Prints "N passed, M failed" and exits non-zero on any failure. */
+#include "../core/ds_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+static int n_pass, n_fail;
+
+#define CHECK(cond, ...)                                                     \
+    do {                                                                     \
+        if (cond) {                                                          \
+            n_pass++;                                                        \
+        } else {                                                             \
+            n_fail++;                                                        \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                      \
+            printf(__VA_ARGS__);                                             \
+            printf("\n");                                                    \
+        }                                                                    \
+    } while (0)
+
+/* xorshift64*: deterministic test data */
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint64_t rng_u64(void)
+{
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 0x2545F4914F6CDD1Dull;
+}
+static double rng_unif(void) { return (double)(rng_u64() >> 11) * (1.0 / 9007199254740992.0); }
+static double rng_normal(void)
+{
+    double s = 0;
+    for (int i = 0; i < 12; i++)
+        s += rng_unif();
+    return s - 6.0;
+}
+
+/* typed buffers: values are stored in dtype and read back as double */
+static void store(void *p, ds_dtype dt, int64_t i, double v)
+{
+    if (dt == DS_F32) ((float *)p)[i] = (float)v;
+    else if (dt == DS_BF16) ((uint16_t *)p)[i] = ds_f32_to_bf16((float)v);
+    else ((uint16_t *)p)[i] = ds_f32_to_f16((float)v);
+}
+static double load(const void *p, ds_dtype dt, int64_t i) { return ds_load_real(p, dt, i); }
+
+static double silu_d(double g) { return g / (1.0 + exp(-g)); }
+
+/* ---------------------------------------------------------------- cases */
+
+typedef struct {
+    const char *name;
+    int64_t T, H, I, E, K;
+    int P;
+    int ids_mode;  /* 0 random distinct, 1 all on expert 0 (K=1), 2 skip expert E-1 */
+    int lv_mode;   /* 0 none (full), 1 random levels */
+} mcase;
+
+static const mcase cases[] = {
+    {"T=0", 0, 16, 8, 4, 2, 1, 0, 0},
+    {"T=1", 1, 64, 48, 8, 2, 1, 0, 0},
+    {"K=1", 9, 40, 24, 5, 1, 1, 0, 1},
+    {"K=E", 7, 33, 20, 4, 4, 2, 0, 1},
+    {"one expert", 13, 48, 32, 6, 1, 1, 1, 0},
+    {"empty expert", 21, 37, 29, 6, 3, 2, 2, 1},
+    {"odd sizes P=2", 17, 67, 77, 7, 3, 2, 0, 1},
+    {"odd I P=4", 19, 53, 131, 5, 2, 4, 0, 1},
+    {"many rows", 150, 96, 160, 4, 2, 2, 0, 1},
+    {"long K", 5, 1100, 40, 3, 2, 3, 0, 1},
+};
+
+typedef struct {
+    int64_t E, I, H;
+    ds_dtype dt;
+    void *gu;   /* E x 2I x H */
+    void *dn;   /* E x H x I */
+    void *gate[64], *up[64], *down[64];
+    ds_experts w;
+} weights;
+
+static void make_weights(weights *W, int64_t E, int64_t I, int64_t H, ds_dtype dt)
+{
+    size_t esz = ds_dtype_size(dt);
+    W->E = E; W->I = I; W->H = H; W->dt = dt;
+    W->gu = malloc((size_t)(E * 2 * I * H) * esz);
+    W->dn = malloc((size_t)(E * H * I) * esz);
+    double sg = 1.0 / sqrt((double)H), sd = 1.0 / sqrt((double)I);
+    for (int64_t i = 0; i < E * 2 * I * H; i++) store(W->gu, dt, i, sg * rng_normal());
+    for (int64_t i = 0; i < E * H * I; i++) store(W->dn, dt, i, sd * rng_normal());
+    for (int64_t e = 0; e < E; e++) {
+        W->gate[e] = (char *)W->gu + (size_t)(e * 2 * I * H) * esz;
+        W->up[e] = (char *)W->gate[e] + (size_t)(I * H) * esz;
+        W->down[e] = (char *)W->dn + (size_t)(e * H * I) * esz;
+    }
+    W->w.E = E; W->w.I = I; W->w.H = H; W->w.dtype = dt;
+    W->w.gate = W->gate; W->w.up = W->up; W->w.down = W->down;
+    W->w.ld_gu = H; W->w.ld_down = I;
+}
+
+static void free_weights(weights *W) { free(W->gu); free(W->dn); }
+
+/* float64 reference of moe_experts, reading the stored (rounded) values;
+ * for 16-bit types the activation is rounded like the engine stores it. */
+static void ref_moe(const weights *W, const mcase *c, const void *x, const int32_t *ids,
+                    const float *tw, const int8_t *lv, double *out)
+{
+    const int64_t H = W->H, I = W->I;
+    double *act = malloc((size_t)I * sizeof(double));
+    for (int64_t t = 0; t < c->T; t++) {
+        for (int64_t h = 0; h < H; h++) out[t * H + h] = 0;
+        for (int64_t k = 0; k < c->K; k++) {
+            int l = lv ? lv[t * c->K + k] : c->P;
+            int64_t n = (l * I) / c->P, e = ids[t * c->K + k];
+            if (n == 0) continue;
+            for (int64_t j = 0; j < n; j++) {
+                double a = 0, b = 0;
+                for (int64_t h = 0; h < H; h++) {
+                    double xv = load(x, W->dt, t * H + h);
+                    a += xv * load(W->gate[e], W->dt, j * H + h);
+                    b += xv * load(W->up[e], W->dt, j * H + h);
+                }
+                act[j] = silu_d(a) * b;
+            }
+            for (int64_t h = 0; h < H; h++) {
+                double y = 0;
+                for (int64_t j = 0; j < n; j++)
+                    y += act[j] * load(W->down[e], W->dt, h * I + j);
+                out[t * H + h] += (double)tw[t * c->K + k] * y;
+            }
+        }
+    }
+    free(act);
+}
+
+static void make_routing(const mcase *c, int64_t E, int32_t *ids, float *tw, int8_t *lv)
+{
+    for (int64_t t = 0; t < c->T; t++) {
+        int used[64] = {0};
+        for (int64_t k = 0; k < c->K; k++) {
+            int64_t e;
+            if (c->ids_mode == 1) e = 0;
+            else {
+                int64_t range = c->ids_mode == 2 ? E - 1 : E;
+                do { e = (int64_t)(rng_u64() % (uint64_t)range); } while (used[e] && c->K <= range);
+            }
+            used[e] = 1;
+            ids[t * c->K + k] = (int32_t)e;
+            tw[t * c->K + k] = (float)(0.05 + rng_unif());
+            lv[t * c->K + k] = (int8_t)(rng_u64() % (uint64_t)(c->P + 1));
+        }
+    }
+}
+
+static double tol_for(ds_dtype dt) { return dt == DS_F32 ? 2e-5 : dt == DS_BF16 ? 2e-2 : 4e-3; }
+
+static void run_moe_case(const mcase *c, ds_dtype dt, const char *level)
+{
+    weights W;
+    make_weights(&W, c->E, c->I, c->H, dt);
+    size_t esz = ds_dtype_size(dt);
+    int64_t TK = c->T * c->K, TH = c->T * c->H;
+    void *x = malloc((size_t)(TH + 1) * esz);
+    for (int64_t i = 0; i < TH; i++) store(x, dt, i, rng_normal());
+    int32_t *ids = malloc((size_t)(TK + 1) * 4);
+    float *tw = malloc((size_t)(TK + 1) * 4);
+    int8_t *lv = malloc((size_t)(TK + 1));
+    make_routing(c, c->E, ids, tw, lv);
+    double *ref = malloc((size_t)(TH + 1) * sizeof(double));
+    ref_moe(&W, c, x, ids, tw, c->lv_mode ? lv : NULL, ref);
+
+    void *outs[3];
+    int threads[3] = {1, 2, 3};
+    for (int r = 0; r < 3; r++) {
+        ds_moe_args a;
+        memset(&a, 0, sizeof a);
+        a.T = c->T; a.K = c->K; a.P = c->P; a.x = x; a.ldx = c->H;
+        a.topk_ids = (ds_mat){ids, DS_I32, c->K, 1};
+        a.topk_weights = (ds_mat){tw, DS_F32, c->K, 1};
+        a.levels = (ds_mat){c->lv_mode ? lv : NULL, DS_I8, c->K, 1};
+        outs[r] = malloc((size_t)(TH + 1) * esz);
+        memset(outs[r], 0xff, (size_t)(TH + 1) * esz);
+        a.out = outs[r]; a.ldo = c->H;
+        size_t ws = ds_moe_workspace_size(&W.w, &a, threads[r]);
+        void *wsp = malloc(ws);
+        ds_status st = ds_moe_experts(&W.w, &a, wsp, ws, threads[r]);
+        CHECK(st == DS_OK, "%s %s %s: status %d (%s)", c->name, ds_dtype_name(dt), level, st, ds_last_error());
+        free(wsp);
+    }
+    double scale = 0;
+    for (int64_t i = 0; i < TH; i++) scale = fmax(scale, fabs(ref[i]));
+    double maxerr = 0;
+    for (int64_t i = 0; i < TH; i++) maxerr = fmax(maxerr, fabs(load(outs[0], dt, i) - ref[i]));
+    CHECK(maxerr <= tol_for(dt) * fmax(scale, 1e-3), "%s %s %s: max error %.3g (scale %.3g)",
+          c->name, ds_dtype_name(dt), level, maxerr, scale);
+    CHECK(memcmp(outs[0], outs[1], (size_t)TH * esz) == 0 && memcmp(outs[0], outs[2], (size_t)TH * esz) == 0,
+          "%s %s %s: results differ across thread counts", c->name, ds_dtype_name(dt), level);
+    for (int r = 0; r < 3; r++) free(outs[r]);
+    free(x); free(ids); free(tw); free(lv); free(ref);
+    free_weights(&W);
+}
+
+static void test_moe_all_levels(void)
+{
+    ds_simd_level best = ds_simd_detected();
+    for (int l = 0; l <= (int)best; l++) {
+        if (!ds_simd_compiled((ds_simd_level)l)) continue;
+        CHECK(ds_simd_set((ds_simd_level)l) == DS_OK, "set level %d", l);
+        const ds_dtype dts[3] = {DS_F32, DS_BF16, DS_F16};
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+            for (int d = 0; d < 3; d++)
+                run_moe_case(&cases[i], dts[d], ds_simd_name((ds_simd_level)l));
+    }
+    ds_simd_set(best);
+}
+
+/* ------------------------------------------------------------ errors */
+
+static void test_moe_errors(void)
+{
+    weights W;
+    make_weights(&W, 4, 8, 16, DS_F32);
+    float x[3 * 16], out[3 * 16], tw[6] = {1, 1, 1, 1, 1, 1};
+    int32_t ids[6] = {0, 1, 2, 3, 1, 2};
+    int8_t lv[6] = {1, 1, 1, 1, 1, 1};
+    for (int i = 0; i < 48; i++) { x[i] = 1; out[i] = 42.0f; }
+    ds_moe_args a;
+    memset(&a, 0, sizeof a);
+    a.T = 3; a.K = 2; a.P = 1; a.x = x; a.ldx = 16; a.out = out; a.ldo = 16;
+    a.topk_ids = (ds_mat){ids, DS_I32, 2, 1};
+    a.topk_weights = (ds_mat){tw, DS_F32, 2, 1};
+    a.levels = (ds_mat){lv, DS_I8, 2, 1};
+    size_t ws = ds_moe_workspace_size(&W.w, &a, 2);
+    void *wsp = malloc(ws);
+
+    ids[3] = 4;
+    ds_status st = ds_moe_experts(&W.w, &a, wsp, ws, 2);
+    CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "topk_ids[1, 1] = 4"), "id out of range: %s", ds_last_error());
+    ids[3] = -1;
+    st = ds_moe_experts(&W.w, &a, wsp, ws, 2);
+    CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "= -1"), "negative id: %s", ds_last_error());
+    ids[3] = 3;
+    lv[5] = 2;
+    st = ds_moe_experts(&W.w, &a, wsp, ws, 2);
+    CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "levels[2, 1] = 2"), "level out of range: %s", ds_last_error());
+    lv[5] = 1;
+    int untouched = 1;
+    for (int i = 0; i < 48; i++) untouched &= out[i] == 42.0f;
+    CHECK(untouched, "out written before validation finished");
+    a.K = 5;
+    st = ds_moe_experts(&W.w, &a, wsp, ws, 2);
+    CHECK(st == DS_ERR_SHAPE && strstr(ds_last_error(), "K must be <= E"), "K > E: %s", ds_last_error());
+    a.K = 2;
+    a.P = 9;
+    st = ds_moe_experts(&W.w, &a, wsp, ws, 2);
+    CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "num_partitions"), "P > I: %s", ds_last_error());
+    a.P = 1;
+    st = ds_moe_experts(&W.w, &a, wsp, 10, 2);
+    CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "workspace"), "small workspace: %s", ds_last_error());
+    st = ds_moe_experts(&W.w, &a, wsp, ws, 0);
+    CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "num_threads"), "0 threads: %s", ds_last_error());
+    a.topk_ids.dtype = DS_F32;
+    st = ds_moe_experts(&W.w, &a, wsp, ws, 1);
+    CHECK(st == DS_ERR_TYPE && strstr(ds_last_error(), "topk_ids must be int32 or int64"), "ids dtype: %s", ds_last_error());
+    a.topk_ids.dtype = DS_I32;
+    st = ds_moe_experts(&W.w, &a, wsp, ws, 1);
+    CHECK(st == DS_OK, "valid call after errors: %s", ds_last_error());
+    free(wsp);
+    free_weights(&W);
+}
+
+/* ------------------------------------------------------------ routing */
+
+static void test_route_levels(void)
+{
+    /* exact boundaries: 0.25 / 1.0 = 0.25 exactly */
+    float w[2 * 4] = {0.25f, 0.5f, 0.125f, 0.125f, 0.0f, 3.0f, 1.0f, 0.0f};
+    double thr[2] = {0.125, 0.25};
+    int8_t lv[8];
+    ds_status st = ds_route_levels(w, DS_F32, 2, 4, 4, 1, thr, 2, 1, lv, DS_I8, 4, 1);
+    CHECK(st == DS_OK, "route ok: %s", ds_last_error());
+    int8_t want[8] = {2, 2, 1, 1, 0, 2, 2, 0};
+    CHECK(memcmp(lv, want, 8) == 0, "route boundaries: got %d %d %d %d %d %d %d %d", lv[0], lv[1], lv[2], lv[3], lv[4], lv[5], lv[6], lv[7]);
+    /* unnormalised, int32 output with a transposed (strided) input */
+    float wt[4 * 2] = {0.2f, 0.0f, 0.1f, 0.3f, 0.05f, 0.4f, 0.3f, 0.2f};
+    int32_t l32[8];
+    st = ds_route_levels(wt, DS_F32, 2, 4, 1, 2, thr, 2, 0, l32, DS_I32, 4, 1);
+    CHECK(st == DS_OK, "route strided: %s", ds_last_error());
+    int32_t want2[8] = {1, 0, 0, 2, 0, 2, 2, 1};
+    CHECK(memcmp(l32, want2, sizeof want2) == 0, "route strided values");
+    /* random check against a direct double computation, bf16 input */
+    uint16_t wb[50 * 6];
+    int8_t lb[50 * 6];
+    double t3[3] = {0.05, 0.1, 0.2};
+    for (int i = 0; i < 300; i++) wb[i] = ds_f32_to_bf16((float)rng_unif());
+    wb[0] = ds_f32_to_bf16(0.5f);
+    st = ds_route_levels(wb, DS_BF16, 50, 6, 6, 1, t3, 3, 1, lb, DS_I8, 6, 1);
+    int ok = st == DS_OK;
+    for (int t = 0; t < 50 && ok; t++) {
+        double s = 0;
+        for (int k = 0; k < 6; k++) s += ds_bf16_to_f32(wb[t * 6 + k]);
+        for (int k = 0; k < 6; k++) {
+            double v = ds_bf16_to_f32(wb[t * 6 + k]) / s;
+            int l = (v >= 0.05) + (v >= 0.1) + (v >= 0.2);
+            ok &= l == lb[t * 6 + k];
+        }
+    }
+    CHECK(ok, "route bf16 random");
+    /* errors */
+    double bad[2] = {0.3, 0.2};
+    st = ds_route_levels(w, DS_F32, 2, 4, 4, 1, bad, 2, 1, lv, DS_I8, 4, 1);
+    CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "ascending"), "unsorted: %s", ds_last_error());
+    double nan_t[1] = {NAN};
+    st = ds_route_levels(w, DS_F32, 2, 4, 4, 1, nan_t, 1, 1, lv, DS_I8, 4, 1);
+    CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "not finite"), "nan threshold: %s", ds_last_error());
+    float zero[4] = {0, 0, 0, 0};
+    memset(lv, 7, sizeof lv);
+    st = ds_route_levels(zero, DS_F32, 1, 4, 4, 1, thr, 2, 1, lv, DS_I8, 4, 1);
+    CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "sums to 0") && lv[0] == 7, "zero row: %s", ds_last_error());
+    float inf_w[4] = {1, INFINITY, 0, 0};
+    st = ds_route_levels(inf_w, DS_F32, 1, 4, 4, 1, thr, 2, 1, lv, DS_I8, 4, 1);
+    CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "topk_weights[0, 1]"), "inf weight: %s", ds_last_error());
+}
+
+/* ------------------------------------------------------------ importance */
+
+static void test_importance(void)
+{
+    const int64_t E = 5, I = 37, H = 45, T = 23, K = 2;
+    for (int d = 0; d < 2; d++) {
+        ds_dtype dt = d == 0 ? DS_F32 : DS_BF16;
+        weights W;
+        make_weights(&W, E, I, H, dt);
+        void *x = malloc((size_t)(T * H) * ds_dtype_size(dt));
+        for (int64_t i = 0; i < T * H; i++) store(x, dt, i, rng_normal());
+        int64_t ids[T * K];
+        float tw[T * K];
+        for (int64_t i = 0; i < T * K; i++) {
+            ids[i] = (int64_t)(rng_u64() % (uint64_t)(E - 1)); /* expert E-1 unused */
+            tw[i] = (float)rng_unif();
+        }
+        for (int weighted = 0; weighted < 2; weighted++) {
+            double *acc[2], cnt[2][E];
+            for (int r = 0; r < 2; r++) {
+                acc[r] = calloc((size_t)(4 * E * I), sizeof(double));
+                memset(cnt[r], 0, sizeof cnt[r]);
+                ds_importance_args a;
+                memset(&a, 0, sizeof a);
+                a.T = T; a.K = K; a.x = x; a.ldx = H;
+                a.topk_ids = (ds_mat){ids, DS_I64, K, 1};
+                a.topk_weights = (ds_mat){tw, DS_F32, K, 1};
+                a.weighted = weighted; a.accum = acc[r]; a.counts = cnt[r];
+                int nt = r == 0 ? 1 : 2;
+                size_t ws = ds_importance_workspace_size(&W.w, &a, nt);
+                void *wsp = malloc(ws);
+                /* two streaming calls: accumulate twice */
+                ds_status st = ds_importance_accumulate(&W.w, &a, wsp, ws, nt);
+                st |= ds_importance_accumulate(&W.w, &a, wsp, ws, nt);
+                CHECK(st == DS_OK, "importance status: %s", ds_last_error());
+                free(wsp);
+            }
+            double maxrel = 0;
+            double rc[E];
+            memset(rc, 0, sizeof rc);
+            for (int64_t e = 0; e < E; e++)
+                for (int64_t j = 0; j < I; j++) {
+                    double ref[4] = {0, 0, 0, 0};
+                    for (int64_t p = 0; p < T * K; p++) {
+                        if (ids[p] != e) continue;
+                        int64_t t = p / K;
+                        double a = 0, b = 0;
+                        for (int64_t h = 0; h < H; h++) {
+                            double xv = load(x, dt, t * H + h);
+                            a += xv * load(W.gate[e], dt, j * H + h);
+                            b += xv * load(W.up[e], dt, j * H + h);
+                        }
+                        double c = weighted ? tw[p] : 1.0, s = silu_d(a);
+                        ref[0] += c * s; ref[1] += c * fabs(s); ref[2] += c * s * b; ref[3] += c * fabs(s * b);
+                        if (j == 0) rc[e] += c;
+                    }
+                    for (int m = 0; m < 4; m++) {
+                        double got = acc[0][(m * E + e) * I + j] / 2.0;
+                        double err = fabs(got - ref[m]) / fmax(1.0, fabs(ref[m]));
+                        maxrel = fmax(maxrel, err);
+                    }
+                }
+            CHECK(maxrel < (dt == DS_F32 ? 1e-4 : 2e-2), "importance %s weighted=%d: max rel err %.3g", ds_dtype_name(dt), weighted, maxrel);
+            CHECK(memcmp(acc[0], acc[1], (size_t)(4 * E * I) * sizeof(double)) == 0, "importance thread invariance");
+            int cok = 1;
+            for (int64_t e = 0; e < E; e++) cok &= fabs(cnt[0][e] / 2.0 - rc[e]) < 1e-9;
+            CHECK(cok && cnt[0][E - 1] == 0, "importance counts");
+            free(acc[0]); free(acc[1]);
+        }
+        free(x);
+        free_weights(&W);
+    }
+}
+
+/* ------------------------------------------------------------ permutation */
+
+static void test_permutation(void)
+{
+    const int64_t E = 3, I = 11, H = 7;
+    double imp[E * I];
+    for (int64_t i = 0; i < E * I; i++) imp[i] = (double)(rng_u64() % 5); /* many ties */
+    int64_t perm[E * I];
+    CHECK(ds_importance_order(imp, E, I, perm) == DS_OK, "order ok");
+    int ok = 1;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t j = 1; j < I; j++) {
+            double a = imp[e * I + perm[e * I + j - 1]], b = imp[e * I + perm[e * I + j]];
+            ok &= a > b || (a == b && perm[e * I + j - 1] < perm[e * I + j]);
+        }
+    CHECK(ok, "order is descending and stable");
+    CHECK(ds_check_permutation(perm, E, I) == DS_OK, "order is a permutation");
+    imp[4] = NAN;
+    CHECK(ds_importance_order(imp, E, I, perm) == DS_ERR_VALUE && strstr(ds_last_error(), "importance[0, 4]"), "nan importance: %s", ds_last_error());
+
+    for (int d = 0; d < 2; d++) {
+        ds_dtype dt = d == 0 ? DS_F32 : DS_BF16;
+        size_t esz = ds_dtype_size(dt);
+        weights W;
+        make_weights(&W, E, I, H, dt);
+        size_t gbytes = (size_t)(E * 2 * I * H) * esz, dbytes = (size_t)(E * H * I) * esz;
+        void *g0 = malloc(gbytes), *d0 = malloc(dbytes);
+        memcpy(g0, W.gu, gbytes);
+        memcpy(d0, W.dn, dbytes);
+        size_t ws = ds_permute_workspace_size(&W.w, 2);
+        void *wsp = malloc(ws);
+        CHECK(ds_permute_neurons(&W.w, perm, 0, wsp, ws, 2) == DS_OK, "permute: %s", ds_last_error());
+        int same = 1;
+        for (int64_t e = 0; e < E; e++)
+            for (int64_t j = 0; j < I; j++) {
+                int64_t s = perm[e * I + j];
+                same &= memcmp((char *)W.gate[e] + j * H * esz, (char *)g0 + (e * 2 * I + s) * H * esz, H * esz) == 0;
+                same &= memcmp((char *)W.up[e] + j * H * esz, (char *)g0 + (e * 2 * I + I + s) * H * esz, H * esz) == 0;
+                for (int64_t h = 0; h < H; h++)
+                    same &= memcmp((char *)W.down[e] + (h * I + j) * esz, (char *)d0 + ((e * H + h) * I + s) * esz, esz) == 0;
+            }
+        CHECK(same, "permute moves rows and columns together (%s)", ds_dtype_name(dt));
+        CHECK(ds_permute_neurons(&W.w, perm, 1, wsp, ws, 1) == DS_OK, "inverse permute");
+        CHECK(memcmp(W.gu, g0, gbytes) == 0 && memcmp(W.dn, d0, dbytes) == 0, "inverse restores (%s)", ds_dtype_name(dt));
+        int64_t bad[E * I];
+        memcpy(bad, perm, sizeof bad);
+        bad[I + 3] = bad[I + 4];
+        CHECK(ds_permute_neurons(&W.w, bad, 0, wsp, ws, 2) == DS_ERR_VALUE && strstr(ds_last_error(), "appears twice"), "duplicate: %s", ds_last_error());
+        bad[I + 3] = I;
+        CHECK(ds_permute_neurons(&W.w, bad, 0, wsp, ws, 2) == DS_ERR_VALUE && strstr(ds_last_error(), "outside"), "range: %s", ds_last_error());
+        CHECK(memcmp(W.gu, g0, gbytes) == 0 && memcmp(W.dn, d0, dbytes) == 0, "rejected permutation leaves weights untouched");
+        free(wsp); free(g0); free(d0);
+        free_weights(&W);
+    }
+}
+
+/* ------------------------------------------------------------ conversions */
+
+static void test_conversions(void)
+{
+    int ok = 1;
+    for (uint32_t h = 0; h < 65536; h++) {
+        float f = ds_f16_to_f32((uint16_t)h);
+        uint16_t back = ds_f32_to_f16(f);
+        if (isnan(f)) ok &= (back & 0x7c00) == 0x7c00 && (back & 0x3ff) != 0;
+        else ok &= back == h;
+    }
+    CHECK(ok, "every float16 round-trips through float32");
+    CHECK(ds_f32_to_f16(65520.0f) == 0x7c00 && ds_f32_to_f16(65519.0f) == 0x7bff, "f16 overflow rounding");
+    CHECK(ds_f32_to_f16(2.9802322e-08f) == 0x0000 && ds_f32_to_f16(2.9802326e-08f * 1.5f) == 0x0001, "f16 smallest subnormal rounding");
+    CHECK(ds_f32_to_bf16(1.00390625f) == 0x3f80 && ds_f32_to_bf16(1.01171875f) == 0x3f82, "bf16 ties to even");
+    CHECK((ds_f32_to_bf16(NAN) & 0x7fc0) == 0x7fc0, "bf16 NaN stays NaN");
+}
+
+static void test_parallel_for_errors(void)
+{
+    CHECK(ds_parallel_for(0, 10, NULL, NULL) == DS_ERR_VALUE, "0 threads rejected");
+    CHECK(ds_parallel_for(ds_max_threads() + 1, 10, NULL, NULL) == DS_ERR_VALUE, "too many threads rejected");
+}
+
+int main(void)
+{
+    printf("simd level detected: %s\n", ds_simd_name(ds_simd_detected()));
+    test_conversions();
+    test_route_levels();
+    test_moe_errors();
+    test_moe_all_levels();
+    test_importance();
+    test_permutation();
+    test_parallel_for_errors();
+    printf("%d passed, %d failed\n", n_pass, n_fail);
+    return n_fail == 0 ? 0 : 1;
+}

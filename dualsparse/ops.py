@@ -1,0 +1,427 @@
+"""The engine's operations: routing levels, expert computation with prefix
+partitions, neuron importance and reconstruction.
+
+Every function accepts torch tensors (CPU) and NumPy arrays where the dtype
+allows (NumPy has no bfloat16), and returns the same kind it was given.  No
+weight is ever copied or converted per call: the engine reads the model's own
+parameters where they lie.  Compute releases the GIL, runs on ``num_threads``
+threads (default ``torch.get_num_threads()``), and gives bitwise identical
+results for any thread count.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _C
+
+__all__ = [
+    "METRICS",
+    "route_levels",
+    "moe_experts",
+    "moe_experts_split",
+    "stack_linear_experts",
+    "ImportanceAccumulator",
+    "neuron_importance",
+    "importance_order",
+    "inverse_permutation",
+    "permute_neurons",
+    "permute_neurons_split",
+    "default_num_threads",
+    "simd_level",
+    "set_simd_level",
+    "simd_levels",
+]
+
+#: The four neuron-importance metrics, in the order of the accumulator's first axis.
+METRICS = ("gate", "abs_gate", "gate_up", "abs_gate_up")
+
+
+# ----------------------------------------------------------------- helpers
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def _is_torch(obj) -> bool:
+    torch = _torch()
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def default_num_threads() -> int:
+    """``torch.get_num_threads()`` when torch is loaded, else the CPUs this
+    process may run on."""
+    torch = _torch()
+    if torch is not None:
+        return max(1, int(torch.get_num_threads()))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _threads(num_threads: Optional[int]) -> int:
+    if num_threads is None:
+        return default_num_threads()
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
+        raise TypeError(f"num_threads must be an int or None; got {type(num_threads).__name__}")
+    return int(num_threads)
+
+
+def _plain(t, name: str):
+    """A tensor the engine may read: detached from autograd (refusing when a
+    gradient is being recorded for it, since the engine computes none)."""
+    if _is_torch(t) and t.requires_grad:
+        if _torch().is_grad_enabled():
+            raise ValueError(
+                f"{name} requires grad and autograd is enabled; the engine computes no gradients. "
+                "Run under torch.no_grad() / torch.inference_mode(), or detach it."
+            )
+        return t.detach()
+    return t
+
+
+def _rowmajor_x(x, name: str):
+    """x may come from any view; the engine needs unit stride along H."""
+    if _is_torch(x):
+        if x.dim() == 2 and x.shape[0] > 0 and x.shape[1] > 1 and x.stride(1) != 1:
+            return x.contiguous()
+        return x
+    if isinstance(x, np.ndarray):
+        if x.ndim == 2 and x.size and x.shape[1] > 1 and x.strides[1] != x.itemsize:
+            return np.ascontiguousarray(x)
+        return x
+    raise TypeError(f"{name} must be a torch tensor or a NumPy array; got {type(x).__name__}")
+
+
+def _empty_like_rows(x, rows: int, cols: int):
+    if _is_torch(x):
+        return _torch().empty((rows, cols), dtype=x.dtype, device=x.device)
+    return np.empty((rows, cols), dtype=x.dtype)
+
+
+# ------------------------------------------------------------ routing levels
+
+def route_levels(topk_weights, thresholds, *, normalize: bool = True, dtype: str = "int8"):
+    """Routing level of every (token, selected expert) pair.
+
+    ``levels[t, k]`` is the number of thresholds ``t_j`` with
+    ``s[t, k] >= t_j``, where ``s = topk_weights / topk_weights.sum(-1)``
+    (computed in float64, summed over k in order) when ``normalize``, else
+    ``topk_weights``.  One threshold gives 1T-Drop (0 = dropped, 1 = full);
+    two give 2T-Drop (0 dropped, 1 major half, 2 full); P thresholds give P
+    importance partitions.
+
+    Args:
+        topk_weights: (T, K) float32 / bfloat16 / float16 combine weights.
+        thresholds: ascending finite values (a single number means one).
+        normalize: decide on top-K-normalised scores (the method's default).
+        dtype: "int8" (default) or "int32" for the result.
+
+    Returns:
+        (T, K) levels in [0, P], a torch tensor for torch input, else NumPy.
+    """
+    if isinstance(thresholds, (int, float, np.floating, np.integer)):
+        thresholds = [thresholds]
+    if _is_torch(thresholds) or isinstance(thresholds, np.ndarray):
+        thresholds = thresholds.tolist()
+    try:
+        thr = [float(t) for t in thresholds]
+    except (TypeError, ValueError):
+        raise TypeError(f"route_levels: thresholds must be a sequence of numbers; got {thresholds!r}") from None
+    if dtype not in ("int8", "int32"):
+        raise ValueError(f"route_levels: dtype must be 'int8' or 'int32'; got {dtype!r}")
+    topk_weights = _plain(topk_weights, "topk_weights")
+    if _is_torch(topk_weights):
+        torch = _torch()
+        if topk_weights.dim() != 2:
+            raise ValueError(f"route_levels: topk_weights must be 2-D (tokens, top_k); got shape {tuple(topk_weights.shape)}")
+        levels = torch.empty(topk_weights.shape, dtype=getattr(torch, dtype), device=topk_weights.device)
+    elif isinstance(topk_weights, np.ndarray):
+        if topk_weights.ndim != 2:
+            raise ValueError(f"route_levels: topk_weights must be 2-D (tokens, top_k); got shape {topk_weights.shape}")
+        levels = np.empty(topk_weights.shape, dtype=dtype)
+    else:
+        raise TypeError(f"route_levels: topk_weights must be a torch tensor or a NumPy array; got {type(topk_weights).__name__}")
+    _C.route_levels(topk_weights, thr, bool(normalize), levels)
+    return levels
+
+
+# ------------------------------------------------------- expert computation
+
+def _moe_call(x, topk_ids, topk_weights, gu, up, down, levels, num_partitions, out, num_threads, fn):
+    nt = _threads(num_threads)
+    if isinstance(num_partitions, bool) or not isinstance(num_partitions, (int, np.integer)):
+        raise TypeError(f"{fn}: num_partitions must be an int; got {type(num_partitions).__name__}")
+    x = _rowmajor_x(_plain(x, "x"), "x")
+    topk_weights = _plain(topk_weights, "topk_weights")
+    if out is None:
+        if x.ndim != 2:
+            raise ValueError(f"{fn}: x must be 2-D (tokens, hidden); got shape {tuple(x.shape)}")
+        out = _empty_like_rows(x, x.shape[0], x.shape[1])
+    elif _is_torch(out) and out.requires_grad:
+        raise ValueError(f"{fn}: out must not require grad")
+    _C.moe_experts(x, topk_ids, topk_weights, gu, up, down, levels, int(num_partitions), out, nt)
+    return out
+
+
+def moe_experts(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, levels=None,
+                num_partitions: int = 1, out=None, num_threads: Optional[int] = None):
+    """Routed expert FFNs with per-pair prefix partitions (transformers 5.x layout).
+
+    ``out[t] = sum_k topk_weights[t,k] * down[e][:, :n] @ (silu(gate[e][:n] @ x[t]) * up[e][:n] @ x[t])``
+    with ``e = topk_ids[t,k]`` and ``n = (levels[t,k] * I) // num_partitions``;
+    a pair at level 0 costs nothing.
+
+    Args:
+        x: (T, H) activations, float32 / bfloat16 / float16.
+        topk_ids: (T, K) int32 / int64 selected experts.
+        topk_weights: (T, K) combine weights (float32 or x's dtype).
+        gate_up_proj: (E, 2I, H), rows [0, I) gate, [I, 2I) up; contiguous.
+        down_proj: (E, H, I); contiguous; same dtype as x.
+        levels: (T, K) integers in [0, num_partitions]; default all full.
+        num_partitions: P, the number of prefix partitions of each expert.
+        out: optional (T, H) output (same dtype as x, sharing no memory with
+            any input); overwritten.
+        num_threads: default ``torch.get_num_threads()``.
+
+    Float32 accumulation throughout; for 16-bit dtypes the SwiGLU activation is
+    rounded to the dtype before the down projection, as the model itself does.
+    """
+    return _moe_call(x, topk_ids, topk_weights, _plain(gate_up_proj, "gate_up_proj"), None,
+                     _plain(down_proj, "down_proj"), levels, num_partitions, out, num_threads,
+                     "moe_experts")
+
+
+def _expert_list(ws, name):
+    if _is_torch(ws) or isinstance(ws, np.ndarray):
+        if ws.ndim != 3:
+            raise ValueError(f"{name} must be a list of 2-D per-expert weights or one 3-D tensor; got shape {tuple(ws.shape)}")
+        ws = list(ws)
+    if not isinstance(ws, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of per-expert weights; got {type(ws).__name__}")
+    return [_plain(getattr(w, "weight", w), f"{name}[{i}]") for i, w in enumerate(ws)]
+
+
+def moe_experts_split(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, *, levels=None,
+                      num_partitions: int = 1, out=None, num_threads: Optional[int] = None):
+    """:func:`moe_experts` for the per-expert layout of transformers 4.x.
+
+    ``gate_proj``, ``up_proj``: sequences of E (I, H) weights (tensors or
+    ``nn.Linear`` modules, e.g. Mixtral's ``w1``/``w3``); ``down_proj``: E
+    (H, I) weights (``w2``).  The weights are read in place.
+    """
+    return _moe_call(x, topk_ids, topk_weights, _expert_list(gate_proj, "gate_proj"),
+                     _expert_list(up_proj, "up_proj"), _expert_list(down_proj, "down_proj"),
+                     levels, num_partitions, out, num_threads, "moe_experts_split")
+
+
+def stack_linear_experts(gate_proj: Sequence[Any], up_proj: Sequence[Any], down_proj: Sequence[Any]):
+    """One-time stacking of per-expert ``nn.Linear`` weights into the fused
+    layout, re-pointing every module's parameter at a view of the new storage.
+
+    After the call ``gate_proj[e].weight`` is ``gate_up_proj[e, :I]``,
+    ``up_proj[e].weight`` is ``gate_up_proj[e, I:]`` and ``down_proj[e].weight``
+    is ``down_proj_stacked[e]``: the modules keep their names, shapes and
+    values (so ``state_dict`` is unchanged), the old storage is released, and
+    :func:`moe_experts` can run on the stacked tensors with no per-call work.
+
+    Returns:
+        (gate_up_proj (E, 2I, H), down_proj (E, H, I)).
+    """
+    torch = _torch()
+    if torch is None:
+        import torch  # noqa: F811
+    mods = [list(gate_proj), list(up_proj), list(down_proj)]
+    names = ("gate_proj", "up_proj", "down_proj")
+    E = len(mods[0])
+    if E < 1 or any(len(m) != E for m in mods):
+        raise ValueError(f"stack_linear_experts: need the same number (>= 1) of gate, up and down modules; got {[len(m) for m in mods]}")
+    for name, ms in zip(names, mods):
+        for i, m in enumerate(ms):
+            if not isinstance(getattr(m, "weight", None), torch.Tensor):
+                raise TypeError(f"stack_linear_experts: {name}[{i}] has no tensor .weight (got {type(m).__name__})")
+            if getattr(m, "bias", None) is not None:
+                raise ValueError(f"stack_linear_experts: {name}[{i}] has a bias; the engine's experts are bias-free")
+    w0 = mods[0][0].weight
+    I, H = w0.shape
+    dtype, device = w0.dtype, w0.device
+    for name, ms, shape in zip(names, mods, ((I, H), (I, H), (H, I))):
+        for i, m in enumerate(ms):
+            if tuple(m.weight.shape) != shape or m.weight.dtype != dtype or m.weight.device != device:
+                raise ValueError(
+                    f"stack_linear_experts: {name}[{i}].weight is {tuple(m.weight.shape)} {m.weight.dtype} on "
+                    f"{m.weight.device}; expected {shape} {dtype} on {device}")
+    with torch.no_grad():
+        gu = torch.empty((E, 2 * I, H), dtype=dtype, device=device)
+        dn = torch.empty((E, H, I), dtype=dtype, device=device)
+        for e in range(E):
+            gu[e, :I].copy_(mods[0][e].weight)
+            gu[e, I:].copy_(mods[1][e].weight)
+            dn[e].copy_(mods[2][e].weight)
+        for e in range(E):
+            mods[0][e].weight.data = gu[e, :I]
+            mods[1][e].weight.data = gu[e, I:]
+            mods[2][e].weight.data = dn[e]
+    return gu, dn
+
+
+# ------------------------------------------------------------- importance
+
+def _check_metric_array(accum, counts, E, I):
+    if not (isinstance(accum, np.ndarray) and accum.dtype == np.float64 and accum.shape == (4, E, I)):
+        raise ValueError(f"accum must be a float64 NumPy array of shape (4, {E}, {I})")
+
+
+def neuron_importance(x, topk_ids, gate_up_proj, accum, *, topk_weights=None, counts=None,
+                      num_threads: Optional[int] = None, up_proj=None):
+    """Adds the four importance metrics of the tokens in this batch to ``accum``.
+
+    For every expert e and neuron n, over the (t, k) pairs with
+    ``topk_ids[t, k] == e`` (``a = gate[e][n] @ x[t]``, ``b = up[e][n] @ x[t]``,
+    ``c = topk_weights[t, k]`` if given, else 1):
+    ``accum[0] += c*silu(a)``, ``accum[1] += c*|silu(a)|``,
+    ``accum[2] += c*silu(a)*b``, ``accum[3] += c*|silu(a)*b|``.
+    ``counts[e]`` (optional) gets the number (or weight sum) of pairs.
+
+    ``gate_up_proj`` is the fused (E, 2I, H) tensor; for the per-expert layout
+    pass the gate weights there and the up weights as ``up_proj``.
+    ``accum``/``counts`` are float64 arrays (NumPy or torch CPU), shape
+    (4, E, I) and (E,), updated in place: stream batches through one pair.
+    """
+    nt = _threads(num_threads)
+    x = _rowmajor_x(_plain(x, "x"), "x")
+    if up_proj is None:
+        gu, up = _plain(gate_up_proj, "gate_up_proj"), None
+    else:
+        gu, up = _expert_list(gate_up_proj, "gate_proj"), _expert_list(up_proj, "up_proj")
+    tw = None if topk_weights is None else _plain(topk_weights, "topk_weights")
+    _C.importance(x, topk_ids, tw, gu, up, accum, counts, nt)
+    return accum
+
+
+class ImportanceAccumulator:
+    """Streams calibration batches into float64 neuron-importance sums.
+
+    >>> acc = ImportanceAccumulator(num_experts=E, intermediate_size=I)
+    >>> for x, ids in batches:           # x: (T, H), ids: (T, K) for one layer
+    ...     acc.update(x, ids, gate_up_proj)
+    >>> imp = acc.metric("abs_gate")     # (E, I) float64
+    >>> perm = importance_order(imp)
+
+    ``weighted=True`` multiplies each token's contribution by its routing
+    weight (pass ``topk_weights`` to :meth:`update`).
+    """
+
+    def __init__(self, num_experts: int, intermediate_size: int, *, weighted: bool = False):
+        if int(num_experts) < 1 or int(intermediate_size) < 1:
+            raise ValueError(f"num_experts and intermediate_size must be >= 1; got {num_experts}, {intermediate_size}")
+        self.num_experts = int(num_experts)
+        self.intermediate_size = int(intermediate_size)
+        self.weighted = bool(weighted)
+        self.sums = np.zeros((4, self.num_experts, self.intermediate_size), dtype=np.float64)
+        self.counts = np.zeros(self.num_experts, dtype=np.float64)
+        self.tokens = 0
+
+    def update(self, x, topk_ids, gate_up_proj, *, topk_weights=None, up_proj=None,
+               num_threads: Optional[int] = None):
+        if self.weighted and topk_weights is None:
+            raise ValueError("ImportanceAccumulator(weighted=True).update needs topk_weights")
+        neuron_importance(x, topk_ids, gate_up_proj, self.sums,
+                          topk_weights=topk_weights if self.weighted else None,
+                          counts=self.counts, num_threads=num_threads, up_proj=up_proj)
+        self.tokens += int(x.shape[0])
+        return self
+
+    def metric(self, name: str = "abs_gate") -> np.ndarray:
+        """(E, I) float64 sums of one metric."""
+        if name not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}; got {name!r}")
+        return self.sums[METRICS.index(name)].copy()
+
+
+# ---------------------------------------------------------- reconstruction
+
+def importance_order(importance) -> np.ndarray:
+    """Per-expert neuron order by descending importance (stable: ties keep
+    their original order).  ``importance``: (E, I); returns (E, I) int64
+    ``perm`` with ``perm[e, j]`` = the neuron that moves to position j."""
+    if _is_torch(importance):
+        importance = importance.detach().cpu().double().numpy()
+    imp = np.ascontiguousarray(np.asarray(importance, dtype=np.float64))
+    if imp.ndim != 2:
+        raise ValueError(f"importance must be 2-D (experts, neurons); got shape {imp.shape}")
+    perm = np.empty(imp.shape, dtype=np.int64)
+    _C.importance_order(imp, perm)
+    return perm
+
+
+def inverse_permutation(perm) -> np.ndarray:
+    """``inv`` with ``inv[e, perm[e, j]] = j``."""
+    p = np.asarray(perm, dtype=np.int64)
+    if p.ndim != 2:
+        raise ValueError(f"perm must be 2-D (experts, neurons); got shape {p.shape}")
+    inv = np.empty_like(p)
+    rows = np.arange(p.shape[0])[:, None]
+    inv[rows, p] = np.arange(p.shape[1])[None, :]
+    return inv
+
+
+def _inplace(t):
+    """The storage of a weight that is permuted in place (autograd is not
+    involved: reconstruction changes no function value)."""
+    return t.detach() if _is_torch(t) else t
+
+
+def _perm_array(perm):
+    if _is_torch(perm):
+        perm = perm.detach().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(perm, dtype=np.int64))
+
+
+def permute_neurons(gate_up_proj, down_proj, perm, *, inverse: bool = False,
+                    num_threads: Optional[int] = None) -> None:
+    """Reorders every expert's neurons in place (fused 5.x layout): new neuron
+    j = old neuron ``perm[e, j]`` (rows j and I+j of ``gate_up_proj``, column
+    j of ``down_proj``).  ``inverse=True`` undoes it.  The permutation is
+    checked fully before any weight is touched; outputs are unchanged."""
+    nt = _threads(num_threads)
+    _C.permute_neurons(_inplace(gate_up_proj), None, _inplace(down_proj), _perm_array(perm),
+                       bool(inverse), nt)
+
+
+def permute_neurons_split(gate_proj, up_proj, down_proj, perm, *, inverse: bool = False,
+                          num_threads: Optional[int] = None) -> None:
+    """:func:`permute_neurons` for per-expert weights (lists of tensors or
+    ``nn.Linear`` modules: gate/up (I, H), down (H, I))."""
+    nt = _threads(num_threads)
+
+    def raw(ws, name):
+        if _is_torch(ws) or isinstance(ws, np.ndarray):
+            ws = list(ws)
+        if not isinstance(ws, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple of per-expert weights; got {type(ws).__name__}")
+        return [_inplace(getattr(w, "weight", w)) for w in ws]
+
+    _C.permute_neurons(raw(gate_proj, "gate_proj"), raw(up_proj, "up_proj"), raw(down_proj, "down_proj"),
+                       _perm_array(perm), bool(inverse), nt)
+
+
+# ------------------------------------------------------------ SIMD control
+
+def simd_level() -> str:
+    """The SIMD kernel level in use ("avx512_bf16", "avx512", "avx2" or "generic")."""
+    return _C.simd_level()
+
+
+def simd_levels() -> dict:
+    """{level: usable on this CPU with this build}."""
+    return _C.simd_levels()
+
+
+def set_simd_level(level: str) -> None:
+    """Force a kernel level at or below the detected one (tests, benchmarks)."""
+    _C.set_simd_level(level)

@@ -1,0 +1,186 @@
+"""Build of dualsparse's C extensions.
+
+dualsparse._C       always: csrc/core (C11) + csrc/python, NumPy C API.
+dualsparse._C_cuda  when nvcc is found: csrc/cuda (nvcc) + its binding.
+
+Environment switches:
+  DUALSPARSE_CUDA=auto|0|1     build the CUDA module when nvcc is found (auto,
+                               default), never (0), or fail without it (1)
+  DUALSPARSE_CUDA_ARCHS="80 90"  compute capabilities (PTX of the last is added)
+  DUALSPARSE_DEBUG=1           -O0 -g and the core's debug asserts
+  DUALSPARSE_SANITIZE=address,undefined   sanitizer build (load the sanitizer
+                               runtime with LD_PRELOAD when importing)
+  DUALSPARSE_CFLAGS="..."      extra compiler flags (e.g. -march=native; never
+                               the default: SIMD paths are chosen at run time)
+"""
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = Path(__file__).resolve().parent
+CSRC = HERE / "csrc"
+
+
+def _rel(p):
+    return str(Path(p).relative_to(HERE))
+
+
+def _env_flag(name, default="0"):
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cflags():
+    flags = ["-std=c11", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+    if _env_flag("DUALSPARSE_DEBUG"):
+        flags += ["-O0", "-g", "-DDS_DEBUG"]
+    else:
+        flags += ["-O3"]
+    san = os.environ.get("DUALSPARSE_SANITIZE", "").strip()
+    if san:
+        flags += [f"-fsanitize={san}", "-fno-omit-frame-pointer", "-g"]
+    flags += shlex.split(os.environ.get("DUALSPARSE_CFLAGS", ""))
+    return flags
+
+
+def _find_nvcc():
+    for cand in (os.environ.get("NVCC"), shutil.which("nvcc")):
+        if cand and os.path.exists(cand):
+            return cand
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return None
+
+
+def _cuda_libdir(nvcc):
+    """The folder holding libcudart_static.a (nvcc may be a wrapper script
+    outside the toolkit, so several homes are tried)."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             str(Path(nvcc).resolve().parent.parent), "/usr/local/cuda"]
+    for home in filter(None, homes):
+        for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+            cand = Path(home) / sub
+            if (cand / "libcudart_static.a").exists():
+                return cand
+    raise RuntimeError(f"libcudart_static.a not found under {homes}; set CUDA_HOME")
+
+
+def _c_string(s):
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class BuildExt(build_ext):
+    """Builds the CUDA module first (if asked), then the core extension with
+    a record of what happened to CUDA, so `python -m dualsparse info` can say
+    why it is missing."""
+
+    def build_extensions(self):
+        mode = os.environ.get("DUALSPARSE_CUDA", "auto").strip().lower()
+        if mode not in ("auto", "0", "1"):
+            raise SystemExit(f"DUALSPARSE_CUDA must be auto, 0 or 1; got {mode!r}")
+        cuda_exts = [e for e in self.extensions if e.name.endswith("_C_cuda")]
+        core_exts = [e for e in self.extensions if not e.name.endswith("_C_cuda")]
+        nvcc = _find_nvcc()
+        if mode == "0":
+            status = "not built: disabled by DUALSPARSE_CUDA=0"
+            cuda_exts = []
+        elif nvcc is None:
+            if mode == "1":
+                raise SystemExit("DUALSPARSE_CUDA=1 but nvcc was not found (set NVCC or CUDA_HOME)")
+            status = "not built: nvcc not found at build time (DUALSPARSE_CUDA=auto)"
+            cuda_exts = []
+        else:
+            status = f"built with {nvcc}"
+        built_cuda = []
+        for ext in cuda_exts:
+            try:
+                self._build_cuda(ext, nvcc)
+                built_cuda.append(ext)
+            except Exception as exc:  # noqa: BLE001 - reported, then re-raised for mode 1
+                if mode == "1":
+                    raise
+                first = str(exc).strip().splitlines()[-1:] or ["unknown error"]
+                status = f"not built: nvcc build failed ({first[0][:200]})"
+                self.warn(f"dualsparse: CUDA module skipped: {exc}")
+        self.extensions = core_exts + built_cuda
+        for ext in core_exts:
+            ext.define_macros.append(("DS_CUDA_BUILD_STATUS", _c_string(status)))
+            ext.define_macros.append(("DS_BUILD_CFLAGS", _c_string(" ".join(ext.extra_compile_args))))
+            cc = self.compiler.compiler_so[0] if getattr(self.compiler, "compiler_so", None) else "cc"
+            ext.define_macros.append(("DS_BUILD_COMPILER", _c_string(self._compiler_version(cc))))
+            self.build_extension(ext)
+
+    @staticmethod
+    def _compiler_version(cc):
+        try:
+            out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+            return (out.stdout.splitlines() or [cc])[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            return cc
+
+    def _build_cuda(self, ext, nvcc):
+        archs = os.environ.get("DUALSPARSE_CUDA_ARCHS", "80 90").split()
+        gencode = []
+        for a in archs:
+            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+        arch_list = " ".join([f"sm_{a}" for a in archs] + [f"compute_{archs[-1]}"])
+        cu = [s for s in ext.sources if s.endswith(".cu")]
+        ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+        objdir = Path(self.build_temp) / "cuda"
+        objdir.mkdir(parents=True, exist_ok=True)
+        objs = []
+        for src in cu:
+            obj = objdir / (Path(src).stem + ".o")
+            cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "--compiler-options",
+                   "-fPIC,-fvisibility=hidden", f'-DDS_CUDA_ARCHS="{arch_list}"', *gencode]
+            self.announce(" ".join(cmd), level=2)
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"nvcc failed on {src}:\n{res.stderr}")
+            objs.append(str(obj))
+        ext.extra_objects = objs + ext.extra_objects
+        ext.library_dirs.append(str(_cuda_libdir(nvcc)))
+        # cudart is linked statically: importing the module needs no CUDA
+        # libraries on the machine, and a missing driver is reported at call time.
+        ext.libraries += ["cudart_static", "rt", "dl", "pthread", "stdc++"]
+        self.build_extension(ext)
+
+
+def _extensions():
+    import numpy
+
+    cflags = _cflags()
+    ldflags = []
+    san = os.environ.get("DUALSPARSE_SANITIZE", "").strip()
+    if san:
+        ldflags.append(f"-fsanitize={san}")
+    core_sources = sorted(_rel(p) for p in (CSRC / "core").glob("*.c"))
+    core = Extension(
+        "dualsparse._C",
+        sources=core_sources + [_rel(CSRC / "python" / "module.c")],
+        include_dirs=[numpy.get_include()],
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+        libraries=["m", "pthread"],
+        define_macros=[],
+        depends=[_rel(p) for p in (CSRC / "core").glob("*.h")] + [_rel(CSRC / "python" / "ds_dlpack.h")],
+    )
+    cuda = Extension(
+        "dualsparse._C_cuda",
+        sources=[_rel(CSRC / "cuda" / "ds_cuda.cu"), _rel(CSRC / "python" / "cuda_module.c")],
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+        depends=[_rel(CSRC / "cuda" / "ds_cuda.h")],
+    )
+    return [core, cuda]
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})
