@@ -152,7 +152,8 @@ def route_levels(topk_weights, thresholds, *, normalize: bool = True, dtype: str
 
 # ------------------------------------------------------- expert computation
 
-def _moe_call(x, topk_ids, topk_weights, gu, up, down, levels, num_partitions, out, num_threads, fn):
+def _moe_call(x, topk_ids, topk_weights, gu, up, down, levels, num_partitions, out, num_threads, fn,
+              timings=None):
     nt = _threads(num_threads)
     if isinstance(num_partitions, bool) or not isinstance(num_partitions, (int, np.integer)):
         raise TypeError(f"{fn}: num_partitions must be an int; got {type(num_partitions).__name__}")
@@ -164,12 +165,13 @@ def _moe_call(x, topk_ids, topk_weights, gu, up, down, levels, num_partitions, o
         out = _empty_like_rows(x, x.shape[0], x.shape[1])
     elif _is_torch(out) and out.requires_grad:
         raise ValueError(f"{fn}: out must not require grad")
-    _C.moe_experts(x, topk_ids, topk_weights, gu, up, down, levels, int(num_partitions), out, nt)
+    _C.moe_experts(x, topk_ids, topk_weights, gu, up, down, levels, int(num_partitions), out, nt, timings)
     return out
 
 
 def moe_experts(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, levels=None,
-                num_partitions: int = 1, out=None, num_threads: Optional[int] = None):
+                num_partitions: int = 1, out=None, num_threads: Optional[int] = None,
+                timings=None):
     """Routed expert FFNs with per-pair prefix partitions (transformers 5.x layout).
 
     ``out[t] = sum_k topk_weights[t,k] * down[e][:, :n] @ (silu(gate[e][:n] @ x[t]) * up[e][:n] @ x[t])``
@@ -187,13 +189,15 @@ def moe_experts(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, levels=No
         out: optional (T, H) output (same dtype as x, sharing no memory with
             any input); overwritten.
         num_threads: default ``torch.get_num_threads()``.
+        timings: optional float64 NumPy array of 4 that receives the seconds
+            spent in the routing plan, gate/up, down projection and combine.
 
     Float32 accumulation throughout; for 16-bit dtypes the SwiGLU activation is
     rounded to the dtype before the down projection, as the model itself does.
     """
     return _moe_call(x, topk_ids, topk_weights, _plain(gate_up_proj, "gate_up_proj"), None,
                      _plain(down_proj, "down_proj"), levels, num_partitions, out, num_threads,
-                     "moe_experts")
+                     "moe_experts", timings)
 
 
 def _expert_list(ws, name):
@@ -207,7 +211,8 @@ def _expert_list(ws, name):
 
 
 def moe_experts_split(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, *, levels=None,
-                      num_partitions: int = 1, out=None, num_threads: Optional[int] = None):
+                      num_partitions: int = 1, out=None, num_threads: Optional[int] = None,
+                      timings=None):
     """:func:`moe_experts` for the per-expert layout of transformers 4.x.
 
     ``gate_proj``, ``up_proj``: sequences of E (I, H) weights (tensors or
@@ -216,7 +221,7 @@ def moe_experts_split(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, 
     """
     return _moe_call(x, topk_ids, topk_weights, _expert_list(gate_proj, "gate_proj"),
                      _expert_list(up_proj, "up_proj"), _expert_list(down_proj, "down_proj"),
-                     levels, num_partitions, out, num_threads, "moe_experts_split")
+                     levels, num_partitions, out, num_threads, "moe_experts_split", timings)
 
 
 def stack_linear_experts(gate_proj: Sequence[Any], up_proj: Sequence[Any], down_proj: Sequence[Any]):

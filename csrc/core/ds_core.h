@@ -125,6 +125,7 @@ typedef struct {
     ds_mat topk_ids, topk_weights, levels;
     void *out;
     int64_t ldo;
+    double *timings; /* optional, 4 values: seconds in plan, gate/up, down, combine */
 } ds_moe_args;
 
 size_t ds_moe_workspace_size(const ds_experts *w, const ds_moe_args *a, int n_threads);

@@ -82,9 +82,21 @@ DS_INLINE int ds_is_int(ds_dtype dt)
 /* ---- kernels -------------------------------------------------------------
  * dot tile: c[i*ldc + j] (+)= sum_{k<K} x[i][k] * w[j][k]  for i < mr, j < nr,
  * float32 accumulation, mr <= DS_MAX_MR, nr <= DS_MAX_NR.  The summation
- * order depends only on (K, level, dtype), never on threads. */
+ * order depends only on (mr, nr, K, level, dtype), never on threads.
+ *
+ * pf (may be NULL) names nr rows the caller will read next (the next weight
+ * tile, same K range): the kernel prefetches part `part` of `parts` equal
+ * shares of them while it computes, so weight rows arrive from memory while
+ * the previous tile is still busy (hardware prefetchers stop at every 4 KiB
+ * page, which is one weight row). */
+typedef struct {
+    const void *const *rows;
+    int part, parts;
+} ds_prefetch;
+
 typedef void (*ds_dot_tile_fn)(int mr, int nr, const void *const *x, const void *const *w,
-                               int64_t K, float *c, int64_t ldc, int accumulate);
+                               int64_t K, float *c, int64_t ldc, int accumulate,
+                               const ds_prefetch *pf);
 
 /* dst[j] = silu(gu[2j]) * gu[2j+1] for j < n, converted to dst's dtype. */
 typedef void (*ds_act_fn)(const float *gu, int64_t n, void *dst);
@@ -97,8 +109,7 @@ typedef struct {
     ds_dot_tile_fn dot;
     ds_act_fn act;
     int mr, nr;       /* preferred tile: rows of x, rows of w */
-    int mr1_nr;       /* preferred nr when only one row of x */
-    int64_t kc;       /* K block that keeps a tile's operands in L1 */
+    int nr_few;       /* weight rows per tile when x has at most four rows */
 } ds_kernels;
 
 /* Kernel set for (level, dtype); NULL when not compiled in. */

@@ -87,18 +87,24 @@ static void gen_dot_tile_impl(ds_dtype dt, int mr, int nr, const void *const *x,
 }
 
 static void gen_dot_f32_tile(int mr, int nr, const void *const *x, const void *const *w,
-                             int64_t K, float *c, int64_t ldc, int accumulate)
+                             int64_t K, float *c, int64_t ldc, int accumulate,
+                             const ds_prefetch *pf)
 {
+    (void)pf;
     gen_dot_tile_impl(DS_F32, mr, nr, x, w, K, c, ldc, accumulate);
 }
 static void gen_dot_bf16_tile(int mr, int nr, const void *const *x, const void *const *w,
-                              int64_t K, float *c, int64_t ldc, int accumulate)
+                              int64_t K, float *c, int64_t ldc, int accumulate,
+                              const ds_prefetch *pf)
 {
+    (void)pf;
     gen_dot_tile_impl(DS_BF16, mr, nr, x, w, K, c, ldc, accumulate);
 }
 static void gen_dot_f16_tile(int mr, int nr, const void *const *x, const void *const *w,
-                             int64_t K, float *c, int64_t ldc, int accumulate)
+                             int64_t K, float *c, int64_t ldc, int accumulate,
+                             const ds_prefetch *pf)
 {
+    (void)pf;
     gen_dot_tile_impl(DS_F16, mr, nr, x, w, K, c, ldc, accumulate);
 }
 
@@ -121,9 +127,9 @@ static void gen_act_f16(const float *gu, int64_t n, void *dst)
         d[j] = ds_f32_to_f16(ds_silu(gu[2 * j]) * gu[2 * j + 1]);
 }
 
-static const ds_kernels gen_f32 = {gen_dot_f32_tile, gen_act_f32, 4, 4, 4, 4096};
-static const ds_kernels gen_bf16 = {gen_dot_bf16_tile, gen_act_bf16, 4, 4, 4, 4096};
-static const ds_kernels gen_f16 = {gen_dot_f16_tile, gen_act_f16, 4, 4, 4, 4096};
+static const ds_kernels gen_f32 = {gen_dot_f32_tile, gen_act_f32, 4, 4, 4};
+static const ds_kernels gen_bf16 = {gen_dot_bf16_tile, gen_act_bf16, 4, 4, 4};
+static const ds_kernels gen_f16 = {gen_dot_f16_tile, gen_act_f16, 4, 4, 4};
 
 const ds_kernels *ds_kernels_generic(ds_dtype dt)
 {

@@ -81,105 +81,174 @@ INL TGT5 __m512 ld5m_f16(const void *p, int64_t k, __mmask16 m)
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + k));
 }
 
-#define DEF_TILE5(T)                                                                      \
-    INL TGT5 void tile5_##T(const int MR, const int NR, const void *const *x,           \
-                             const void *const *w, int64_t K, float *c, int64_t ldc,     \
-                             int accumulate)                                             \
-    {                                                                                    \
-        __m512 acc[DS_MAX_MR][DS_MAX_NR];                                                \
-        const void *xp[DS_MAX_MR], *wp[DS_MAX_NR];                                       \
-        for (int i = 0; i < MR; i++) {                                                   \
-            xp[i] = x[i];                                                                \
-            for (int j = 0; j < NR; j++)                                                 \
-                acc[i][j] = _mm512_setzero_ps();                                         \
-        }                                                                                \
-        for (int j = 0; j < NR; j++)                                                     \
-            wp[j] = w[j];                                                                \
-        int64_t k = 0;                                                                   \
-        for (; k + 16 <= K; k += 16) {                                                   \
-            __m512 xv[DS_MAX_MR];                                                        \
-            for (int i = 0; i < MR; i++)                                                 \
-                xv[i] = ld5_##T(xp[i], k);                                               \
-            for (int j = 0; j < NR; j++) {                                               \
-                __m512 wv = ld5_##T(wp[j], k);                                           \
-                for (int i = 0; i < MR; i++)                                             \
-                    acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);                   \
-            }                                                                            \
-        }                                                                                \
-        if (k < K) {                                                                     \
-            __mmask16 m = (__mmask16)((1u << (unsigned)(K - k)) - 1u);                   \
-            __m512 xv[DS_MAX_MR];                                                        \
-            for (int i = 0; i < MR; i++)                                                 \
-                xv[i] = ld5m_##T(xp[i], k, m);                                           \
-            for (int j = 0; j < NR; j++) {                                               \
-                __m512 wv = ld5m_##T(wp[j], k, m);                                       \
-                for (int i = 0; i < MR; i++)                                             \
-                    acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);                   \
-            }                                                                            \
-        }                                                                                \
-        for (int i = 0; i < MR; i++)                                                     \
-            for (int j = 0; j < NR; j++) {                                               \
-                float v = _mm512_reduce_add_ps(acc[i][j]);                               \
-                c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;                    \
-            }                                                                            \
-    }                                                                                    \
-    static TGT5 void dot5_##T(int mr, int nr, const void *const *x, const void *const *w, \
-                              int64_t K, float *c, int64_t ldc, int accumulate)           \
-    {                                                                                    \
-        DS_TILE_SWITCH(tile5_##T, mr, nr, x, w, K, c, ldc, accumulate)                   \
+/* Small tiles have few accumulators: K is unrolled so that every tile keeps
+ * at least 6 independent FMA chains in flight (and few, long weight streams
+ * for the GEMV-shaped decode case). */
+#define DS_UNROLL(MR, NR) ((MR) * (NR) >= 6 ? 1 : (MR) * (NR) >= 3 ? 2 : (MR) * (NR) == 2 ? 4 : 8)
+
+/* Prefetch bookkeeping shared by every tile: lines [first, first + n) of
+ * each pf row, spread evenly over the main loop (one line per row every
+ * `stride` iterations) so the prefetches never outrun the miss queues. */
+typedef struct {
+    const char *rows[DS_MAX_NR];
+    int64_t first, n, stride, next, line;
+} pf_state;
+
+INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t esz,
+                 int64_t per_iter)
+{
+    p->n = 0;
+    p->first = 0;
+    p->stride = 1;
+    p->next = 0;
+    p->line = 0;
+    for (int j = 0; j < NR; j++)
+        p->rows[j] = NULL;
+    if (pf == NULL || pf->rows == NULL || pf->parts < 1)
+        return;
+    int64_t lines = ((int64_t)K * (int64_t)esz + 63) / 64;
+    int64_t share = (lines + pf->parts - 1) / pf->parts;
+    p->first = (int64_t)pf->part * share;
+    p->n = lines - p->first < share ? lines - p->first : share;
+    int64_t iters = K / per_iter;
+    p->stride = p->n > 0 && iters > p->n ? iters / p->n : 1;
+    for (int j = 0; j < NR; j++)
+        p->rows[j] = (const char *)pf->rows[j];
+}
+
+#define PF_STEP(p, NR, it)                                                          \
+    do {                                                                            \
+        if ((it) == (p).next && (p).line < (p).n) {                                 \
+            for (int j_ = 0; j_ < (NR); j_++)                                       \
+                _mm_prefetch((p).rows[j_] + ((p).first + (p).line) * 64, _MM_HINT_T0); \
+            (p).line++;                                                             \
+            (p).next += (p).stride;                                                 \
+        }                                                                           \
+    } while (0)
+
+#define DEF_TILE5(T, ESZ)                                                                 \
+    INL TGT5 void tile5_##T(const int MR, const int NR, const void *const *x,            \
+                             const void *const *w, int64_t K, float *c, int64_t ldc,      \
+                             int accumulate, const ds_prefetch *pf)                       \
+    {                                                                                     \
+        const int U = DS_UNROLL(MR, NR);                                                  \
+        __m512 acc[DS_MAX_MR][DS_MAX_NR][8];                                              \
+        const void *xp[DS_MAX_MR], *wp[DS_MAX_NR];                                        \
+        pf_state ps;                                                                      \
+        pf_init(&ps, pf, NR, K, ESZ, 16 * U);                                           \
+        for (int i = 0; i < MR; i++) {                                                    \
+            xp[i] = x[i];                                                                 \
+            for (int j = 0; j < NR; j++)                                                  \
+                for (int u = 0; u < U; u++)                                               \
+                    acc[i][j][u] = _mm512_setzero_ps();                                   \
+        }                                                                                 \
+        for (int j = 0; j < NR; j++)                                                      \
+            wp[j] = w[j];                                                                 \
+        int64_t k = 0, it = 0;                                                            \
+        for (; k + 16 * U <= K; k += 16 * U, it++) {                                      \
+            PF_STEP(ps, NR, it);                                                          \
+            for (int u = 0; u < U; u++) {                                                 \
+                __m512 xv[DS_MAX_MR];                                                     \
+                for (int i = 0; i < MR; i++)                                              \
+                    xv[i] = ld5_##T(xp[i], k + 16 * u);                                   \
+                for (int j = 0; j < NR; j++) {                                            \
+                    __m512 wv = ld5_##T(wp[j], k + 16 * u);                               \
+                    for (int i = 0; i < MR; i++)                                          \
+                        acc[i][j][u] = _mm512_fmadd_ps(xv[i], wv, acc[i][j][u]);          \
+                }                                                                         \
+            }                                                                             \
+        }                                                                                 \
+        for (; k < K; k += 16) {                                                          \
+            __mmask16 m = K - k >= 16 ? (__mmask16)0xffff                                  \
+                                      : (__mmask16)((1u << (unsigned)(K - k)) - 1u);      \
+            __m512 xv[DS_MAX_MR];                                                         \
+            for (int i = 0; i < MR; i++)                                                  \
+                xv[i] = ld5m_##T(xp[i], k, m);                                            \
+            for (int j = 0; j < NR; j++) {                                                \
+                __m512 wv = ld5m_##T(wp[j], k, m);                                        \
+                for (int i = 0; i < MR; i++)                                              \
+                    acc[i][j][0] = _mm512_fmadd_ps(xv[i], wv, acc[i][j][0]);              \
+            }                                                                             \
+        }                                                                                 \
+        for (int i = 0; i < MR; i++)                                                      \
+            for (int j = 0; j < NR; j++) {                                                \
+                __m512 sum = acc[i][j][0];                                                \
+                for (int u = 1; u < U; u++)                                               \
+                    sum = _mm512_add_ps(sum, acc[i][j][u]);                               \
+                float v = _mm512_reduce_add_ps(sum);                                      \
+                c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;                     \
+            }                                                                             \
+    }                                                                                     \
+    static TGT5 void dot5_##T(int mr, int nr, const void *const *x, const void *const *w,  \
+                              int64_t K, float *c, int64_t ldc, int accumulate,            \
+                              const ds_prefetch *pf)                                       \
+    {                                                                                     \
+        DS_TILE_SWITCH(tile5_##T, mr, nr, x, w, K, c, ldc, accumulate, pf)                \
     }
 
-DEF_TILE5(f32)
-DEF_TILE5(bf16)
-DEF_TILE5(f16)
+DEF_TILE5(f32, 4)
+DEF_TILE5(bf16, 2)
+DEF_TILE5(f16, 2)
 
 /* bf16 with the dot-product instruction: 32 elements per step, pairs summed
  * inside the instruction. */
 INL TGT5B void tile5b(const int MR, const int NR, const void *const *x, const void *const *w,
-                      int64_t K, float *c, int64_t ldc, int accumulate)
+                      int64_t K, float *c, int64_t ldc, int accumulate, const ds_prefetch *pf)
 {
-    __m512 acc[DS_MAX_MR][DS_MAX_NR];
+    const int U = DS_UNROLL(MR, NR);
+    __m512 acc[DS_MAX_MR][DS_MAX_NR][8];
     const uint16_t *xp[DS_MAX_MR], *wp[DS_MAX_NR];
+    pf_state ps;
+    pf_init(&ps, pf, NR, K, 2, 32 * U);
     for (int i = 0; i < MR; i++) {
         xp[i] = (const uint16_t *)x[i];
         for (int j = 0; j < NR; j++)
-            acc[i][j] = _mm512_setzero_ps();
+            for (int u = 0; u < U; u++)
+                acc[i][j][u] = _mm512_setzero_ps();
     }
     for (int j = 0; j < NR; j++)
         wp[j] = (const uint16_t *)w[j];
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        __m512bh xv[DS_MAX_MR];
-        for (int i = 0; i < MR; i++)
-            xv[i] = (__m512bh)_mm512_loadu_si512((const void *)(xp[i] + k));
-        for (int j = 0; j < NR; j++) {
-            __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(wp[j] + k));
+    int64_t k = 0, it = 0;
+    for (; k + 32 * U <= K; k += 32 * U, it++) {
+        PF_STEP(ps, NR, it);
+        for (int u = 0; u < U; u++) {
+            __m512bh xv[DS_MAX_MR];
             for (int i = 0; i < MR; i++)
-                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[i], wv);
+                xv[i] = (__m512bh)_mm512_loadu_si512((const void *)(xp[i] + k + 32 * u));
+            for (int j = 0; j < NR; j++) {
+                __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(wp[j] + k + 32 * u));
+                for (int i = 0; i < MR; i++)
+                    acc[i][j][u] = _mm512_dpbf16_ps(acc[i][j][u], xv[i], wv);
+            }
         }
     }
-    if (k < K) {
-        __mmask32 m = (__mmask32)((1u << (unsigned)(K - k)) - 1u);
+    for (; k < K; k += 32) {
+        __mmask32 m = K - k >= 32 ? (__mmask32)0xffffffffu
+                                  : (__mmask32)((1u << (unsigned)(K - k)) - 1u);
         __m512bh xv[DS_MAX_MR];
         for (int i = 0; i < MR; i++)
             xv[i] = (__m512bh)_mm512_maskz_loadu_epi16(m, xp[i] + k);
         for (int j = 0; j < NR; j++) {
             __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, wp[j] + k);
             for (int i = 0; i < MR; i++)
-                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[i], wv);
+                acc[i][j][0] = _mm512_dpbf16_ps(acc[i][j][0], xv[i], wv);
         }
     }
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) {
-            float v = _mm512_reduce_add_ps(acc[i][j]);
+            __m512 sum = acc[i][j][0];
+            for (int u = 1; u < U; u++)
+                sum = _mm512_add_ps(sum, acc[i][j][u]);
+            float v = _mm512_reduce_add_ps(sum);
             c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;
         }
 }
 
 static TGT5B void dot5b_bf16(int mr, int nr, const void *const *x, const void *const *w,
-                             int64_t K, float *c, int64_t ldc, int accumulate)
+                             int64_t K, float *c, int64_t ldc, int accumulate,
+                             const ds_prefetch *pf)
 {
-    DS_TILE_SWITCH(tile5b, mr, nr, x, w, K, c, ldc, accumulate)
+    DS_TILE_SWITCH(tile5b, mr, nr, x, w, K, c, ldc, accumulate, pf)
 }
 
 /* exp(v) for the SiLU: range reduction to |r| <= ln2/2, a degree-6
@@ -257,10 +326,10 @@ DEF_ACT5(f32, ST5_F32)
 DEF_ACT5(bf16, ST5_BF16)
 DEF_ACT5(f16, ST5_F16)
 
-static const ds_kernels k5_f32 = {dot5_f32, act5_f32, 4, 6, 8, 512};
-static const ds_kernels k5_bf16 = {dot5_bf16, act5_bf16, 4, 6, 8, 512};
-static const ds_kernels k5_f16 = {dot5_f16, act5_f16, 4, 6, 8, 512};
-static const ds_kernels k5b_bf16 = {dot5b_bf16, act5_bf16, 4, 6, 8, 1024};
+static const ds_kernels k5_f32 = {dot5_f32, act5_f32, 4, 6, 1};
+static const ds_kernels k5_bf16 = {dot5_bf16, act5_bf16, 4, 6, 1};
+static const ds_kernels k5_f16 = {dot5_f16, act5_f16, 4, 6, 1};
+static const ds_kernels k5b_bf16 = {dot5b_bf16, act5_bf16, 4, 6, 1};
 
 const ds_kernels *ds_kernels_avx512(ds_dtype dt)
 {
@@ -299,43 +368,64 @@ INL TGT2 float hsum2(__m256 v)
 }
 
 /* The K tail (< 8 elements) is added after the vector reduction, in order. */
-#define DEF_TILE2(T)                                                                      \
-    INL TGT2 void tile2_##T(const int MR, const int NR, const void *const *x,           \
-                             const void *const *w, int64_t K, float *c, int64_t ldc,     \
-                             int accumulate)                                             \
-    {                                                                                    \
-        __m256 acc[DS_MAX_MR][DS_MAX_NR];                                                \
-        for (int i = 0; i < MR; i++)                                                     \
-            for (int j = 0; j < NR; j++)                                                 \
-                acc[i][j] = _mm256_setzero_ps();                                         \
-        int64_t k = 0;                                                                   \
-        for (; k + 8 <= K; k += 8) {                                                     \
-            __m256 xv[DS_MAX_MR];                                                        \
-            for (int i = 0; i < MR; i++)                                                 \
-                xv[i] = ld2_##T(x[i], k);                                                \
-            for (int j = 0; j < NR; j++) {                                               \
-                __m256 wv = ld2_##T(w[j], k);                                            \
-                for (int i = 0; i < MR; i++)                                             \
-                    acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);                   \
-            }                                                                            \
-        }                                                                                \
-        for (int i = 0; i < MR; i++)                                                     \
-            for (int j = 0; j < NR; j++) {                                               \
-                float v = hsum2(acc[i][j]);                                              \
-                for (int64_t kk = k; kk < K; kk++)                                       \
-                    v += sc_##T(x[i], kk) * sc_##T(w[j], kk);                            \
-                c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;                    \
-            }                                                                            \
-    }                                                                                    \
-    static TGT2 void dot2_##T(int mr, int nr, const void *const *x, const void *const *w, \
-                              int64_t K, float *c, int64_t ldc, int accumulate)           \
-    {                                                                                    \
-        DS_TILE_SWITCH(tile2_##T, mr, nr, x, w, K, c, ldc, accumulate)                   \
+#define DEF_TILE2(T, ESZ)                                                                 \
+    INL TGT2 void tile2_##T(const int MR, const int NR, const void *const *x,            \
+                             const void *const *w, int64_t K, float *c, int64_t ldc,      \
+                             int accumulate, const ds_prefetch *pf)                       \
+    {                                                                                     \
+        const int U = DS_UNROLL(MR, NR);                                                  \
+        __m256 acc[DS_MAX_MR][DS_MAX_NR][8];                                              \
+        pf_state ps;                                                                      \
+        pf_init(&ps, pf, NR, K, ESZ, 8 * U);                                             \
+        for (int i = 0; i < MR; i++)                                                      \
+            for (int j = 0; j < NR; j++)                                                  \
+                for (int u = 0; u < U; u++)                                               \
+                    acc[i][j][u] = _mm256_setzero_ps();                                   \
+        int64_t k = 0, it = 0;                                                            \
+        for (; k + 8 * U <= K; k += 8 * U, it++) {                                        \
+            PF_STEP(ps, NR, it);                                                          \
+            for (int u = 0; u < U; u++) {                                                 \
+                __m256 xv[DS_MAX_MR];                                                     \
+                for (int i = 0; i < MR; i++)                                              \
+                    xv[i] = ld2_##T(x[i], k + 8 * u);                                     \
+                for (int j = 0; j < NR; j++) {                                            \
+                    __m256 wv = ld2_##T(w[j], k + 8 * u);                                 \
+                    for (int i = 0; i < MR; i++)                                          \
+                        acc[i][j][u] = _mm256_fmadd_ps(xv[i], wv, acc[i][j][u]);          \
+                }                                                                         \
+            }                                                                             \
+        }                                                                                 \
+        for (; k + 8 <= K; k += 8) {                                                      \
+            __m256 xv[DS_MAX_MR];                                                         \
+            for (int i = 0; i < MR; i++)                                                  \
+                xv[i] = ld2_##T(x[i], k);                                                 \
+            for (int j = 0; j < NR; j++) {                                                \
+                __m256 wv = ld2_##T(w[j], k);                                             \
+                for (int i = 0; i < MR; i++)                                              \
+                    acc[i][j][0] = _mm256_fmadd_ps(xv[i], wv, acc[i][j][0]);              \
+            }                                                                             \
+        }                                                                                 \
+        for (int i = 0; i < MR; i++)                                                      \
+            for (int j = 0; j < NR; j++) {                                                \
+                __m256 sum = acc[i][j][0];                                                \
+                for (int u = 1; u < U; u++)                                               \
+                    sum = _mm256_add_ps(sum, acc[i][j][u]);                               \
+                float v = hsum2(sum);                                                     \
+                for (int64_t kk = k; kk < K; kk++)                                        \
+                    v += sc_##T(x[i], kk) * sc_##T(w[j], kk);                             \
+                c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;                     \
+            }                                                                             \
+    }                                                                                     \
+    static TGT2 void dot2_##T(int mr, int nr, const void *const *x, const void *const *w,  \
+                              int64_t K, float *c, int64_t ldc, int accumulate,            \
+                              const ds_prefetch *pf)                                       \
+    {                                                                                     \
+        DS_TILE_SWITCH(tile2_##T, mr, nr, x, w, K, c, ldc, accumulate, pf)                \
     }
 
-DEF_TILE2(f32)
-DEF_TILE2(bf16)
-DEF_TILE2(f16)
+DEF_TILE2(f32, 4)
+DEF_TILE2(bf16, 2)
+DEF_TILE2(f16, 2)
 
 static void act2_f32(const float *gu, int64_t n, void *dst)
 {
@@ -356,9 +446,9 @@ static void act2_f16(const float *gu, int64_t n, void *dst)
         d[j] = ds_f32_to_f16(ds_silu(gu[2 * j]) * gu[2 * j + 1]);
 }
 
-static const ds_kernels k2_f32 = {dot2_f32, act2_f32, 3, 4, 6, 512};
-static const ds_kernels k2_bf16 = {dot2_bf16, act2_bf16, 3, 4, 6, 512};
-static const ds_kernels k2_f16 = {dot2_f16, act2_f16, 3, 4, 6, 512};
+static const ds_kernels k2_f32 = {dot2_f32, act2_f32, 3, 4, 1};
+static const ds_kernels k2_bf16 = {dot2_bf16, act2_bf16, 3, 4, 1};
+static const ds_kernels k2_f16 = {dot2_f16, act2_f16, 3, 4, 1};
 
 const ds_kernels *ds_kernels_avx2(ds_dtype dt)
 {

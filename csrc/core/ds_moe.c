@@ -15,6 +15,7 @@
 #include "ds_internal.h"
 
 #include <limits.h>
+#include <time.h>
 
 #define NC 128   /* neurons per phase-1 item */
 #define HC 128   /* hidden rows per phase-2 item */
@@ -59,6 +60,23 @@ typedef struct {
 } moe_ctx;
 
 static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* K block for a block of mb rows: the rows' K-slices stay in L2 while the
+ * weight tiles stream past them.  Whole K when it fits. */
+#define L2_BUDGET (384 * 1024)
+static int64_t k_block(int64_t mb, size_t esz, int64_t K)
+{
+    int64_t kb = L2_BUDGET / (mb * (int64_t)esz);
+    kb = kb < 256 ? 256 : kb & ~(int64_t)63;
+    return kb >= K ? K : kb;
+}
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    timespec_get(&ts, TIME_UTC);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 static int64_t scratch_floats(const ds_experts *w) { return MB * 2 * NC > w->H ? MB * 2 * NC : w->H; }
 
@@ -199,11 +217,53 @@ static void build_items2(moe_ctx *c)
 
 /* ---- phase 1: fused gate/up ---------------------------------------------- */
 
+/* Rows [0, mb) of x (row pointers xrow(i)) against the weight rows
+ * wrow(0 .. nw): c[i*ldc + q] (+)= x_i . w_q over K, tiled for the kernel.
+ * Every weight group of the tile width is used by all row tiles before the
+ * next group; row tile i prefetches share i of the next group meanwhile. */
+typedef struct {
+    const ds_kernels *kn;
+    const void *const *xr;   /* mb row pointers, at k0 */
+    int64_t mb;
+    const void *const *wr;   /* nw row pointers, at k0 */
+    int64_t nw;
+    int64_t K;
+    float *c;
+    int64_t ldc;
+    int accumulate;
+} tile_job;
+
+static void run_tiles(const tile_job *j)
+{
+    const ds_kernels *kn = j->kn;
+    /* Up to four rows (decode, and most experts at small batch sizes): one
+     * weight row at a time, a single long stream that the hardware
+     * prefetcher follows; more rows: full tiles with software prefetch. */
+    const int few = j->mb <= 4;
+    const int mr = j->mb == 1 ? 1 : kn->mr;
+    const int nr = few ? kn->nr_few : kn->nr;
+    const int n_row_tiles = (int)cdiv(j->mb, mr);
+    for (int64_t q = 0; q < j->nw; q += nr) {
+        const int nq = (int)(j->nw - q < nr ? j->nw - q : nr);
+        const void *next[DS_MAX_NR];
+        ds_prefetch pf = {next, 0, n_row_tiles};
+        const int64_t nn = j->nw - (q + nr) < nr ? j->nw - (q + nr) : nr;
+        const int use_pf = !few && nn > 0;
+        for (int jj = 0; use_pf && jj < nq; jj++)
+            next[jj] = j->wr[q + nr + (jj < nn ? jj : nn - 1)];
+        for (int64_t i = 0; i < j->mb; i += mr) {
+            const int ni = (int)(j->mb - i < mr ? j->mb - i : mr);
+            pf.part = (int)(i / mr);
+            kn->dot(ni, nq, j->xr + i, j->wr + q, j->K, j->c + i * j->ldc + q, j->ldc,
+                    j->accumulate, use_pf ? &pf : NULL);
+        }
+    }
+}
+
 static void gate_up_item(void *vctx, int64_t item, int tid)
 {
     moe_ctx *c = (moe_ctx *)vctx;
     const ds_experts *w = c->w;
-    const ds_kernels *kn = c->kern;
     const item1_t *it = &c->items1[item];
     const int64_t e = it->e, j0 = it->j0, nj = it->j1 - it->j0;
     const int64_t row0 = c->e_row0[e];
@@ -212,31 +272,23 @@ static void gate_up_item(void *vctx, int64_t item, int tid)
     const int64_t H = w->H, ldS = 2 * NC;
     float *S = c->scratch + (int64_t)tid * c->scratch_len;
     const char *gate = (const char *)w->gate[e], *up = (const char *)w->up[e];
+    const void *xr[MB], *wr[2 * NC];
 
     for (int64_t rb = 0; rb < m; rb += MB) {
         const int64_t mb = m - rb < MB ? m - rb : MB;
-        const int mr = mb == 1 ? 1 : kn->mr;
-        const int nr = mb == 1 ? kn->mr1_nr : kn->nr;
-        const int nn = nr >= 2 ? nr / 2 : 1; /* neurons per tile: a gate and an up row each */
-        for (int64_t k0 = 0; k0 < H; k0 += kn->kc) {
-            const int64_t kl = H - k0 < kn->kc ? H - k0 : kn->kc;
-            for (int64_t jt = 0; jt < nj; jt += nn) {
-                const int nt = (int)(nj - jt < nn ? nj - jt : nn);
-                const void *wr[DS_MAX_NR];
-                for (int jj = 0; jj < nt; jj++) {
-                    int64_t off = ((j0 + jt + jj) * w->ld_gu + k0) * (int64_t)esz;
-                    wr[2 * jj] = gate + off;
-                    wr[2 * jj + 1] = up + off;
-                }
-                for (int64_t i = 0; i < mb; i += mr) {
-                    const int ni = (int)(mb - i < mr ? mb - i : mr);
-                    const void *xr[DS_MAX_MR];
-                    for (int ii = 0; ii < ni; ii++)
-                        xr[ii] = (const char *)c->x +
-                                 (c->row_tok[row0 + rb + i + ii] * c->ldx + k0) * (int64_t)esz;
-                    kn->dot(ni, 2 * nt, xr, wr, kl, S + (i * ldS) + 2 * jt, ldS, k0 > 0);
-                }
+        const int64_t kc = k_block(mb, esz, H);
+        for (int64_t k0 = 0; k0 < H; k0 += kc) {
+            /* weight rows interleaved (gate j, up j, ...) so that S holds
+             * (a, b) pairs per neuron */
+            for (int64_t jj = 0; jj < nj; jj++) {
+                int64_t off = ((j0 + jj) * w->ld_gu + k0) * (int64_t)esz;
+                wr[2 * jj] = gate + off;
+                wr[2 * jj + 1] = up + off;
             }
+            for (int64_t i = 0; i < mb; i++)
+                xr[i] = (const char *)c->x + (c->row_tok[row0 + rb + i] * c->ldx + k0) * (int64_t)esz;
+            tile_job tj = {c->kern, xr, mb, wr, 2 * nj, H - k0 < kc ? H - k0 : kc, S, ldS, k0 > 0};
+            run_tiles(&tj);
         }
         if (c->imp) {
             const ds_importance_args *ia = c->imp;
@@ -253,8 +305,8 @@ static void gate_up_item(void *vctx, int64_t item, int tid)
             }
         } else {
             for (int64_t i = 0; i < mb; i++)
-                kn->act(S + i * ldS, nj,
-                        c->A + ((row0 + rb + i) * w->I + j0) * (int64_t)c->act_esz);
+                c->kern->act(S + i * ldS, nj,
+                             c->A + ((row0 + rb + i) * w->I + j0) * (int64_t)c->act_esz);
         }
     }
 }
@@ -266,37 +318,27 @@ static void down_item(void *vctx, int64_t item, int tid)
     (void)tid;
     moe_ctx *c = (moe_ctx *)vctx;
     const ds_experts *w = c->w;
-    const ds_kernels *kn = c->kern;
     const item2_t *it = &c->items2[item];
     const int64_t e = it->e, P = c->P, I = w->I, H = w->H;
-    const int64_t row0 = c->e_row0[e];
+    const int64_t row0 = c->e_row0[e], nh = it->h1 - it->h0;
     const int64_t *em = c->e_m + e * (P + 2);
     const size_t esz = ds_dtype_size(w->dtype);
     const char *down = (const char *)w->down[e];
+    const void *ar[MB], *wr[HC];
 
     for (int64_t p = P; p >= 1; p--) {
         const int64_t rs = em[p + 1], re = em[p], n = (p * I) / P;
-        if (re == rs)
-            continue;
         for (int64_t rb = rs; rb < re; rb += MB) {
             const int64_t mb = re - rb < MB ? re - rb : MB;
-            const int mr = mb == 1 ? 1 : kn->mr;
-            const int nr = mb == 1 ? kn->mr1_nr : kn->nr;
-            for (int64_t k0 = 0; k0 < n; k0 += kn->kc) {
-                const int64_t kl = n - k0 < kn->kc ? n - k0 : kn->kc;
-                for (int64_t h = it->h0; h < it->h1; h += nr) {
-                    const int nt = (int)(it->h1 - h < nr ? it->h1 - h : nr);
-                    const void *wr[DS_MAX_NR];
-                    for (int jj = 0; jj < nt; jj++)
-                        wr[jj] = down + ((h + jj) * w->ld_down + k0) * (int64_t)esz;
-                    for (int64_t i = 0; i < mb; i += mr) {
-                        const int ni = (int)(mb - i < mr ? mb - i : mr);
-                        const void *ar[DS_MAX_MR];
-                        for (int ii = 0; ii < ni; ii++)
-                            ar[ii] = c->A + ((row0 + rb + i + ii) * I + k0) * (int64_t)c->act_esz;
-                        kn->dot(ni, nt, ar, wr, kl, c->Y + (row0 + rb + i) * H + h, H, k0 > 0);
-                    }
-                }
+            const int64_t kc = k_block(mb, c->act_esz, n);
+            for (int64_t k0 = 0; k0 < n; k0 += kc) {
+                for (int64_t h = 0; h < nh; h++)
+                    wr[h] = down + ((it->h0 + h) * w->ld_down + k0) * (int64_t)esz;
+                for (int64_t i = 0; i < mb; i++)
+                    ar[i] = c->A + ((row0 + rb + i) * I + k0) * (int64_t)c->act_esz;
+                tile_job tj = {c->kern, ar, mb, wr, nh, n - k0 < kc ? n - k0 : kc,
+                               c->Y + (row0 + rb) * H + it->h0, H, k0 > 0};
+                run_tiles(&tj);
             }
         }
     }
@@ -473,14 +515,29 @@ ds_status ds_moe_experts(const ds_experts *w, const ds_moe_args *a, void *worksp
         !carve(&c, &ar, w, a->T, a->K, a->P, n_threads, 0, &cnt))
         return ds_error(DS_ERR_VALUE, "%s: workspace of %zu bytes is too small; need %zu", fn,
                         workspace_size, need);
+    double t0 = a->timings ? now_seconds() : 0.0, t1 = 0.0, t2 = 0.0, t3 = 0.0;
     build_plan(&c, &a->topk_ids, &a->levels, cnt);
     build_items1(&c, 0);
     build_items2(&c);
+    if (a->timings)
+        t1 = now_seconds();
     if ((st = ds_parallel_for(n_threads, c.n1, gate_up_item, &c)) != DS_OK)
         return st;
+    if (a->timings)
+        t2 = now_seconds();
     if ((st = ds_parallel_for(n_threads, c.n2, down_item, &c)) != DS_OK)
         return st;
-    return ds_parallel_for(n_threads, cdiv(a->T, TB), combine_item, &c);
+    if (a->timings)
+        t3 = now_seconds();
+    st = ds_parallel_for(n_threads, cdiv(a->T, TB), combine_item, &c);
+    if (a->timings) {
+        double t4 = now_seconds();
+        a->timings[0] = t1 - t0;
+        a->timings[1] = t2 - t1;
+        a->timings[2] = t3 - t2;
+        a->timings[3] = t4 - t3;
+    }
+    return st;
 }
 
 ds_status ds_importance_accumulate(const ds_experts *w, const ds_importance_args *a,

@@ -711,14 +711,14 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args)
 {
     (void)self;
     static const char fn[] = "moe_experts";
-    PyObject *x_o, *ids_o, *tw_o, *gu_o, *up_o, *dn_o, *lv_o, *out_o, *nt_o;
+    PyObject *x_o, *ids_o, *tw_o, *gu_o, *up_o, *dn_o, *lv_o, *out_o, *nt_o, *tm_o = Py_None;
     int P;
     int n_threads;
-    view_t x = {0}, ids = {0}, tw = {0}, lv = {0}, out = {0};
+    view_t x = {0}, ids = {0}, tw = {0}, lv = {0}, out = {0}, tm = {0};
     experts_t ex = {0};
     ws_t ws = {0};
-    if (!PyArg_ParseTuple(args, "OOOOOOOiOO", &x_o, &ids_o, &tw_o, &gu_o, &up_o, &dn_o, &lv_o,
-                          &P, &out_o, &nt_o))
+    if (!PyArg_ParseTuple(args, "OOOOOOOiOO|O", &x_o, &ids_o, &tw_o, &gu_o, &up_o, &dn_o, &lv_o,
+                          &P, &out_o, &nt_o, &tm_o))
         return NULL;
     if (dn_o == Py_None) {
         PyErr_Format(PyExc_TypeError, "%s: down_proj is required", fn);
@@ -824,6 +824,17 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args)
     }
     if (experts_overlap(&ex, &out, fn, "out") < 0)
         goto fail;
+    if (tm_o != Py_None) {
+        if (view_from(tm_o, &tm, fn, "timings") < 0)
+            goto fail;
+        if (tm.dtype != DS_F64 || tm.ndim != 1 || tm.shape[0] != 4 || tm.strides[0] != 1 ||
+            tm.readonly || check_cpu(&tm, fn, "timings") < 0) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "%s: timings must be a writable contiguous float64 "
+                             "array of 4 values", fn);
+            goto fail;
+        }
+    }
 
     ds_moe_args a;
     memset(&a, 0, sizeof a);
@@ -833,6 +844,7 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args)
     a.topk_weights = (ds_mat){tw.data, tw.dtype, tw.strides[0], tw.strides[1]};
     a.levels = (ds_mat){lv.keep ? lv.data : NULL, lv.dtype, lv.strides[0], lv.strides[1]};
     a.out = out.data; a.ldo = T > 1 ? out.strides[0] : H;
+    a.timings = tm.keep ? (double *)tm.data : NULL;
     ds_status st = DS_OK;
     if (T > 0) {
         size_t need = ds_moe_workspace_size(&ex.w, &a, n_threads);
@@ -846,10 +858,12 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args)
     if (raise_status(st, ds_last_error()) < 0)
         goto fail;
     view_release(&x); view_release(&ids); view_release(&tw); view_release(&lv); view_release(&out);
+    view_release(&tm);
     experts_release(&ex);
     Py_RETURN_NONE;
 fail:
     view_release(&x); view_release(&ids); view_release(&tw); view_release(&lv); view_release(&out);
+    view_release(&tm);
     experts_release(&ex);
     return NULL;
 }
@@ -1155,7 +1169,7 @@ static PyObject *py_build_info(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"route_levels", py_route_levels, METH_VARARGS, "route_levels(topk_weights, thresholds, normalize, levels_out)"},
     {"moe_experts", py_moe_experts, METH_VARARGS,
-     "moe_experts(x, topk_ids, topk_weights, gate_up_or_gates, ups_or_None, down_or_downs, levels, num_partitions, out, num_threads)"},
+     "moe_experts(x, topk_ids, topk_weights, gate_up_or_gates, ups_or_None, down_or_downs, levels, num_partitions, out, num_threads[, timings])"},
     {"importance", py_importance, METH_VARARGS,
      "importance(x, topk_ids, topk_weights_or_None, gate_up_or_gates, ups_or_None, accum, counts_or_None, num_threads)"},
     {"importance_order", py_importance_order, METH_VARARGS, "importance_order(importance, perm_out)"},

@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""Side-by-side fp32 GEMM kernels on the engine's GEMM shapes.
+
+C = X W^T with X: m x K and W: n x K, both K-contiguous (the layout of an
+expert's gate/up weights), for m in 1, 4, 16, 64, 256 and (n, K) in
+(2048, 2048), (4096, 4096):
+
+* ``torch.matmul``        torch.matmul(X, W.t()) (MKL sgemm in the PyPI CPU build)
+* ``numpy``               X @ W.T (numpy's bundled OpenBLAS, core auto-detected)
+* ``openblas32``          scipy_openblas32's cblas_sgemm via ctypes, core auto-detected
+* ``openblas32_skx``      the same library forced to OPENBLAS_CORETYPE=SkylakeX (AVX-512):
+                          a second copy of the .so is loaded so both instances coexist
+                          (OpenBLAS reads the variable once, when it loads)
+* ``engine``              dualsparse.ops.moe_experts with E=1, K=1: gate_up = W viewed as
+                          (1, n, K), i.e. I = n/2 neurons, plus a down projection
+                          (1, K, n/2).  Approximate: the call also runs SwiGLU and the down
+                          projection, so its rate is counted as 3*m*n*K flops / time (the
+                          down GEMM is half the gate_up GEMM) and includes their overheads.
+
+Weights rotate over enough copies (>= --rotate-mb) that every call reads W
+from DRAM, as a model's experts do.  Rates are GFLOP/s (2*m*n*K / time, median
+of repeats); for small m the W read rate (GB/s) is what bounds them.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_openblas(coretype: str | None = None, threads: int = 2):
+    """scipy_openblas32 through ctypes; with ``coretype`` a private copy of the
+    library is loaded with OPENBLAS_CORETYPE set (so it can sit next to an
+    auto-detected instance). Returns (sgemm(X, W) -> C = X @ W.T, corename) or
+    (None, reason)."""
+    try:
+        import scipy_openblas32 as sob
+    except ImportError:
+        return None, "scipy-openblas32 not installed (pip install scipy-openblas32)"
+    import numpy as np
+
+    src = os.path.join(sob.get_lib_dir(), "libscipy_openblas.so")
+    if not os.path.exists(src):
+        cands = [f for f in os.listdir(sob.get_lib_dir()) if f.endswith(".so") or ".so." in f]
+        if not cands:
+            return None, f"no shared library in {sob.get_lib_dir()}"
+        src = os.path.join(sob.get_lib_dir(), cands[0])
+    path = src
+    old = os.environ.get("OPENBLAS_CORETYPE")
+    if coretype:
+        d = tempfile.mkdtemp(prefix="ds_openblas_")
+        path = os.path.join(d, f"libscipy_openblas_{coretype}.so")
+        shutil.copy(src, path)
+        os.environ["OPENBLAS_CORETYPE"] = coretype
+    try:
+        lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+    finally:
+        if coretype:
+            if old is None:
+                os.environ.pop("OPENBLAS_CORETYPE", None)
+            else:
+                os.environ["OPENBLAS_CORETYPE"] = old
+    prefix = "scipy_"
+    lib[f"{prefix}openblas_set_num_threads"](threads)
+    try:
+        fn = lib[f"{prefix}openblas_get_corename"]
+        fn.restype = ctypes.c_char_p
+        core = fn().decode()
+    except (AttributeError, OSError):
+        core = "?"
+    sg = lib[f"{prefix}cblas_sgemm"]
+    P = ctypes.c_void_p
+    sg.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, P, ctypes.c_int, P, ctypes.c_int, ctypes.c_float, P, ctypes.c_int]
+    sg.restype = None
+    CblasRowMajor, CblasNoTrans, CblasTrans = 101, 111, 112
+
+    def sgemm(X, W, C=None):
+        m, K = X.shape
+        n = W.shape[0]
+        assert X.dtype == np.float32 and W.dtype == np.float32 and X.flags.c_contiguous and W.flags.c_contiguous
+        if C is None:
+            C = np.empty((m, n), dtype=np.float32)
+        sg(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, K, 1.0, X.ctypes.data, K, W.ctypes.data, K, 0.0,
+           C.ctypes.data, n)
+        return C
+
+    sgemm._lib = lib  # keep the library alive
+    return sgemm, core
+
+
+def median_time(fn, n_calls, min_rep, max_rep, budget):
+    """fn(i) for i in a rotating index; warm-up, then median of repeats
+    (at least min_rep, at most max_rep, stopping after `budget` seconds)."""
+    for i in range(min(3, n_calls)):
+        fn(i)
+    ts = []
+    t_all = time.perf_counter()
+    i = 0
+    while len(ts) < max_rep and (len(ts) < min_rep or time.perf_counter() - t_all < budget):
+        t0 = time.perf_counter()
+        fn(i % n_calls)
+        ts.append(time.perf_counter() - t0)
+        i += 1
+    return statistics.median(ts), len(ts)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ms", nargs="+", type=int, default=[1, 4, 16, 64, 256])
+    p.add_argument("--shapes", nargs="+", default=["2048x2048", "4096x4096"], help="n x K")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rotate-mb", type=float, default=256.0, help="weight copies rotated per case (MB)")
+    p.add_argument("--budget", type=float, default=1.5, help="seconds of repeats per case")
+    p.add_argument("--out", default=os.path.join(REPO, "bench-results"))
+    p.add_argument("--quick", action="store_true", help="m in 1, 64; n x K 2048x2048 only")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.ms, a.shapes, a.budget = [1, 64], ["2048x2048"], 0.5
+
+    import numpy as np
+    import torch
+
+    try:
+        from dualsparse import ops
+    except ImportError:
+        sys.path.insert(0, REPO)
+        from dualsparse import ops
+
+    torch.set_num_threads(a.threads)
+    libs = {}
+    for name, ct in (("openblas32", None), ("openblas32_skx", "SkylakeX")):
+        fn, core = load_openblas(ct, a.threads)
+        if fn is None:
+            print(f"{name}: unavailable ({core})")
+        else:
+            libs[name] = fn
+            print(f"{name}: OpenBLAS core {core}")
+    print(f"torch {torch.__version__} ({a.threads} threads), numpy {np.__version__}, engine SIMD {ops.simd_level()}")
+
+    impls = ["torch.matmul", "numpy"] + list(libs) + ["engine"]
+    results = []
+    rng = np.random.default_rng(0)
+    for shape in a.shapes:
+        n, K = map(int, shape.lower().split("x"))
+        wbytes = n * K * 4
+        ncopy = max(1, int(a.rotate_mb * 2**20 // wbytes))
+        Ws = [torch.from_numpy((rng.standard_normal((n, K), dtype=np.float32) / K ** 0.5)) for _ in range(ncopy)]
+        Wn = [w.numpy() for w in Ws]
+        # engine: gate_up = W as (1, n, K) (I = n/2), down (1, K, n/2)
+        downs = [torch.from_numpy(rng.standard_normal((1, K, n // 2), dtype=np.float32) / (n // 2) ** 0.5)
+                 for _ in range(ncopy)]
+        ids1 = None
+        for m in a.ms:
+            X = torch.from_numpy(rng.standard_normal((m, K), dtype=np.float32))
+            Xn = X.numpy()
+            Cn = np.empty((m, n), dtype=np.float32)
+            ids1 = torch.zeros(m, 1, dtype=torch.int64)
+            w1 = torch.ones(m, 1)
+            out = torch.empty(m, K)
+            fns = {
+                "torch.matmul": lambda i: torch.matmul(X, Ws[i].t()),
+                "numpy": lambda i: Xn @ Wn[i].T,
+                "engine": lambda i: ops.moe_experts(X, ids1, w1, Ws[i].view(1, n, K), downs[i], out=out,
+                                                    num_threads=a.threads),
+            }
+            for name, fn in libs.items():
+                fns[name] = (lambda f: (lambda i: f(Xn, Wn[i], Cn)))(fn)
+            # correctness of the BLAS paths against torch
+            ref = torch.matmul(X, Ws[0].t()).numpy()
+            for name in libs:
+                c = fns[name](0)
+                err = float(np.abs(c - ref).max() / (np.abs(ref).max() + 1e-30))
+                if err > 1e-4:
+                    print(f"WARNING {name} m={m} {shape}: max rel err {err:.2e}")
+            row = {"m": m, "n": n, "K": K}
+            # interleave: one case per implementation, rotating the starting point
+            order = impls[m % len(impls):] + impls[:m % len(impls)]
+            for name in order:
+                t, reps = median_time(fns[name], ncopy, 5, 200, a.budget)
+                flops = (3 if name == "engine" else 2) * m * n * K
+                wb = wbytes * (1.5 if name == "engine" else 1)
+                row[name] = {"ms": t * 1e3, "gflops": flops / t / 1e9, "w_gbps": wb / t / 1e9, "repeats": reps}
+            results.append(row)
+            best = max(impls, key=lambda k: row[k]["gflops"])
+            print(f"n x K = {n} x {K}, m = {m:>3}: " + "  ".join(
+                f"{k} {row[k]['gflops']:7.1f}" for k in impls) + f"   GFLOP/s (best: {best})", flush=True)
+        del Ws, Wn, downs
+
+    lines = ["| n x K | m | " + " | ".join(impls) + " | best |", "|" + "---|" * (len(impls) + 3)]
+    for r in results:
+        best = max(impls, key=lambda k: r[k]["gflops"])
+        lines.append(f"| {r['n']}x{r['K']} | {r['m']} | " + " | ".join(
+            f"{r[k]['gflops']:.1f} ({r[k]['w_gbps']:.0f} GB/s)" for k in impls) + f" | {best} |")
+    md = ("fp32 GFLOP/s (weight read rate in GB/s); engine = moe_experts E=1,K=1, counted as 3mnK flops "
+          "(gate_up + down; approximate)\n\n" + "\n".join(lines) + "\n")
+    print()
+    print(md)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "bench_blas.json"), "w") as f:
+        json.dump({"torch": torch.__version__, "numpy": np.__version__, "simd": ops.simd_level(),
+                   "threads": a.threads, "results": results}, f, indent=1)
+    with open(os.path.join(a.out, "bench_blas.md"), "w") as f:
+        f.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,758 @@
+"""dualsparse.ops against the float64 reference over the shared case table.
+
+Tolerances (reference.moe_tolerance): float32 within 1e-5 of the output
+scale (float32 accumulation over H and I terms); bfloat16/float16 compared
+with a reference that rounds the activation like the engine, within one ulp
+of the dtype on the summed magnitudes plus half an ulp for the final
+rounding.  Properties that hold by construction (levels=None vs full levels,
+P equivalences, layouts, stacking, inverse permutation) are checked bitwise.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from dualsparse import ops
+
+import reference as R
+from cases import (CASE_IDS, CASES, CASES_BY_ID, KIND_IDS, KINDS, SMALL_CASE_IDS, TORCH_DTYPES,
+                   assert_moe_close, bits, build)
+from conftest import usable_simd_levels
+
+TORCH_DT_IDS = ["float32", "bfloat16", "float16"]
+
+
+def same_kind(out, like, dtype=None):
+    """torch in -> torch out, NumPy in -> NumPy out, of the given dtype."""
+    if isinstance(like, torch.Tensor):
+        assert isinstance(out, torch.Tensor), type(out)
+        if dtype is not None:
+            assert out.dtype == dtype, out.dtype
+    else:
+        assert isinstance(out, np.ndarray), type(out)
+        if dtype is not None:
+            assert out.dtype == np.dtype(dtype), out.dtype
+
+
+def run_moe(inp, **kw):
+    args = dict(levels=inp.levels, num_partitions=inp.P)
+    args.update(kw)
+    return ops.moe_experts(inp.x, inp.ids, inp.tw, inp.gate_up, inp.down, **args)
+
+
+# =============================================================== route_levels
+
+def _route_weights(kind, dtype, gen):
+    T, K = 37, 4
+    w = torch.rand(T, K, generator=gen) + 1e-3
+    # exact boundaries: rows that normalise to exactly 0.25 / 0.5 / 0.125
+    w[0] = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    w[1] = torch.tensor([2.0, 1.0, 0.5, 0.5])
+    w[2] = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    w = w.to(TORCH_DTYPES[dtype])
+    return w.numpy() if kind == "numpy" else w
+
+
+THRESHOLD_SETS = [[0.25], [0.2, 0.3], [0.125, 0.125], [0.05, 0.1, 0.25, 0.5], [0.5], [1e-9, 0.999]]
+
+
+@pytest.mark.parametrize("out_dtype", ["int8", "int32"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("thr", THRESHOLD_SETS, ids=lambda t: "thr" + "_".join(map(str, t)))
+@pytest.mark.parametrize("kind,dtype", KINDS, ids=KIND_IDS)
+def test_route_levels_matches_reference(kind, dtype, thr, normalize, out_dtype, gen):
+    w = _route_weights(kind, dtype, gen)
+    lv = ops.route_levels(w, thr, normalize=normalize, dtype=out_dtype)
+    if kind == "torch":
+        assert isinstance(lv, torch.Tensor) and lv.dtype == getattr(torch, out_dtype)
+        got = lv.numpy()
+    else:
+        assert isinstance(lv, np.ndarray) and lv.dtype == np.dtype(out_dtype)
+        got = lv
+    assert got.shape == tuple(w.shape)
+    np.testing.assert_array_equal(got.astype(np.int64), R.ref_route_levels(w, thr, normalize))
+
+
+def test_route_levels_boundaries_are_inclusive():
+    # s >= t_j counts: a score exactly on a threshold reaches it
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 1.0, 0.0, 0.0]])
+    lv = ops.route_levels(w, [0.25, 0.75])
+    assert lv.tolist() == [[1, 1, 1, 1], [2, 1, 0, 0]]
+    lv = ops.route_levels(w, [0.25], normalize=False)
+    assert lv.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+def test_route_levels_threshold_forms(gen):
+    w = _route_weights("torch", "float32", gen)
+    want = ops.route_levels(w, [0.25])
+    for thr in (0.25, np.float64(0.25), np.array([0.25]), torch.tensor([0.25]), (0.25,), [np.float32(0.25)]):
+        assert torch.equal(ops.route_levels(w, thr), want), thr
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_route_levels_empty(kind):
+    w = torch.rand(0, 3) if kind == "torch" else np.zeros((0, 3), np.float32)
+    lv = ops.route_levels(w, [0.1, 0.2])
+    assert tuple(lv.shape) == (0, 3)
+    same_kind(lv, w)
+
+
+def test_route_levels_default_dtype_int8():
+    lv = ops.route_levels(np.ones((2, 2), np.float32), [0.5])
+    assert lv.dtype == np.int8
+    lv = ops.route_levels(torch.ones(2, 2), [0.5])
+    assert lv.dtype == torch.int8
+
+
+def test_route_levels_many_partitions():
+    # 127 thresholds is the maximum; levels up to 127 fit int8
+    thr = list(np.linspace(0.0, 1.0, 127))
+    w = torch.rand(20, 3, generator=torch.Generator().manual_seed(1))
+    lv = ops.route_levels(w, thr, normalize=False)
+    np.testing.assert_array_equal(lv.numpy().astype(np.int64), R.ref_route_levels(w, thr, False))
+    assert int(lv.max()) <= 127
+
+
+# ================================================================ moe_experts
+
+@pytest.mark.parametrize("kind,dtype", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_moe_experts_matches_reference(case_id, kind, dtype):
+    inp = build(CASES_BY_ID[case_id], dtype, kind)
+    out = run_moe(inp)
+    same_kind(out, inp.x, TORCH_DTYPES[dtype] if kind == "torch" else dtype)
+    assert tuple(out.shape) == (inp.case.T, inp.case.H)
+    assert_moe_close(out, inp)
+    if inp.case.levels == "zero":
+        assert not np.any(R.to_f64(out)), "all pairs dropped: output must be exactly zero"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case_id", ["K_eq_E", "odd_H67_I77_P2", "many_rows", "H1100"])
+def test_moe_experts_16bit_topk_weights(case_id, dtype):
+    # topk_weights in x's dtype (the model's own router output) are accepted
+    inp = build(CASES_BY_ID[case_id], dtype, "torch", tw_dtype=dtype)
+    assert_moe_close(run_moe(inp), inp)
+
+
+@pytest.mark.parametrize("ids_dtype", ["int32", "int64"])
+@pytest.mark.parametrize("levels_dtype", ["int8", "uint8", "int16", "int32", "int64"])
+def test_moe_experts_index_dtypes(ids_dtype, levels_dtype):
+    case = CASES_BY_ID["odd_H67_I77_P2"]
+    base = build(case, "float32")
+    inp = build(case, "float32", ids_dtype=ids_dtype, levels_dtype=levels_dtype)
+    assert bits(run_moe(inp)) == bits(run_moe(base))
+
+
+@pytest.mark.parametrize("kind,dtype", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("case_id", ["T0", "T1", "odd_I77_P4", "few_experts"])
+def test_moe_experts_out_argument(case_id, kind, dtype):
+    inp = build(CASES_BY_ID[case_id], dtype, kind)
+    ref = run_moe(inp)
+    if kind == "torch":
+        out = torch.full(tuple(ref.shape), float("nan"), dtype=ref.dtype)
+    else:
+        out = np.full(ref.shape, np.nan, dtype=ref.dtype)
+    got = run_moe(inp, out=out)
+    assert got is out
+    assert bits(out) == bits(ref)
+
+
+@pytest.mark.parametrize("case_id", ["odd_H67_I77_P2", "T1"])
+def test_moe_experts_out_with_padded_rows(case_id):
+    # out may be a row-strided view (row stride > H) and x too
+    inp = build(CASES_BY_ID[case_id], "float32")
+    T, H = inp.case.T, inp.case.H
+    ref = run_moe(inp)
+    big = torch.full((T, H + 5), 7.0)
+    xbig = torch.zeros(T, H + 3)
+    xbig[:, :H] = inp.x
+    got = ops.moe_experts(xbig[:, :H], inp.ids, inp.tw, inp.gate_up, inp.down, levels=inp.levels,
+                          num_partitions=inp.P, out=big[:, :H])
+    assert bits(got) == bits(ref)
+    assert torch.all(big[:, H:] == 7.0), "padding columns of out were written"
+
+
+@pytest.mark.parametrize("dtype", TORCH_DT_IDS)
+@pytest.mark.parametrize("case_id", SMALL_CASE_IDS + ["H1100"])
+def test_moe_experts_every_simd_level(case_id, dtype, simd_level):
+    inp = build(CASES_BY_ID[case_id], dtype)
+    assert_moe_close(run_moe(inp), inp, what=f"simd={simd_level}")
+
+
+def test_simd_levels_api():
+    levels = ops.simd_levels()
+    assert list(levels) == ["generic", "avx2", "avx512", "avx512_bf16"]
+    assert levels["generic"] is True
+    assert ops.simd_level() in [k for k, v in levels.items() if v]
+    usable = usable_simd_levels()
+    # the detected level is the best usable one
+    assert ops.simd_level() == usable[-1]
+    for name in usable:
+        ops.set_simd_level(name)
+        assert ops.simd_level() == name
+    for name in [k for k, v in levels.items() if not v]:
+        with pytest.raises(NotImplementedError, match=name):
+            ops.set_simd_level(name)
+    with pytest.raises(ValueError, match="sse9"):
+        ops.set_simd_level("sse9")
+
+
+@pytest.mark.parametrize("dtype", TORCH_DT_IDS)
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_levels_none_equals_all_full(case_id, dtype):
+    inp = build(CASES_BY_ID[case_id], dtype)
+    T, K = inp.case.T, inp.case.K
+    full = torch.full((T, K), inp.P, dtype=torch.int8)
+    a = run_moe(inp, levels=None)
+    b = run_moe(inp, levels=full)
+    assert bits(a) == bits(b)
+
+
+@pytest.mark.parametrize("dtype", TORCH_DT_IDS)
+@pytest.mark.parametrize("P", [2, 3, 4, 7])
+@pytest.mark.parametrize("case_id", ["odd_H67_I77_P2", "odd_I131_P4", "many_rows", "H1100", "T1"])
+def test_all_levels_P_equals_P1(case_id, P, dtype):
+    inp = build(CASES_BY_ID[case_id], dtype, levels_dtype="int8")
+    if P > inp.case.I:
+        pytest.skip("P > I")
+    T, K = inp.case.T, inp.case.K
+    one = run_moe(inp, levels=None, num_partitions=1)
+    allP = run_moe(inp, levels=torch.full((T, K), P, dtype=torch.int8), num_partitions=P)
+    assert bits(one) == bits(allP)
+
+
+@pytest.mark.parametrize("t", [0.2, 0.3, 0.45])
+@pytest.mark.parametrize("dtype", TORCH_DT_IDS)
+@pytest.mark.parametrize("case_id", ["K_eq_E", "odd_H67_I77_P2", "odd_I131_P4", "many_rows", "H1100"])
+def test_two_equal_thresholds_are_one_threshold(case_id, dtype, t):
+    """2T-Drop with T_major == T_minor is exactly 1T-Drop."""
+    inp = build(CASES_BY_ID[case_id], dtype)
+    lv2 = ops.route_levels(inp.tw, [t, t])
+    lv1 = ops.route_levels(inp.tw, [t])
+    assert not torch.any(lv2 == 1), "level 1 cannot occur with equal thresholds"
+    mapped = torch.where(lv2 == 2, 1, 0).to(torch.int8)
+    assert torch.equal(mapped, lv1)
+    out2 = run_moe(inp, levels=lv2, num_partitions=2)
+    out1 = run_moe(inp, levels=lv1, num_partitions=1)
+    assert bits(out2) == bits(out1)
+    # and both match the reference of the 1-threshold levels
+    inp.levels, inp.P = lv1, 1
+    ref = R.ref_moe(inp.x, inp.ids, inp.tw, inp.gate_up, inp.down, lv1, 1, act_dtype=inp.act_dtype,
+                    return_scale=True)
+    assert_moe_close(out1, inp, ref=ref)
+
+
+@pytest.mark.parametrize("dtype", TORCH_DT_IDS)
+def test_route_then_moe_two_thresholds(dtype):
+    """route_levels output feeds moe_experts directly (2T-Drop, P=2)."""
+    inp = build(CASES_BY_ID["odd_H67_I77_P2"], dtype)
+    lv = ops.route_levels(inp.tw, [0.2, 0.4])
+    assert set(lv.unique().tolist()) <= {0, 1, 2}
+    out = run_moe(inp, levels=lv, num_partitions=2)
+    ref = R.ref_moe(inp.x, inp.ids, inp.tw, inp.gate_up, inp.down, lv, 2, act_dtype=inp.act_dtype,
+                    return_scale=True)
+    assert_moe_close(out, inp, ref=ref)
+
+
+# ============================================================ split layout
+
+def _split_lists(inp):
+    I = inp.case.I
+    gates = [g[:I] for g in inp.gate_up]
+    ups = [g[I:] for g in inp.gate_up]
+    downs = [d for d in inp.down]
+    return gates, ups, downs
+
+
+@pytest.mark.parametrize("kind,dtype", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("case_id", SMALL_CASE_IDS)
+def test_moe_experts_split_equals_fused(case_id, kind, dtype):
+    inp = build(CASES_BY_ID[case_id], dtype, kind)
+    fused = run_moe(inp)
+    gates, ups, downs = _split_lists(inp)
+    for form in (list, tuple):
+        out = ops.moe_experts_split(inp.x, inp.ids, inp.tw, form(gates), form(ups), form(downs),
+                                    levels=inp.levels, num_partitions=inp.P)
+        same_kind(out, inp.x)
+        assert bits(out) == bits(fused)
+
+
+def _linear_modules(E, I, H, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda i, o: torch.nn.Linear(i, o, bias=False, dtype=dtype)  # noqa: E731
+    gates = [mk(H, I) for _ in range(E)]
+    ups = [mk(H, I) for _ in range(E)]
+    downs = [mk(I, H) for _ in range(E)]
+    with torch.no_grad():
+        for m in list(gates) + list(ups) + list(downs):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight.shape[1] ** 0.5)
+    return gates, ups, downs
+
+
+@pytest.mark.parametrize("dtype", TORCH_DT_IDS)
+def test_moe_experts_split_accepts_linear_modules(dtype):
+    case = CASES_BY_ID["odd_H67_I77_P2"]
+    inp = build(case, dtype)
+    gates, ups, downs = _linear_modules(case.E, case.I, case.H, TORCH_DTYPES[dtype])
+    with torch.no_grad():
+        out_mod = ops.moe_experts_split(inp.x, inp.ids, inp.tw, gates, ups, downs, levels=inp.levels,
+                                        num_partitions=inp.P)
+    out_t = ops.moe_experts_split(inp.x, inp.ids, inp.tw, [m.weight.detach() for m in gates],
+                                  [m.weight.detach() for m in ups], [m.weight.detach() for m in downs],
+                                  levels=inp.levels, num_partitions=inp.P)
+    assert bits(out_mod) == bits(out_t)
+    gu = torch.stack([torch.cat([g.weight, u.weight]) for g, u in zip(gates, ups)]).detach()
+    dn = torch.stack([d.weight for d in downs]).detach()
+    ref = R.ref_moe(inp.x, inp.ids, inp.tw, gu, dn, inp.levels, inp.P, act_dtype=inp.act_dtype,
+                    return_scale=True)
+    assert_moe_close(out_mod, inp, ref=ref)
+
+
+def test_split_layout_accepts_module_lists():
+    """The docstrings promise *sequences* of weights or nn.Linear modules; a
+    model holds them in an nn.ModuleList (stack_linear_experts accepts one)."""
+    case = CASES_BY_ID["K_eq_E"]
+    inp = build(case, "float32")
+    gates, ups, downs = _linear_modules(case.E, case.I, case.H, torch.float32)
+    with torch.no_grad():
+        want = ops.moe_experts_split(inp.x, inp.ids, inp.tw, gates, ups, downs)
+        ml = [torch.nn.ModuleList(m) for m in (gates, ups, downs)]
+        got = ops.moe_experts_split(inp.x, inp.ids, inp.tw, *ml)
+    assert bits(got) == bits(want)
+    perm = _random_perms(case.E, case.I, 1)
+    ops.permute_neurons_split(*ml, perm)
+
+
+@pytest.mark.parametrize("dtype", TORCH_DT_IDS)
+def test_moe_experts_split_accepts_3d_tensors(dtype):
+    inp = build(CASES_BY_ID["K_eq_E"], dtype)
+    I = inp.case.I
+    out = ops.moe_experts_split(inp.x, inp.ids, inp.tw, inp.gate_up[:, :I], inp.gate_up[:, I:], inp.down,
+                                levels=inp.levels, num_partitions=inp.P)
+    assert bits(out) == bits(run_moe(inp))
+
+
+# ======================================================= stack_linear_experts
+
+@pytest.mark.parametrize("dtype", TORCH_DT_IDS)
+def test_stack_linear_experts(dtype):
+    case = CASES_BY_ID["odd_H67_I77_P2"]
+    E, I, H = case.E, case.I, case.H
+    tdt = TORCH_DTYPES[dtype]
+    gates, ups, downs = _linear_modules(E, I, H, tdt, seed=3)
+    owner = torch.nn.ModuleDict({"gate": torch.nn.ModuleList(gates), "up": torch.nn.ModuleList(ups),
+                                 "down": torch.nn.ModuleList(downs)})
+    before = {k: v.clone() for k, v in owner.state_dict().items()}
+    inp = build(case, dtype)
+    with torch.no_grad():
+        split_out = ops.moe_experts_split(inp.x, inp.ids, inp.tw, gates, ups, downs,
+                                          levels=inp.levels, num_partitions=inp.P)
+
+    gu, dn = ops.stack_linear_experts(gates, ups, downs)
+
+    assert gu.shape == (E, 2 * I, H) and dn.shape == (E, H, I)
+    assert gu.dtype == tdt and dn.dtype == tdt
+    assert gu.is_contiguous() and dn.is_contiguous()
+    esz = gu.element_size()
+    for e in range(E):
+        # every module's weight is now a view of the stacked storage
+        assert gates[e].weight.data_ptr() == gu.data_ptr() + e * 2 * I * H * esz
+        assert ups[e].weight.data_ptr() == gu.data_ptr() + (e * 2 * I + I) * H * esz
+        assert downs[e].weight.data_ptr() == dn.data_ptr() + e * H * I * esz
+        assert gates[e].weight.untyped_storage().data_ptr() == gu.untyped_storage().data_ptr()
+        assert downs[e].weight.untyped_storage().data_ptr() == dn.untyped_storage().data_ptr()
+        assert isinstance(gates[e].weight, torch.nn.Parameter)
+    after = owner.state_dict()
+    assert list(after) == list(before)
+    for k in before:
+        assert after[k].shape == before[k].shape and after[k].dtype == before[k].dtype, k
+        assert bits(after[k]) == bits(before[k]), f"{k} changed value"
+    # writing through the stacked tensor is seen by the module (a true view)
+    with torch.no_grad():
+        old = gu[1, 0, 0].clone()
+        gu[1, 0, 0] = 1.5
+        assert gates[1].weight[0, 0].item() == 1.5
+        gu[1, 0, 0] = old
+    fused_out = ops.moe_experts(inp.x, inp.ids, inp.tw, gu, dn, levels=inp.levels, num_partitions=inp.P)
+    assert bits(fused_out) == bits(split_out)
+    with torch.no_grad():
+        split_after = ops.moe_experts_split(inp.x, inp.ids, inp.tw, gates, ups, downs,
+                                            levels=inp.levels, num_partitions=inp.P)
+    assert bits(split_after) == bits(split_out)
+
+
+def test_stack_linear_experts_rejects():
+    gates, ups, downs = _linear_modules(3, 4, 6, torch.float32)
+    with pytest.raises(ValueError, match="same number"):
+        ops.stack_linear_experts(list(gates)[:2], ups, downs)
+    with pytest.raises(ValueError, match="same number"):
+        ops.stack_linear_experts([], [], [])
+    biased = [torch.nn.Linear(6, 4) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"gate_proj\[0\] has a bias"):
+        ops.stack_linear_experts(biased, ups, downs)
+    wrong = list(downs)
+    wrong[2] = torch.nn.Linear(4, 7, bias=False)
+    with pytest.raises(ValueError, match=r"down_proj\[2\]\.weight is \(7, 4\)"):
+        ops.stack_linear_experts(gates, ups, wrong)
+    wrong = list(ups)
+    wrong[1] = torch.nn.Linear(6, 4, bias=False, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"up_proj\[1\]"):
+        ops.stack_linear_experts(gates, wrong, downs)
+    with pytest.raises(TypeError, match=r"gate_proj\[0\] has no tensor \.weight"):
+        ops.stack_linear_experts([object()] * 3, ups, downs)
+
+
+# ================================================================ importance
+
+def _assert_importance_close(acc, cnt, ref_acc, ref_cnt, what=""):
+    """Metrics 0/2 (signed) are compared against the magnitude of metrics 1/3
+    (the sums of the absolute terms): the engine computes a, b in float32 over
+    H terms (relative error ~ sqrt(H) 2^-24) and sums in float64, so 1e-5 of
+    the absolute sums (plus 1e-6 of the largest for near-zero neurons)."""
+    assert acc.shape == ref_acc.shape
+    mag = np.stack([ref_acc[1], ref_acc[1], ref_acc[3], ref_acc[3]])
+    tol = 1e-5 * mag + 1e-6 * max(float(mag.max(initial=0.0)), 1e-30)
+    err = np.abs(acc - ref_acc)
+    if (err > tol).any():
+        i = np.unravel_index(np.argmax(err - tol), err.shape)
+        raise AssertionError(f"{what}: importance at {i}: got {acc[i]!r} expected {ref_acc[i]!r} "
+                             f"(tol {tol[i]:.3g})")
+    np.testing.assert_allclose(cnt, ref_cnt, rtol=1e-12, atol=0, err_msg=f"{what}: counts")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("kind,dtype", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_neuron_importance_matches_reference(case_id, kind, dtype, weighted):
+    inp = build(CASES_BY_ID[case_id], dtype, kind)
+    E, I = inp.case.E, inp.case.I
+    acc = np.zeros((4, E, I))
+    cnt = np.zeros(E)
+    r = ops.neuron_importance(inp.x, inp.ids, inp.gate_up, acc, counts=cnt,
+                              topk_weights=inp.tw if weighted else None)
+    assert r is acc
+    ref_acc, ref_cnt = R.ref_importance(inp.x, inp.ids, inp.tw if weighted else None, inp.gate_up)
+    _assert_importance_close(acc, cnt, ref_acc, ref_cnt, f"{case_id} {kind}-{dtype}")
+    if not weighted:
+        np.testing.assert_array_equal(cnt, np.bincount(R.to_i64(inp.ids).ravel(), minlength=E))
+
+
+@pytest.mark.parametrize("dtype", TORCH_DT_IDS)
+@pytest.mark.parametrize("case_id", ["odd_H67_I77_P2", "many_rows", "H1100", "empty_experts"])
+def test_importance_every_simd_level(case_id, dtype, simd_level):
+    inp = build(CASES_BY_ID[case_id], dtype)
+    E, I = inp.case.E, inp.case.I
+    acc, cnt = np.zeros((4, E, I)), np.zeros(E)
+    ops.neuron_importance(inp.x, inp.ids, inp.gate_up, acc, counts=cnt, topk_weights=inp.tw)
+    ref_acc, ref_cnt = R.ref_importance(inp.x, inp.ids, inp.tw, inp.gate_up)
+    _assert_importance_close(acc, cnt, ref_acc, ref_cnt, f"{case_id} {dtype} {simd_level}")
+
+
+def test_importance_torch_accumulators():
+    inp = build(CASES_BY_ID["odd_H67_I77_P2"], "float32")
+    E, I = inp.case.E, inp.case.I
+    acc_np, cnt_np = np.zeros((4, E, I)), np.zeros(E)
+    ops.neuron_importance(inp.x, inp.ids, inp.gate_up, acc_np, counts=cnt_np)
+    acc_t = torch.zeros(4, E, I, dtype=torch.float64)
+    cnt_t = torch.zeros(E, dtype=torch.float64)
+    ops.neuron_importance(inp.x, inp.ids, inp.gate_up, acc_t, counts=cnt_t)
+    assert bits(acc_t) == bits(acc_np) and bits(cnt_t) == bits(cnt_np)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", TORCH_DT_IDS)
+def test_importance_accumulator_streams(dtype, weighted):
+    inp = build(CASES_BY_ID["many_rows"], dtype)
+    E, I = inp.case.E, inp.case.I
+    whole = ops.ImportanceAccumulator(E, I, weighted=weighted)
+    whole.update(inp.x, inp.ids, inp.gate_up, topk_weights=inp.tw)
+    parts = ops.ImportanceAccumulator(num_experts=E, intermediate_size=I, weighted=weighted)
+    for a, b in [(0, 1), (1, 64), (64, 64), (64, 150)]:
+        r = parts.update(inp.x[a:b], inp.ids[a:b], inp.gate_up, topk_weights=inp.tw[a:b])
+        assert r is parts
+    assert parts.tokens == whole.tokens == inp.case.T
+    # rows are summed per expert in token order either way: bitwise equal
+    assert bits(parts.sums) == bits(whole.sums)
+    assert bits(parts.counts) == bits(whole.counts)
+    ref_acc, ref_cnt = R.ref_importance(inp.x, inp.ids, inp.tw if weighted else None, inp.gate_up)
+    _assert_importance_close(whole.sums, whole.counts, ref_acc, ref_cnt)
+    for i, name in enumerate(ops.METRICS):
+        m = whole.metric(name)
+        assert m.shape == (E, I) and m.dtype == np.float64
+        assert bits(m) == bits(whole.sums[i])
+        m[:] = 0  # a copy
+        assert whole.sums[i].any()
+    assert bits(whole.metric()) == bits(whole.sums[1]), "default metric is abs_gate"
+    with pytest.raises(ValueError, match="metric must be one of"):
+        whole.metric("bogus")
+
+
+def test_importance_accumulator_checks():
+    with pytest.raises(ValueError, match="num_experts and intermediate_size"):
+        ops.ImportanceAccumulator(0, 4)
+    with pytest.raises(ValueError, match="num_experts and intermediate_size"):
+        ops.ImportanceAccumulator(4, 0)
+    inp = build(CASES_BY_ID["K1"], "float32")
+    acc = ops.ImportanceAccumulator(inp.case.E, inp.case.I, weighted=True)
+    with pytest.raises(ValueError, match="needs topk_weights"):
+        acc.update(inp.x, inp.ids, inp.gate_up)
+    # unweighted ignores topk_weights
+    a = ops.ImportanceAccumulator(inp.case.E, inp.case.I)
+    b = ops.ImportanceAccumulator(inp.case.E, inp.case.I)
+    a.update(inp.x, inp.ids, inp.gate_up)
+    b.update(inp.x, inp.ids, inp.gate_up, topk_weights=inp.tw)
+    assert bits(a.sums) == bits(b.sums) and bits(a.counts) == bits(b.counts)
+
+
+@pytest.mark.parametrize("kind,dtype", KINDS, ids=KIND_IDS)
+def test_importance_split_layout_equals_fused(kind, dtype):
+    inp = build(CASES_BY_ID["odd_I131_P4"], dtype, kind)
+    E, I = inp.case.E, inp.case.I
+    acc1, cnt1 = np.zeros((4, E, I)), np.zeros(E)
+    ops.neuron_importance(inp.x, inp.ids, inp.gate_up, acc1, counts=cnt1, topk_weights=inp.tw)
+    gates, ups, _ = _split_lists(inp)
+    acc2, cnt2 = np.zeros((4, E, I)), np.zeros(E)
+    ops.neuron_importance(inp.x, inp.ids, gates, acc2, counts=cnt2, topk_weights=inp.tw, up_proj=ups)
+    assert bits(acc1) == bits(acc2) and bits(cnt1) == bits(cnt2)
+    acc3 = ops.ImportanceAccumulator(E, I, weighted=True)
+    acc3.update(inp.x, inp.ids, gates, up_proj=ups, topk_weights=inp.tw)
+    assert bits(acc3.sums) == bits(acc1)
+
+
+# ======================================================= importance_order
+
+def test_importance_order_stable_descending(rng):
+    imp = rng.integers(0, 5, size=(6, 41)).astype(np.float64)  # many ties
+    imp[0] = 1.0  # all equal: identity
+    imp[1, ::2] = -0.0
+    imp[1, 1::2] = 0.0  # -0.0 == 0.0: a tie too
+    imp[2] = np.arange(41)  # ascending: reversed
+    perm = ops.importance_order(imp)
+    assert perm.dtype == np.int64 and perm.shape == imp.shape
+    np.testing.assert_array_equal(perm, R.ref_importance_order(imp))
+    np.testing.assert_array_equal(perm[0], np.arange(41))
+    np.testing.assert_array_equal(perm[1], np.arange(41))
+    np.testing.assert_array_equal(perm[2], np.arange(41)[::-1])
+    for e in range(imp.shape[0]):
+        v = imp[e, perm[e]]
+        assert np.all(v[:-1] >= v[1:])
+        for j in range(40):  # ties keep their original order
+            if v[j] == v[j + 1]:
+                assert perm[e, j] < perm[e, j + 1]
+
+
+def test_importance_order_inputs(rng):
+    imp = rng.standard_normal((3, 17))
+    want = R.ref_importance_order(imp)
+    np.testing.assert_array_equal(ops.importance_order(imp), want)
+    np.testing.assert_array_equal(ops.importance_order(torch.from_numpy(imp)), want)
+    np.testing.assert_array_equal(ops.importance_order(imp.tolist()), want)
+    np.testing.assert_array_equal(ops.importance_order(np.asfortranarray(imp)), want)
+    imp32 = imp.astype(np.float32)
+    np.testing.assert_array_equal(ops.importance_order(imp32), R.ref_importance_order(imp32))
+    np.testing.assert_array_equal(ops.importance_order(np.zeros((1, 1))), [[0]])
+    # an accumulator's metric goes straight in
+    acc = ops.ImportanceAccumulator(3, 17)
+    acc.sums[1] = imp
+    np.testing.assert_array_equal(ops.importance_order(acc.metric("abs_gate")), want)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_importance_order_rejects_non_finite(bad):
+    imp = np.ones((2, 5))
+    imp[1, 3] = bad
+    with pytest.raises(ValueError, match=r"importance\[1, 3\]"):
+        ops.importance_order(imp)
+
+
+def test_importance_order_rejects_shapes():
+    with pytest.raises(ValueError, match="2-D"):
+        ops.importance_order(np.ones(5))
+    with pytest.raises(ValueError, match="importance"):
+        ops.importance_order(np.ones((0, 5)))
+    with pytest.raises(ValueError, match="importance"):
+        ops.importance_order(np.ones((2, 0)))
+
+
+def test_inverse_permutation(rng):
+    perm = np.stack([rng.permutation(23) for _ in range(5)])
+    inv = ops.inverse_permutation(perm)
+    assert inv.dtype == np.int64
+    np.testing.assert_array_equal(inv, R.ref_inverse_permutation(perm))
+    rows = np.arange(5)[:, None]
+    np.testing.assert_array_equal(inv[rows, perm], np.broadcast_to(np.arange(23), (5, 23)))
+    np.testing.assert_array_equal(perm[rows, inv], np.broadcast_to(np.arange(23), (5, 23)))
+    np.testing.assert_array_equal(ops.inverse_permutation(torch.from_numpy(perm)), inv)
+    np.testing.assert_array_equal(ops.inverse_permutation(inv), perm)
+    with pytest.raises(ValueError, match="2-D"):
+        ops.inverse_permutation(np.arange(4))
+
+
+# ========================================================== permute_neurons
+
+def _clone(a):
+    return a.clone() if isinstance(a, torch.Tensor) else a.copy()
+
+
+def _random_perms(E, I, seed):
+    g = np.random.default_rng(seed)
+    perms = np.stack([g.permutation(I) for _ in range(E)])
+    perms[0] = np.arange(I)  # identity for one expert
+    if E > 1 and I > 1:
+        perms[1] = np.arange(I)[::-1]  # reversal for another
+    return perms
+
+
+@pytest.mark.parametrize("kind,dtype", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("case_id", ["odd_H67_I77_P2", "odd_I131_P4", "I1", "H1", "T0", "many_rows"])
+def test_permute_neurons(case_id, kind, dtype):
+    inp = build(CASES_BY_ID[case_id], dtype, kind)
+    E, I = inp.case.E, inp.case.I
+    perm = _random_perms(E, I, 5)
+    gu0, dn0 = _clone(inp.gate_up), _clone(inp.down)
+    # full levels: the permutation changes no function value
+    out0 = run_moe(inp, levels=None, num_partitions=1)
+    assert ops.permute_neurons(inp.gate_up, inp.down, perm) is None
+    want_gu, want_dn = R.ref_permute(gu0, dn0, perm)
+    assert bits(inp.gate_up) == bits(want_gu)
+    assert bits(inp.down) == bits(want_dn)
+    out1 = run_moe(inp, levels=None, num_partitions=1)
+    ref = R.ref_moe(inp.x, inp.ids, inp.tw, gu0, dn0, None, 1, act_dtype=inp.act_dtype, return_scale=True)
+    assert_moe_close(out0, inp, "before permutation", ref=ref)
+    assert_moe_close(out1, inp, "after permutation", ref=ref)
+    ops.permute_neurons(inp.gate_up, inp.down, perm, inverse=True)
+    assert bits(inp.gate_up) == bits(gu0), "inverse did not restore gate_up bitwise"
+    assert bits(inp.down) == bits(dn0), "inverse did not restore down_proj bitwise"
+    # permuting by the inverse permutation is the same as inverse=True
+    ops.permute_neurons(inp.gate_up, inp.down, perm)
+    ops.permute_neurons(inp.gate_up, inp.down, ops.inverse_permutation(perm))
+    assert bits(inp.gate_up) == bits(gu0) and bits(inp.down) == bits(dn0)
+    # torch perm accepted
+    ops.permute_neurons(inp.gate_up, inp.down, torch.from_numpy(perm))
+    assert bits(inp.gate_up) == bits(want_gu)
+
+
+def test_permute_neurons_by_importance_keeps_output():
+    """The reconstruction flow: importance -> order -> permute; outputs unchanged."""
+    inp = build(CASES_BY_ID["odd_I131_P4"], "float32")
+    E, I = inp.case.E, inp.case.I
+    acc = ops.ImportanceAccumulator(E, I)
+    acc.update(inp.x, inp.ids, inp.gate_up)
+    perm = ops.importance_order(acc.metric("abs_gate"))
+    imp_before = acc.metric("abs_gate")
+    out0 = run_moe(inp, levels=None)
+    ops.permute_neurons(inp.gate_up, inp.down, perm)
+    out1 = run_moe(inp, levels=None)
+    np.testing.assert_allclose(out1.numpy(), out0.numpy(), rtol=0, atol=2e-5 * float(out0.abs().max()))
+    # the permuted experts have their neurons in descending importance
+    acc2 = ops.ImportanceAccumulator(E, I)
+    acc2.update(inp.x, inp.ids, inp.gate_up)
+    m = acc2.metric("abs_gate")
+    np.testing.assert_allclose(m, np.take_along_axis(imp_before, perm, 1), rtol=1e-5, atol=1e-9)
+    assert np.all(np.diff(np.take_along_axis(imp_before, perm, 1), axis=1) <= 0)
+
+
+@pytest.mark.parametrize("modules", [False, True])
+@pytest.mark.parametrize("dtype", TORCH_DT_IDS)
+def test_permute_neurons_split(dtype, modules):
+    case = CASES_BY_ID["odd_H67_I77_P2"]
+    E, I, H = case.E, case.I, case.H
+    gates, ups, downs = _linear_modules(E, I, H, TORCH_DTYPES[dtype], seed=9)
+    g0 = [m.weight.detach().clone() for m in gates]
+    u0 = [m.weight.detach().clone() for m in ups]
+    d0 = [m.weight.detach().clone() for m in downs]
+    perm = _random_perms(E, I, 11)
+    if modules:
+        ops.permute_neurons_split(gates, ups, downs, perm)
+    else:
+        ops.permute_neurons_split([m.weight for m in gates], [m.weight for m in ups],
+                                  [m.weight for m in downs], perm)
+    for e in range(E):
+        assert bits(gates[e].weight) == bits(g0[e][perm[e]])
+        assert bits(ups[e].weight) == bits(u0[e][perm[e]])
+        assert bits(downs[e].weight) == bits(d0[e][:, perm[e]])
+    ops.permute_neurons_split(gates, ups, downs, perm, inverse=True)
+    for e in range(E):
+        assert bits(gates[e].weight) == bits(g0[e])
+        assert bits(ups[e].weight) == bits(u0[e])
+        assert bits(downs[e].weight) == bits(d0[e])
+
+
+def test_permute_neurons_split_equals_fused():
+    inp = build(CASES_BY_ID["odd_I77_P4"], "bfloat16")
+    perm = _random_perms(inp.case.E, inp.case.I, 2)
+    gates, ups, downs = (list(map(torch.clone, l)) for l in _split_lists(inp))
+    ops.permute_neurons_split(gates, ups, downs, perm)
+    ops.permute_neurons(inp.gate_up, inp.down, perm)
+    I = inp.case.I
+    assert bits(torch.stack(gates)) == bits(inp.gate_up[:, :I])
+    assert bits(torch.stack(ups)) == bits(inp.gate_up[:, I:])
+    assert bits(torch.stack(downs)) == bits(inp.down)
+
+
+def test_permute_neurons_parameters_with_grad():
+    # permutation works on nn.Parameters that require grad (no autograd involved)
+    gates, ups, downs = _linear_modules(2, 5, 4, torch.float32)
+    assert gates[0].weight.requires_grad
+    g0 = gates[0].weight.detach().clone()
+    perm = np.stack([np.arange(5)[::-1], np.arange(5)])
+    ops.permute_neurons_split(gates, ups, downs, perm)
+    assert bits(gates[0].weight) == bits(g0.flip(0))
+    assert gates[0].weight.requires_grad
+
+
+# ================================================================= autograd
+
+def _grad_inputs():
+    inp = build(CASES_BY_ID["K_eq_E"], "float32")
+    return inp
+
+
+@pytest.mark.parametrize("which", ["x", "gate_up", "down", "tw"])
+def test_requires_grad_rejected_under_autograd(which):
+    inp = _grad_inputs()
+    want = run_moe(inp)
+    setattr(inp, which, getattr(inp, which).clone().requires_grad_(True))
+    name = {"x": "x", "gate_up": "gate_up_proj", "down": "down_proj", "tw": "topk_weights"}[which]
+    assert torch.is_grad_enabled()
+    with pytest.raises(ValueError, match=f"{name} requires grad"):
+        run_moe(inp)
+    with torch.no_grad():
+        got = run_moe(inp)
+    assert not got.requires_grad
+    assert bits(got) == bits(want)
+    with torch.inference_mode():
+        assert bits(run_moe(inp)) == bits(want)
+
+
+def test_requires_grad_split_and_importance():
+    case = CASES_BY_ID["K_eq_E"]
+    inp = build(case, "float32")
+    gates, ups, downs = _linear_modules(case.E, case.I, case.H, torch.float32)
+    with pytest.raises(ValueError, match=r"gate_proj\[0\] requires grad"):
+        ops.moe_experts_split(inp.x, inp.ids, inp.tw, gates, ups, downs)
+    with torch.no_grad():
+        ops.moe_experts_split(inp.x, inp.ids, inp.tw, gates, ups, downs)
+    gu = inp.gate_up.clone().requires_grad_(True)
+    acc = np.zeros((4, case.E, case.I))
+    with pytest.raises(ValueError, match="gate_up_proj requires grad"):
+        ops.neuron_importance(inp.x, inp.ids, gu, acc)
+    assert not acc.any()
+    with torch.no_grad():
+        ops.neuron_importance(inp.x, inp.ids, gu, acc)
+    assert acc.any()
+    with pytest.raises(ValueError, match="topk_weights requires grad"):
+        ops.route_levels(inp.tw.clone().requires_grad_(True), [0.2])
+    with torch.no_grad():
+        ops.route_levels(inp.tw.clone().requires_grad_(True), [0.2])
+
+
+def test_out_requiring_grad_rejected():
+    inp = _grad_inputs()
+    out = torch.zeros(inp.case.T, inp.case.H, requires_grad=True)
+    with pytest.raises(ValueError, match="out must not require grad"):
+        run_moe(inp, out=out)
