@@ -105,9 +105,18 @@ typedef void (*ds_act_fn)(const float *gu, int64_t n, void *dst);
  * acc[m*stride + j] += c * metric_m(a_j, b_j) for the four metrics. */
 typedef void (*ds_imp_fn)(const float *gu, int64_t n, double c, double *acc, int64_t stride);
 
+/* out[h] = sum_{k < nk} w[k] * y[k][h] for h < H, in k order, float32, then
+ * converted to out's dtype (nk == 0 writes zeros). */
+typedef void (*ds_combine_fn)(const float *const *y, const float *w, int nk, int64_t H, void *out);
+
+void ds_combine_generic_f32(const float *const *y, const float *w, int nk, int64_t H, void *out);
+void ds_combine_generic_bf16(const float *const *y, const float *w, int nk, int64_t H, void *out);
+void ds_combine_generic_f16(const float *const *y, const float *w, int nk, int64_t H, void *out);
+
 typedef struct {
     ds_dot_tile_fn dot;
     ds_act_fn act;
+    ds_combine_fn combine;
     int mr, nr;       /* preferred tile: rows of x, rows of w */
     int nr_few;       /* weight rows per tile when x has at most four rows */
 } ds_kernels;

@@ -127,9 +127,32 @@ static void gen_act_f16(const float *gu, int64_t n, void *dst)
         d[j] = ds_f32_to_f16(ds_silu(gu[2 * j]) * gu[2 * j + 1]);
 }
 
-static const ds_kernels gen_f32 = {gen_dot_f32_tile, gen_act_f32, 4, 4, 4};
-static const ds_kernels gen_bf16 = {gen_dot_bf16_tile, gen_act_bf16, 4, 4, 4};
-static const ds_kernels gen_f16 = {gen_dot_f16_tile, gen_act_f16, 4, 4, 4};
+/* The portable combine, also used by the AVX2 level (it is memory-bound). */
+#define GEN_COMBINE(NAME, STORE)                                                        \
+    void NAME(const float *const *y, const float *w, int nk, int64_t H, void *out) \
+    {                                                                                   \
+        float acc[GEN_CHUNK];                                                           \
+        for (int64_t h0 = 0; h0 < H; h0 += GEN_CHUNK) {                                 \
+            int64_t n = H - h0 < GEN_CHUNK ? H - h0 : GEN_CHUNK;                        \
+            for (int64_t h = 0; h < n; h++)                                             \
+                acc[h] = 0.0f;                                                          \
+            for (int k = 0; k < nk; k++) {                                              \
+                const float *yk = y[k] + h0, wk = w[k];                                 \
+                for (int64_t h = 0; h < n; h++)                                         \
+                    acc[h] += wk * yk[h];                                               \
+            }                                                                           \
+            for (int64_t h = 0; h < n; h++)                                             \
+                STORE;                                                                  \
+        }                                                                               \
+    }
+
+GEN_COMBINE(ds_combine_generic_f32, ((float *)out)[h0 + h] = acc[h])
+GEN_COMBINE(ds_combine_generic_bf16, ((uint16_t *)out)[h0 + h] = ds_f32_to_bf16(acc[h]))
+GEN_COMBINE(ds_combine_generic_f16, ((uint16_t *)out)[h0 + h] = ds_f32_to_f16(acc[h]))
+
+static const ds_kernels gen_f32 = {gen_dot_f32_tile, gen_act_f32, ds_combine_generic_f32, 4, 4, 4};
+static const ds_kernels gen_bf16 = {gen_dot_bf16_tile, gen_act_bf16, ds_combine_generic_bf16, 4, 4, 4};
+static const ds_kernels gen_f16 = {gen_dot_f16_tile, gen_act_f16, ds_combine_generic_f16, 4, 4, 4};
 
 const ds_kernels *ds_kernels_generic(ds_dtype dt)
 {

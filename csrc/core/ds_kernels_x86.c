@@ -326,10 +326,29 @@ DEF_ACT5(f32, ST5_F32)
 DEF_ACT5(bf16, ST5_BF16)
 DEF_ACT5(f16, ST5_F16)
 
-static const ds_kernels k5_f32 = {dot5_f32, act5_f32, 4, 6, 1};
-static const ds_kernels k5_bf16 = {dot5_bf16, act5_bf16, 4, 6, 1};
-static const ds_kernels k5_f16 = {dot5_f16, act5_f16, 4, 6, 1};
-static const ds_kernels k5b_bf16 = {dot5b_bf16, act5_bf16, 4, 6, 1};
+#define DEF_COMBINE5(T, STORE)                                                          \
+    static TGT5 void combine5_##T(const float *const *y, const float *w, int nk, int64_t H, \
+                                  void *out)                                            \
+    {                                                                                   \
+        for (int64_t h = 0; h < H; h += 16) {                                           \
+            __mmask16 m = H - h >= 16 ? (__mmask16)0xffff                                \
+                                      : (__mmask16)((1u << (unsigned)(H - h)) - 1u);    \
+            __m512 acc = _mm512_setzero_ps();                                           \
+            for (int k = 0; k < nk; k++)                                                \
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(w[k]),                             \
+                                      _mm512_maskz_loadu_ps(m, y[k] + h), acc);         \
+            STORE(out, h, acc, m);                                                      \
+        }                                                                               \
+    }
+
+DEF_COMBINE5(f32, ST5_F32)
+DEF_COMBINE5(bf16, ST5_BF16)
+DEF_COMBINE5(f16, ST5_F16)
+
+static const ds_kernels k5_f32 = {dot5_f32, act5_f32, combine5_f32, 4, 6, 1};
+static const ds_kernels k5_bf16 = {dot5_bf16, act5_bf16, combine5_bf16, 4, 6, 1};
+static const ds_kernels k5_f16 = {dot5_f16, act5_f16, combine5_f16, 4, 6, 1};
+static const ds_kernels k5b_bf16 = {dot5b_bf16, act5_bf16, combine5_bf16, 4, 6, 1};
 
 const ds_kernels *ds_kernels_avx512(ds_dtype dt)
 {
@@ -446,9 +465,9 @@ static void act2_f16(const float *gu, int64_t n, void *dst)
         d[j] = ds_f32_to_f16(ds_silu(gu[2 * j]) * gu[2 * j + 1]);
 }
 
-static const ds_kernels k2_f32 = {dot2_f32, act2_f32, 3, 4, 1};
-static const ds_kernels k2_bf16 = {dot2_bf16, act2_bf16, 3, 4, 1};
-static const ds_kernels k2_f16 = {dot2_f16, act2_f16, 3, 4, 1};
+static const ds_kernels k2_f32 = {dot2_f32, act2_f32, ds_combine_generic_f32, 3, 4, 1};
+static const ds_kernels k2_bf16 = {dot2_bf16, act2_bf16, ds_combine_generic_bf16, 3, 4, 1};
+static const ds_kernels k2_f16 = {dot2_f16, act2_f16, ds_combine_generic_f16, 3, 4, 1};
 
 const ds_kernels *ds_kernels_avx2(ds_dtype dt)
 {

@@ -53,6 +53,8 @@ typedef struct {
     float *Y;           /* R x H */
     float *scratch;     /* per thread */
     int64_t scratch_len;
+    const float **cmb_rows; /* per thread: K row pointers for the combine */
+    float *cmb_w;           /* per thread: K weights */
     /* moe outputs */
     const ds_moe_args *a;
     /* importance */
@@ -78,7 +80,7 @@ static double now_seconds(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static int64_t scratch_floats(const ds_experts *w) { return MB * 2 * NC > w->H ? MB * 2 * NC : w->H; }
+static int64_t scratch_floats(void) { return MB * 2 * NC; }
 
 /* ---- validation ---------------------------------------------------------- */
 
@@ -351,33 +353,21 @@ static void combine_item(void *vctx, int64_t item, int tid)
     moe_ctx *c = (moe_ctx *)vctx;
     const ds_moe_args *a = c->a;
     const int64_t H = c->w->H, K = c->K;
-    const ds_dtype dt = c->w->dtype;
-    float *acc = c->scratch + (int64_t)tid * c->scratch_len;
+    const size_t esz = ds_dtype_size(c->w->dtype);
+    const float **ys = c->cmb_rows + (int64_t)tid * K;
+    float *ws = c->cmb_w + (int64_t)tid * K;
     const int64_t t1 = (item + 1) * TB < c->T ? (item + 1) * TB : c->T;
     for (int64_t t = item * TB; t < t1; t++) {
-        for (int64_t h = 0; h < H; h++)
-            acc[h] = 0.0f;
+        int nk = 0;
         for (int64_t k = 0; k < K; k++) {
             int64_t r = c->pos[t * K + k];
             if (r < 0)
                 continue;
-            const float wk = (float)ds_load_real(a->topk_weights.data, a->topk_weights.dtype,
-                                                 t * a->topk_weights.s0 + k * a->topk_weights.s1);
-            const float *y = c->Y + r * H;
-            for (int64_t h = 0; h < H; h++)
-                acc[h] += wk * y[h];
+            ys[nk] = c->Y + r * H;
+            ws[nk++] = (float)ds_load_real(a->topk_weights.data, a->topk_weights.dtype,
+                                           t * a->topk_weights.s0 + k * a->topk_weights.s1);
         }
-        if (dt == DS_F32) {
-            memcpy((float *)a->out + t * a->ldo, acc, (size_t)H * sizeof(float));
-        } else if (dt == DS_BF16) {
-            uint16_t *o = (uint16_t *)a->out + t * a->ldo;
-            for (int64_t h = 0; h < H; h++)
-                o[h] = ds_f32_to_bf16(acc[h]);
-        } else {
-            uint16_t *o = (uint16_t *)a->out + t * a->ldo;
-            for (int64_t h = 0; h < H; h++)
-                o[h] = ds_f32_to_f16(acc[h]);
-        }
+        c->kern->combine(ys, ws, nk, H, (char *)a->out + t * a->ldo * (int64_t)esz);
     }
 }
 
@@ -394,13 +384,15 @@ static int carve(moe_ctx *c, ds_arena *ar, const ds_experts *w, int64_t T, int64
     c->e_m = ds_arena_take(ar, (size_t)(E * (P + 2)) * 8);
     *cnt = ds_arena_take(ar, (size_t)(E * P) * 8);
     c->items1 = ds_arena_take(ar, (size_t)(E * (P + cdiv(w->I, NC))) * sizeof(item1_t));
-    c->scratch_len = scratch_floats(w);
+    c->scratch_len = scratch_floats();
     c->scratch = ds_arena_take(ar, (size_t)(n_threads * c->scratch_len) * sizeof(float));
     if (!importance) {
         c->items2 = ds_arena_take(ar, (size_t)(E * cdiv(w->H, HC)) * sizeof(item2_t));
         c->act_esz = ds_dtype_size(w->dtype);
         c->A = ds_arena_take(ar, (size_t)TK * (size_t)w->I * c->act_esz);
         c->Y = ds_arena_take(ar, (size_t)TK * (size_t)w->H * sizeof(float));
+        c->cmb_rows = ds_arena_take(ar, (size_t)(n_threads * K) * sizeof(float *));
+        c->cmb_w = ds_arena_take(ar, (size_t)(n_threads * K) * sizeof(float));
     }
     return ar->base == NULL || ar->used <= ar->size;
 }
