@@ -1,0 +1,24 @@
+"""Every notebook in notebooks/ runs top to bottom (code cells executed in
+order in one namespace, as a kernel would).  No Jupyter needed."""
+import json
+import pathlib
+
+import pytest
+
+NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "notebooks/ holds no notebook"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs(path):
+    pytest.importorskip("torch")
+    nb = json.loads(path.read_text())
+    ns = {"__name__": "__main__"}
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        src = "".join(cell["source"])
+        exec(compile(src, f"{path.name}[cell {i}]", "exec"), ns)  # noqa: S102 - the project's own notebook
