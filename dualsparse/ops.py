@@ -85,13 +85,16 @@ def _plain(t, name: str):
 
 
 def _rowmajor_x(x, name: str):
-    """x may come from any view; the engine needs unit stride along H."""
+    """x may come from any view; the engine needs unit stride along H and
+    rows that follow each other (activations are small: copying is fine)."""
     if _is_torch(x):
-        if x.dim() == 2 and x.shape[0] > 0 and x.shape[1] > 1 and x.stride(1) != 1:
+        if x.dim() == 2 and x.numel() and ((x.shape[1] > 1 and x.stride(1) != 1)
+                                           or (x.shape[0] > 1 and x.stride(0) < x.shape[1])):
             return x.contiguous()
         return x
     if isinstance(x, np.ndarray):
-        if x.ndim == 2 and x.size and x.shape[1] > 1 and x.strides[1] != x.itemsize:
+        if x.ndim == 2 and x.size and ((x.shape[1] > 1 and x.strides[1] != x.itemsize)
+                                       or (x.shape[0] > 1 and x.strides[0] < x.shape[1] * x.itemsize)):
             return np.ascontiguousarray(x)
         return x
     raise TypeError(f"{name} must be a torch tensor or a NumPy array; got {type(x).__name__}")
@@ -200,14 +203,21 @@ def moe_experts(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, levels=No
                      "moe_experts", timings)
 
 
-def _expert_list(ws, name):
+def _as_expert_sequence(ws, name):
+    """A list of per-expert weights from a list, tuple, nn.ModuleList or a
+    stacked 3-D tensor (unbound into views)."""
     if _is_torch(ws) or isinstance(ws, np.ndarray):
         if ws.ndim != 3:
             raise ValueError(f"{name} must be a list of 2-D per-expert weights or one 3-D tensor; got shape {tuple(ws.shape)}")
-        ws = list(ws)
-    if not isinstance(ws, (list, tuple)):
-        raise TypeError(f"{name} must be a list or tuple of per-expert weights; got {type(ws).__name__}")
-    return [_plain(getattr(w, "weight", w), f"{name}[{i}]") for i, w in enumerate(ws)]
+        return list(ws)
+    if isinstance(ws, (str, bytes, dict)) or not hasattr(ws, "__len__") or not hasattr(ws, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of per-expert weights (list, tuple, nn.ModuleList); "
+                        f"got {type(ws).__name__}")
+    return [getattr(w, "weight", w) for w in ws]
+
+
+def _expert_list(ws, name):
+    return [_plain(w, f"{name}[{i}]") for i, w in enumerate(_as_expert_sequence(ws, name))]
 
 
 def moe_experts_split(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, *, levels=None,
@@ -384,7 +394,10 @@ def _inplace(t):
 def _perm_array(perm):
     if _is_torch(perm):
         perm = perm.detach().cpu().numpy()
-    return np.ascontiguousarray(np.asarray(perm, dtype=np.int64))
+    p = np.asarray(perm)
+    if not np.issubdtype(p.dtype, np.integer):
+        raise TypeError(f"perm must hold integers (neuron indices); got dtype {p.dtype}")
+    return np.ascontiguousarray(p, dtype=np.int64)
 
 
 def permute_neurons(gate_up_proj, down_proj, perm, *, inverse: bool = False,
@@ -405,11 +418,7 @@ def permute_neurons_split(gate_proj, up_proj, down_proj, perm, *, inverse: bool 
     nt = _threads(num_threads)
 
     def raw(ws, name):
-        if _is_torch(ws) or isinstance(ws, np.ndarray):
-            ws = list(ws)
-        if not isinstance(ws, (list, tuple)):
-            raise TypeError(f"{name} must be a list or tuple of per-expert weights; got {type(ws).__name__}")
-        return [_inplace(getattr(w, "weight", w)) for w in ws]
+        return [_inplace(w) for w in _as_expert_sequence(ws, name)]
 
     _C.permute_neurons(raw(gate_proj, "gate_proj"), raw(up_proj, "up_proj"), raw(down_proj, "down_proj"),
                        _perm_array(perm), bool(inverse), nt)

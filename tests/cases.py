@@ -217,3 +217,20 @@ def bits(a) -> bytes:
             return a.view(torch.int16).numpy().tobytes()
         return a.numpy().tobytes()
     return np.ascontiguousarray(a).tobytes()
+
+
+def assert_same_bits(a, b, what: str = ""):
+    """a and b are bitwise identical; otherwise report how many elements
+    differ and by how much."""
+    if bits(a) == bits(b) and tuple(a.shape) == tuple(b.shape):
+        return
+    from reference import to_f64
+
+    x, y = to_f64(a), to_f64(b)
+    assert x.shape == y.shape, f"{what}: shapes {x.shape} != {y.shape}"
+    diff = np.abs(x - y)
+    n = int((diff != 0).sum()) if diff.size else 0
+    i = np.unravel_index(np.argmax(diff), diff.shape) if diff.size else ()
+    raise AssertionError(f"{what}: not bitwise equal: {n} of {x.size} elements differ, max |diff| "
+                         f"{diff.max() if diff.size else 0:.3g} at {tuple(int(v) for v in i)} "
+                         f"({x[i]!r} vs {y[i]!r})")

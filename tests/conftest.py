@@ -1,9 +1,19 @@
 """Shared fixtures: SIMD level restoration, every usable SIMD level, seeds."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
 import torch
+
+try:  # keep hypothesis' cache out of the source tree
+    from hypothesis import configuration as _hyp_conf
+
+    _hyp_conf.set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "dualsparse-tests-hypothesis"))
+except ImportError:  # pragma: no cover
+    pass
 
 from dualsparse import ops
 

@@ -2,6 +2,7 @@
 honest about devices.  GPU checks run only where a device exists."""
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -117,4 +118,11 @@ def test_info_cli_json():
 def test_info_function():
     d = dualsparse.info()
     assert d["simd_level"] == _C.simd_level()
-    assert d["cuda"]["built"] == (CUDA_BUILT and d["cuda"].get("built", False))
+    try:
+        importlib.import_module("dualsparse._C_cuda")
+        importable = True
+    except ImportError:
+        importable = False
+    assert d["cuda"]["built"] is (CUDA_BUILT and importable)
+    if not d["cuda"]["built"]:
+        assert d["cuda"]["reason"]

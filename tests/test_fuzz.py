@@ -30,10 +30,6 @@ TORCH_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": tor
 INT_DT = ["int8", "uint8", "int16", "int32", "int64"]
 
 
-class Fault(str):
-    """Name of the invalid thing injected into an example (None when valid)."""
-
-
 # ---------------------------------------------------------------- builders
 
 def _tensor(kind, a: np.ndarray, dtype: str):

@@ -172,28 +172,37 @@ def test_gil_released_during_compute():
     def call():
         ops.moe_experts(x, ids, tw, gu, dn, out=out, num_threads=1)
 
-    reps = max(2, int(0.6 / one))
-
-    done = threading.Event()
-
-    def engine():
-        for _ in range(reps):
-            call()
-        done.set()
-
-    th = threading.Thread(target=engine)
-    stamps = []
-    th.start()
-    while not done.is_set():
-        stamps.append(time.perf_counter())
-        sum(range(200))
-    th.join()
-    assert len(stamps) > 2
-    max_gap = float(np.max(np.diff(stamps))) if len(stamps) > 1 else float("inf")
-    # one engine call takes `one` seconds; a held GIL would stall us >= one.
+    reps = max(2, int(0.5 / one))
     assert one > 0.02, f"engine call too short ({one * 1e3:.1f} ms) for this check"
-    assert max_gap < 0.5 * one, (
-        f"the other thread stalled {max_gap * 1e3:.1f} ms during {one * 1e3:.1f} ms engine calls")
+
+    def max_stall():
+        done = threading.Event()
+
+        def engine():
+            for _ in range(reps):
+                call()
+            done.set()
+
+        th = threading.Thread(target=engine)
+        stamps = []
+        th.start()
+        while not done.is_set():
+            stamps.append(time.perf_counter())
+            sum(range(200))
+        th.join()
+        return float(np.max(np.diff(stamps))) if len(stamps) > 1 else float("inf")
+
+    # one engine call takes `one` seconds; a held GIL would stall this thread
+    # for about that long on every attempt.  A loaded machine may deschedule
+    # us once, so the best of three attempts decides.
+    stalls = []
+    for _ in range(3):
+        stalls.append(max_stall())
+        if stalls[-1] < 0.5 * one:
+            break
+    assert min(stalls) < 0.5 * one, (
+        f"the other thread stalled {[round(s * 1e3, 1) for s in stalls]} ms during "
+        f"{one * 1e3:.1f} ms engine calls: is the GIL held during compute?")
 
 
 def _read_all(fd, timeout):

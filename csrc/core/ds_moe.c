@@ -176,25 +176,32 @@ static void build_plan(moe_ctx *c, const ds_mat *ids, const ds_mat *levels, int6
         }
 }
 
-/* Neuron chunks never straddle a partition boundary, so every chunk has one
- * row count: the rows whose level reaches its partition. */
+/* Neuron chunks never straddle a boundary between partitions with different
+ * row counts, so every chunk has one row count: the rows whose level reaches
+ * its partition.  Consecutive partitions that the same rows need are merged
+ * into one range, so an expert with no partial rows is computed exactly as
+ * with num_partitions = 1 (2T-Drop with equal thresholds is bitwise 1T-Drop). */
 static void build_items1(moe_ctx *c, int importance)
 {
     const ds_experts *w = c->w;
+    const int64_t P = importance ? 1 : c->P;
     int64_t n = 0;
     for (int64_t e = 0; e < w->E; e++) {
-        int64_t P = importance ? 1 : c->P;
-        for (int64_t q = 1; q <= P; q++) {
-            int64_t lo = ((q - 1) * w->I) / P, hi = (q * w->I) / P;
-            if (c->e_m[e * (c->P + 2) + q] == 0 || lo == hi)
-                continue;
-            for (int64_t j = lo; j < hi; j += NC) {
-                item1_t *it = &c->items1[n++];
-                it->e = e;
-                it->q = importance ? 0 : q;
-                it->j0 = j;
-                it->j1 = j + NC < hi ? j + NC : hi;
-            }
+        const int64_t *m = c->e_m + e * (c->P + 2);
+        for (int64_t q = 1; q <= P;) {
+            int64_t q1 = q;
+            while (q1 < P && m[q1 + 1] == m[q])
+                q1++;
+            const int64_t lo = ((q - 1) * w->I) / P, hi = (q1 * w->I) / P;
+            if (m[q] > 0)
+                for (int64_t j = lo; j < hi; j += NC) {
+                    item1_t *it = &c->items1[n++];
+                    it->e = e;
+                    it->q = importance ? 0 : q;
+                    it->j0 = j;
+                    it->j1 = j + NC < hi ? j + NC : hi;
+                }
+            q = q1 + 1;
         }
     }
     c->n1 = n;

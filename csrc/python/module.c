@@ -98,6 +98,17 @@ static int npy_to_dtype(int type_num, ds_dtype *out)
     }
 }
 
+static const char *dev_name(int t)
+{
+    switch (t) {
+    case DS_DL_CPU: return "cpu";
+    case DS_DL_CUDA: return "cuda";
+    case DS_DL_CUDA_HOST: return "cuda_host";
+    case DS_DL_CUDA_MANAGED: return "cuda_managed";
+    default: return "an unsupported device";
+    }
+}
+
 static const char *type_name(PyObject *o) { return Py_TYPE(o)->tp_name; }
 
 /* Fills v from a NumPy array or any object with __dlpack__.  fn/arg name the
@@ -148,10 +159,46 @@ static int view_from(PyObject *obj, view_t *v, const char *fn, const char *arg)
                          fn, arg, type_name(obj));
             return -1;
         }
+        /* Ask where the data lives first (the protocol's __dlpack_device__),
+         * so that a tensor on another device is named as such. */
+        PyObject *dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+        if (dev != NULL) {
+            int dt = -1, did = 0;
+            if (PyTuple_Check(dev) && PyTuple_GET_SIZE(dev) == 2) {
+                dt = (int)PyLong_AsLong(PyTuple_GET_ITEM(dev, 0));
+                did = (int)PyLong_AsLong(PyTuple_GET_ITEM(dev, 1));
+            }
+            Py_DECREF(dev);
+            PyErr_Clear();
+            if (dt != DS_DL_CPU && dt != DS_DL_CUDA_HOST) {
+                PyObject *d = PyObject_GetAttrString(obj, "device");
+                if (d == NULL) {
+                    PyErr_Clear();
+                    PyErr_Format(PyExc_ValueError, "%s: %s is on %s:%d, but this call runs on the CPU "
+                                 "engine; move it to the CPU", fn, arg, dev_name(dt), did);
+                } else {
+                    PyErr_Format(PyExc_ValueError, "%s: %s is on %s:%d (device %S), but this call "
+                                 "runs on the CPU engine; move it to the CPU", fn, arg, dev_name(dt),
+                                 did, d);
+                    Py_DECREF(d);
+                }
+                Py_DECREF(meth);
+                return -1;
+            }
+        } else {
+            PyErr_Clear();
+        }
         PyObject *cap = PyObject_CallNoArgs(meth);
         Py_DECREF(meth);
-        if (cap == NULL)
+        if (cap == NULL) {
+            PyObject *et, *ev, *tb;
+            PyErr_Fetch(&et, &ev, &tb);
+            PyErr_NormalizeException(&et, &ev, &tb);
+            PyErr_Format(PyExc_ValueError, "%s: %s cannot be read by the engine (%s: %S)", fn, arg,
+                         et ? ((PyTypeObject *)et)->tp_name : "error", ev ? ev : Py_None);
+            Py_XDECREF(et); Py_XDECREF(ev); Py_XDECREF(tb);
             return -1;
+        }
         ds_dl_managed *m = (ds_dl_managed *)PyCapsule_GetPointer(cap, "dltensor");
         if (m == NULL) {
             Py_DECREF(cap);
@@ -242,17 +289,6 @@ static int views_overlap(const view_t *a, const view_t *b)
     view_extent(a, &alo, &ahi);
     view_extent(b, &blo, &bhi);
     return alo < ahi && blo < bhi && alo < bhi && blo < ahi;
-}
-
-static const char *dev_name(int t)
-{
-    switch (t) {
-    case DS_DL_CPU: return "cpu";
-    case DS_DL_CUDA: return "cuda";
-    case DS_DL_CUDA_HOST: return "cuda_host";
-    case DS_DL_CUDA_MANAGED: return "cuda_managed";
-    default: return "an unsupported device";
-    }
 }
 
 static int check_cpu(const view_t *v, const char *fn, const char *arg)
@@ -393,21 +429,29 @@ static PyObject *py_release_workspace(PyObject *self, PyObject *args)
 
 /* ------------------------------------------------------- argument helpers */
 
+/* An int argument in [lo, hi]: TypeError for a non-integer, ValueError
+ * (with the value) for anything out of range, however large. */
+static int parse_int_arg(PyObject *o, long lo, long hi, int *out, const char *fn, const char *arg)
+{
+    if (!PyLong_Check(o) || PyBool_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s: %s must be an int; got %s", fn, arg, type_name(o));
+        return -1;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow != 0 || v < lo || v > hi) {
+        PyErr_Format(PyExc_ValueError, "%s: %s must be in [%ld, %ld]; got %R", fn, arg, lo, hi, o);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
 static int parse_threads(PyObject *o, int *n, const char *fn)
 {
-    long v = PyLong_AsLong(o);
-    if (v == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: num_threads must be an int; got %s", fn, type_name(o));
-        return -1;
-    }
-    if (v < 1 || v > ds_max_threads()) {
-        PyErr_Format(PyExc_ValueError, "%s: num_threads must be in [1, %d]; got %ld", fn,
-                     ds_max_threads(), v);
-        return -1;
-    }
-    *n = (int)v;
-    return 0;
+    return parse_int_arg(o, 1, ds_max_threads(), n, fn, "num_threads");
 }
 
 /* ---------------------------------------------------- expert weight sets */
@@ -438,6 +482,15 @@ static int weight_view(PyObject *o, view_t *v, const char *fn, const char *arg, 
     if (check_cpu(v, fn, arg) < 0 || check_ndim(v, nd, fn, arg, "weights") < 0 ||
         check_real(v, fn, arg) < 0)
         goto fail;
+    if (view_numel(v) == 0) {
+        PyObject *sh = shape_tuple(v);
+        if (sh) {
+            PyErr_Format(PyExc_ValueError, "%s: %s is empty (shape %R); experts need E, I, H >= 1",
+                         fn, arg, sh);
+            Py_DECREF(sh);
+        }
+        goto fail;
+    }
     if (!view_is_contiguous(v)) {
         PyErr_Format(PyExc_ValueError, "%s: %s must be contiguous (the engine reads weights where "
                      "they lie and never copies them); make it contiguous once, e.g. "
@@ -711,15 +764,27 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args)
 {
     (void)self;
     static const char fn[] = "moe_experts";
-    PyObject *x_o, *ids_o, *tw_o, *gu_o, *up_o, *dn_o, *lv_o, *out_o, *nt_o, *tm_o = Py_None;
+    PyObject *x_o, *ids_o, *tw_o, *gu_o, *up_o, *dn_o, *lv_o, *P_o, *out_o, *nt_o, *tm_o = Py_None;
     int P;
     int n_threads;
     view_t x = {0}, ids = {0}, tw = {0}, lv = {0}, out = {0}, tm = {0};
     experts_t ex = {0};
     ws_t ws = {0};
-    if (!PyArg_ParseTuple(args, "OOOOOOOiOO|O", &x_o, &ids_o, &tw_o, &gu_o, &up_o, &dn_o, &lv_o,
-                          &P, &out_o, &nt_o, &tm_o))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOO|O", &x_o, &ids_o, &tw_o, &gu_o, &up_o, &dn_o, &lv_o,
+                          &P_o, &out_o, &nt_o, &tm_o))
         return NULL;
+    if (!PyLong_Check(P_o) || PyBool_Check(P_o)) {
+        PyErr_Format(PyExc_TypeError, "%s: num_partitions must be an int; got %s", fn, type_name(P_o));
+        return NULL;
+    }
+    {
+        /* range-checked below, once I is known; out-of-range sizes become 0 */
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(P_o, &overflow);
+        if (v == -1 && PyErr_Occurred())
+            return NULL;
+        P = (overflow || v < 1 || v > 127) ? 0 : (int)v;
+    }
     if (dn_o == Py_None) {
         PyErr_Format(PyExc_TypeError, "%s: down_proj is required", fn);
         return NULL;
@@ -791,9 +856,9 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args)
             goto fail;
         }
     }
-    if (P < 1 || P > 127 || P > I) {
-        PyErr_Format(PyExc_ValueError, "%s: num_partitions must be in [1, min(127, I=%lld)]; got %d",
-                     fn, (long long)I, P);
+    if (P < 1 || P > I) {
+        PyErr_Format(PyExc_ValueError, "%s: num_partitions must be in [1, min(127, I=%lld)]; got %R",
+                     fn, (long long)I, P_o);
         goto fail;
     }
     if (view_from(out_o, &out, fn, "out") < 0)
@@ -932,10 +997,19 @@ static PyObject *py_importance(PyObject *self, PyObject *args)
         goto fail;
     if (check_cpu(&acc, fn, "accum") < 0 || check_writable_out(&acc, fn, "accum") < 0)
         goto fail;
-    if (acc.dtype != DS_F64 || acc.ndim != 3 || acc.shape[0] != DS_NUM_METRICS || acc.shape[1] != E ||
-        acc.shape[2] != I || !view_is_contiguous(&acc)) {
-        PyErr_Format(PyExc_ValueError, "%s: accum must be a contiguous float64 array of shape (4, E, I) "
-                     "= (4, %lld, %lld)", fn, (long long)E, (long long)I);
+    if (acc.dtype != DS_F64) {
+        PyErr_Format(PyExc_TypeError, "%s: accum must be float64; got %s", fn, ds_dtype_name(acc.dtype));
+        goto fail;
+    }
+    if (acc.ndim != 3 || acc.shape[0] != DS_NUM_METRICS || acc.shape[1] != E || acc.shape[2] != I ||
+        !view_is_contiguous(&acc)) {
+        PyObject *sh = shape_tuple(&acc);
+        if (sh) {
+            PyErr_Format(PyExc_ValueError, "%s: accum must be a contiguous array of shape (4, E, I) = "
+                         "(4, %lld, %lld); got shape %R%s", fn, (long long)E, (long long)I, sh,
+                         view_is_contiguous(&acc) ? "" : " (not contiguous)");
+            Py_DECREF(sh);
+        }
         goto fail;
     }
     if (cnt_o != Py_None) {
@@ -943,9 +1017,18 @@ static PyObject *py_importance(PyObject *self, PyObject *args)
             goto fail;
         if (check_cpu(&cnt, fn, "counts") < 0 || check_writable_out(&cnt, fn, "counts") < 0)
             goto fail;
-        if (cnt.dtype != DS_F64 || cnt.ndim != 1 || cnt.shape[0] != E || !view_is_contiguous(&cnt)) {
-            PyErr_Format(PyExc_ValueError, "%s: counts must be a contiguous float64 array of shape (E,) "
-                         "= (%lld,)", fn, (long long)E);
+        if (cnt.dtype != DS_F64) {
+            PyErr_Format(PyExc_TypeError, "%s: counts must be float64; got %s", fn,
+                         ds_dtype_name(cnt.dtype));
+            goto fail;
+        }
+        if (cnt.ndim != 1 || cnt.shape[0] != E || !view_is_contiguous(&cnt)) {
+            PyObject *sh = shape_tuple(&cnt);
+            if (sh) {
+                PyErr_Format(PyExc_ValueError, "%s: counts must be a contiguous array of shape (E,) = "
+                             "(%lld,); got shape %R", fn, (long long)E, sh);
+                Py_DECREF(sh);
+            }
             goto fail;
         }
         if (views_overlap(&cnt, &acc)) {
