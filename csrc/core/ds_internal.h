@@ -98,6 +98,12 @@ typedef void (*ds_dot_tile_fn)(int mr, int nr, const void *const *x, const void 
                                int64_t K, float *c, int64_t ldc, int accumulate,
                                const ds_prefetch *pf);
 
+/* The GEMV-shaped case (mr <= 4 rows of x): the nw weight rows one after
+ * another, each a single stream, c[i*ldc + j] (+)= x_i . w_j.  Equal to
+ * calling the dot tile with nr = 1 for every j, without a call per row. */
+typedef void (*ds_dot_rows_fn)(int mr, int64_t nw, const void *const *x, const void *const *w,
+                               int64_t K, float *c, int64_t ldc, int accumulate);
+
 /* dst[j] = silu(gu[2j]) * gu[2j+1] for j < n, converted to dst's dtype. */
 typedef void (*ds_act_fn)(const float *gu, int64_t n, void *dst);
 
@@ -115,10 +121,10 @@ void ds_combine_generic_f16(const float *const *y, const float *w, int nk, int64
 
 typedef struct {
     ds_dot_tile_fn dot;
+    ds_dot_rows_fn rows;
     ds_act_fn act;
     ds_combine_fn combine;
     int mr, nr;       /* preferred tile: rows of x, rows of w */
-    int nr_few;       /* weight rows per tile when x has at most four rows */
 } ds_kernels;
 
 /* Kernel set for (level, dtype); NULL when not compiled in. */

@@ -108,6 +108,18 @@ static void gen_dot_f16_tile(int mr, int nr, const void *const *x, const void *c
     gen_dot_tile_impl(DS_F16, mr, nr, x, w, K, c, ldc, accumulate);
 }
 
+#define GEN_ROWS(NAME, TILE)                                                            \
+    static void NAME(int mr, int64_t nw, const void *const *x, const void *const *w,     \
+                     int64_t K, float *c, int64_t ldc, int accumulate)                    \
+    {                                                                                   \
+        for (int64_t j = 0; j < nw; j++)                                                \
+            TILE(mr, 1, x, w + j, K, c + j, ldc, accumulate, NULL);                     \
+    }
+
+GEN_ROWS(gen_rows_f32, gen_dot_f32_tile)
+GEN_ROWS(gen_rows_bf16, gen_dot_bf16_tile)
+GEN_ROWS(gen_rows_f16, gen_dot_f16_tile)
+
 static void gen_act_f32(const float *gu, int64_t n, void *dst)
 {
     float *d = (float *)dst;
@@ -150,9 +162,9 @@ GEN_COMBINE(ds_combine_generic_f32, ((float *)out)[h0 + h] = acc[h])
 GEN_COMBINE(ds_combine_generic_bf16, ((uint16_t *)out)[h0 + h] = ds_f32_to_bf16(acc[h]))
 GEN_COMBINE(ds_combine_generic_f16, ((uint16_t *)out)[h0 + h] = ds_f32_to_f16(acc[h]))
 
-static const ds_kernels gen_f32 = {gen_dot_f32_tile, gen_act_f32, ds_combine_generic_f32, 4, 4, 4};
-static const ds_kernels gen_bf16 = {gen_dot_bf16_tile, gen_act_bf16, ds_combine_generic_bf16, 4, 4, 4};
-static const ds_kernels gen_f16 = {gen_dot_f16_tile, gen_act_f16, ds_combine_generic_f16, 4, 4, 4};
+static const ds_kernels gen_f32 = {gen_dot_f32_tile, gen_rows_f32, gen_act_f32, ds_combine_generic_f32, 4, 4};
+static const ds_kernels gen_bf16 = {gen_dot_bf16_tile, gen_rows_bf16, gen_act_bf16, ds_combine_generic_bf16, 4, 4};
+static const ds_kernels gen_f16 = {gen_dot_f16_tile, gen_rows_f16, gen_act_f16, ds_combine_generic_f16, 4, 4};
 
 const ds_kernels *ds_kernels_generic(ds_dtype dt)
 {

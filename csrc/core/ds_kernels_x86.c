@@ -55,6 +55,16 @@
     default: break;                                                              \
     }
 
+/* Every weight row through the (mr x 1) tile, inlined in one loop. */
+#define DS_ROWS_SWITCH(FN, mr, nw, x, w, K, c, ldc, accumulate)                      \
+    switch (mr) {                                                                    \
+    case 1: for (int64_t j_ = 0; j_ < (nw); j_++) FN(1, 1, x, (w) + j_, K, (c) + j_, ldc, accumulate, NULL); break; \
+    case 2: for (int64_t j_ = 0; j_ < (nw); j_++) FN(2, 1, x, (w) + j_, K, (c) + j_, ldc, accumulate, NULL); break; \
+    case 3: for (int64_t j_ = 0; j_ < (nw); j_++) FN(3, 1, x, (w) + j_, K, (c) + j_, ldc, accumulate, NULL); break; \
+    case 4: for (int64_t j_ = 0; j_ < (nw); j_++) FN(4, 1, x, (w) + j_, K, (c) + j_, ldc, accumulate, NULL); break; \
+    default: break;                                                                  \
+    }
+
 /* =========================== AVX-512 ===================================== */
 
 INL TGT5 __m512 ld5_f32(const void *p, int64_t k) { return _mm512_loadu_ps((const float *)p + k); }
@@ -184,6 +194,12 @@ INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t e
                               const ds_prefetch *pf)                                       \
     {                                                                                     \
         DS_TILE_SWITCH(tile5_##T, mr, nr, x, w, K, c, ldc, accumulate, pf)                \
+    }                                                                                     \
+    static TGT5 void rows5_##T(int mr, int64_t nw, const void *const *x,                  \
+                               const void *const *w, int64_t K, float *c, int64_t ldc,     \
+                               int accumulate)                                             \
+    {                                                                                     \
+        DS_ROWS_SWITCH(tile5_##T, mr, nw, x, w, K, c, ldc, accumulate)                    \
     }
 
 DEF_TILE5(f32, 4)
@@ -249,6 +265,12 @@ static TGT5B void dot5b_bf16(int mr, int nr, const void *const *x, const void *c
                              const ds_prefetch *pf)
 {
     DS_TILE_SWITCH(tile5b, mr, nr, x, w, K, c, ldc, accumulate, pf)
+}
+
+static TGT5B void rows5b_bf16(int mr, int64_t nw, const void *const *x, const void *const *w,
+                              int64_t K, float *c, int64_t ldc, int accumulate)
+{
+    DS_ROWS_SWITCH(tile5b, mr, nw, x, w, K, c, ldc, accumulate)
 }
 
 /* exp(v) for the SiLU: range reduction to |r| <= ln2/2, a degree-6
@@ -345,10 +367,10 @@ DEF_COMBINE5(f32, ST5_F32)
 DEF_COMBINE5(bf16, ST5_BF16)
 DEF_COMBINE5(f16, ST5_F16)
 
-static const ds_kernels k5_f32 = {dot5_f32, act5_f32, combine5_f32, 4, 6, 1};
-static const ds_kernels k5_bf16 = {dot5_bf16, act5_bf16, combine5_bf16, 4, 6, 1};
-static const ds_kernels k5_f16 = {dot5_f16, act5_f16, combine5_f16, 4, 6, 1};
-static const ds_kernels k5b_bf16 = {dot5b_bf16, act5_bf16, combine5_bf16, 4, 6, 1};
+static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6};
+static const ds_kernels k5_bf16 = {dot5_bf16, rows5_bf16, act5_bf16, combine5_bf16, 4, 6};
+static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6};
+static const ds_kernels k5b_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5_bf16, 4, 6};
 
 const ds_kernels *ds_kernels_avx512(ds_dtype dt)
 {
@@ -440,6 +462,12 @@ INL TGT2 float hsum2(__m256 v)
                               const ds_prefetch *pf)                                       \
     {                                                                                     \
         DS_TILE_SWITCH(tile2_##T, mr, nr, x, w, K, c, ldc, accumulate, pf)                \
+    }                                                                                     \
+    static TGT2 void rows2_##T(int mr, int64_t nw, const void *const *x,                  \
+                               const void *const *w, int64_t K, float *c, int64_t ldc,     \
+                               int accumulate)                                             \
+    {                                                                                     \
+        DS_ROWS_SWITCH(tile2_##T, mr, nw, x, w, K, c, ldc, accumulate)                    \
     }
 
 DEF_TILE2(f32, 4)
@@ -465,9 +493,9 @@ static void act2_f16(const float *gu, int64_t n, void *dst)
         d[j] = ds_f32_to_f16(ds_silu(gu[2 * j]) * gu[2 * j + 1]);
 }
 
-static const ds_kernels k2_f32 = {dot2_f32, act2_f32, ds_combine_generic_f32, 3, 4, 1};
-static const ds_kernels k2_bf16 = {dot2_bf16, act2_bf16, ds_combine_generic_bf16, 3, 4, 1};
-static const ds_kernels k2_f16 = {dot2_f16, act2_f16, ds_combine_generic_f16, 3, 4, 1};
+static const ds_kernels k2_f32 = {dot2_f32, rows2_f32, act2_f32, ds_combine_generic_f32, 3, 4};
+static const ds_kernels k2_bf16 = {dot2_bf16, rows2_bf16, act2_bf16, ds_combine_generic_bf16, 3, 4};
+static const ds_kernels k2_f16 = {dot2_f16, rows2_f16, act2_f16, ds_combine_generic_f16, 3, 4};
 
 const ds_kernels *ds_kernels_avx2(ds_dtype dt)
 {

@@ -229,7 +229,7 @@ static void build_items2(moe_ctx *c)
 /* Rows [0, mb) of x (row pointers xrow(i)) against the weight rows
  * wrow(0 .. nw): c[i*ldc + q] (+)= x_i . w_q over K, tiled for the kernel.
  * Every weight group of the tile width is used by all row tiles before the
- * next group; row tile i prefetches share i of the next group meanwhile. */
+ * next group. */
 typedef struct {
     const ds_kernels *kn;
     const void *const *xr;   /* mb row pointers, at k0 */
@@ -245,26 +245,29 @@ typedef struct {
 static void run_tiles(const tile_job *j)
 {
     const ds_kernels *kn = j->kn;
-    /* Up to four rows (decode, and most experts at small batch sizes): one
-     * weight row at a time, a single long stream that the hardware
-     * prefetcher follows; more rows: full tiles with software prefetch. */
-    const int few = j->mb <= 4;
-    const int mr = j->mb == 1 ? 1 : kn->mr;
-    const int nr = few ? kn->nr_few : kn->nr;
+    /* Up to four rows (decode, and most experts at small batch sizes): the
+     * weight rows one after another, each a single long stream that the
+     * hardware prefetcher follows. */
+    if (j->mb <= 4) {
+        kn->rows((int)j->mb, j->nw, j->xr, j->wr, j->K, j->c, j->ldc, j->accumulate);
+        return;
+    }
+    /* More rows: full tiles; row tile i prefetches share i of the next
+     * weight group while the current one is in use. */
+    const int mr = kn->mr, nr = kn->nr;
     const int n_row_tiles = (int)cdiv(j->mb, mr);
     for (int64_t q = 0; q < j->nw; q += nr) {
         const int nq = (int)(j->nw - q < nr ? j->nw - q : nr);
         const void *next[DS_MAX_NR];
         ds_prefetch pf = {next, 0, n_row_tiles};
         const int64_t nn = j->nw - (q + nr) < nr ? j->nw - (q + nr) : nr;
-        const int use_pf = !few && nn > 0;
-        for (int jj = 0; use_pf && jj < nq; jj++)
+        for (int jj = 0; nn > 0 && jj < nq; jj++)
             next[jj] = j->wr[q + nr + (jj < nn ? jj : nn - 1)];
         for (int64_t i = 0; i < j->mb; i += mr) {
             const int ni = (int)(j->mb - i < mr ? j->mb - i : mr);
             pf.part = (int)(i / mr);
             kn->dot(ni, nq, j->xr + i, j->wr + q, j->K, j->c + i * j->ldc + q, j->ldc,
-                    j->accumulate, use_pf ? &pf : NULL);
+                    j->accumulate, nn > 0 ? &pf : NULL);
         }
     }
 }
