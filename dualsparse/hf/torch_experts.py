@@ -1,0 +1,80 @@
+"""Pure-torch expert computation with prefix partitions.
+
+Used where the C engine does not apply: tensors on a device other than the
+CPU (until the CUDA kernels land) and GPT-OSS's biased, clamped,
+interleaved experts.  The semantics are the engine's: a pair at level p
+computes the first ``(p * I) // P`` neurons of its expert; a dropped pair
+contributes nothing.  Neurons past a pair's prefix are masked to zero, which
+gives the same values as not computing them (no time is saved here).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def prefix_mask(levels, P: int, I: int, device) -> torch.Tensor:
+    """(T, K, I) boolean mask of the neurons each pair computes."""
+    n = (levels.to(torch.int64) * I) // P
+    return torch.arange(I, device=device)[None, None, :] < n[..., None]
+
+
+def swiglu_experts(x, ids, w, gate_up, down, levels=None, P: int = 1, act=torch.nn.functional.silu):
+    """x: (T, H); ids, w, levels: (T, K); gate_up: (E, 2I, H); down: (E, H, I)."""
+    T, H = x.shape
+    E, I2, _ = gate_up.shape
+    I = I2 // 2
+    out = torch.zeros((T, H), dtype=torch.float32, device=x.device)
+    mask = None if levels is None else prefix_mask(levels, P, I, x.device)
+    flat_ids = ids.reshape(-1)
+    for e in torch.unique(flat_ids).tolist():
+        t_idx, k_idx = torch.where(ids == e)
+        if mask is not None:
+            keep = mask[t_idx, k_idx].any(-1)
+            t_idx, k_idx = t_idx[keep], k_idx[keep]
+        if t_idx.numel() == 0:
+            continue
+        xe = x[t_idx]
+        gu = xe @ gate_up[e].t()
+        h = act(gu[:, :I]) * gu[:, I:]
+        if mask is not None:
+            h = h * mask[t_idx, k_idx]
+        y = (h @ down[e].t()).float() * w[t_idx, k_idx, None].float()
+        out.index_add_(0, t_idx, y)
+    return out.to(x.dtype)
+
+
+def gpt_oss_experts(module, x, ids, w, levels=None, P: int = 1):
+    """GPT-OSS experts (gate_up_proj [E, H, 2I] with gate/up in even/odd
+    columns, biases, clamped gate).  x: (T, H); ids, w, levels: (T, K).  A
+    pair at level p computes neurons [0, (p*I)//P) and always gets the down
+    bias (the expert's output bias is not split between partitions)."""
+    T, H = x.shape
+    E, _, I2 = module.gate_up_proj.shape
+    I = I2 // 2
+    out = torch.zeros((T, H), dtype=torch.float32, device=x.device)
+    mask = None if levels is None else prefix_mask(levels, P, I, x.device)
+    for e in torch.unique(ids.reshape(-1)).tolist():
+        if e >= E:  # expert-parallel sentinel
+            continue
+        t_idx, k_idx = torch.where(ids == e)
+        if mask is not None:
+            keep = mask[t_idx, k_idx].any(-1)
+            t_idx, k_idx = t_idx[keep], k_idx[keep]
+        if t_idx.numel() == 0:
+            continue
+        gu = x[t_idx] @ module.gate_up_proj[e] + module.gate_up_proj_bias[e]
+        gate, up = gu[..., ::2], gu[..., 1::2]
+        gate = gate.clamp(min=None, max=module.limit)
+        up = up.clamp(min=-module.limit, max=module.limit)
+        h = (up + 1) * (gate * torch.sigmoid(gate * module.alpha))
+        if mask is not None:
+            h = h * mask[t_idx, k_idx]
+        y = h @ module.down_proj[e] + module.down_proj_bias[e]
+        out.index_add_(0, t_idx, (y * w[t_idx, k_idx, None]).float())
+    return out.to(x.dtype)
+
+
+def gpt_oss_gate_up(module, x, e):
+    """(a, b) pre-activation gate and up values of expert e for rows x."""
+    gu = x @ module.gate_up_proj[e] + module.gate_up_proj_bias[e]
+    return gu[..., ::2], gu[..., 1::2]

@@ -1,0 +1,306 @@
+"""Drop policies: how each (token, selected expert) pair is computed.
+
+A policy turns the top-K routing of one MoE layer into *levels*: the number
+of importance partitions each pair computes (0 = dropped, P = the whole
+expert), optionally with adjusted combine weights (DynamicSkip).  Decisions use
+the top-K-normalised score ``s = w / sum(w)`` of every family; the combine
+uses the model's own weights, and survivors are not renormalised (DynamicSkip
+is the exception, as in its paper).
+
+Thresholds may be one value for every layer or a per-layer sequence.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = [
+    "Policy",
+    "NoDrop",
+    "Thresholds",
+    "OneThreshold",
+    "TwoThreshold",
+    "DynamicSkip",
+    "RandomDrop",
+    "TopKReduce",
+]
+
+Number = Union[int, float]
+
+
+def _as_threshold_table(values, name: str) -> np.ndarray:
+    """(L or 1, P) float64 table from P numbers or from L rows of P numbers."""
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: thresholds must be numbers; got {values!r}") from None
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] < 1 or arr.shape[0] < 1:
+        raise ValueError(f"{name}: thresholds must be P numbers or one row of P numbers per layer; got shape {arr.shape}")
+    if arr.shape[1] > 127:
+        raise ValueError(f"{name}: at most 127 thresholds per layer; got {arr.shape[1]}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        i, j = map(int, np.argwhere(bad)[0])
+        raise ValueError(f"{name}: threshold {arr[i, j]} (layer row {i}, position {j}) is not finite")
+    dec = np.diff(arr, axis=1) < 0
+    if dec.any():
+        i, j = map(int, np.argwhere(dec)[0])
+        raise ValueError(f"{name}: thresholds must be ascending; got {arr[i, j]} before {arr[i, j + 1]}"
+                         + (f" in layer {i}" if arr.shape[0] > 1 else ""))
+    return arr
+
+
+class Policy:
+    """Base class.  Subclasses define ``num_partitions`` and ``route``."""
+
+    #: importance partitions per expert (P): levels are in [0, P]
+    num_partitions: int = 1
+    #: whether routing weights change (DynamicSkip renormalises)
+    changes_weights: bool = False
+
+    def route(self, topk_weights, topk_ids, layer: int, generator=None):
+        """(levels or None, weights or None) for one layer.
+
+        ``levels`` is a (T, K) int8 tensor in [0, P] (None: every pair runs
+        fully); ``weights`` replaces the combine weights when not None."""
+        raise NotImplementedError
+
+    def check_layers(self, num_layers: int) -> None:
+        """Raise if per-layer values do not match the model's MoE layers."""
+
+    def describe(self) -> str:
+        return repr(self)
+
+
+@dataclass(frozen=True)
+class NoDrop(Policy):
+    """Every selected expert runs fully (the unpatched model's computation)."""
+
+    num_partitions: int = field(default=1, init=False)
+
+    def route(self, topk_weights, topk_ids, layer, generator=None):
+        return None, None
+
+    def describe(self):
+        return "NoDrop"
+
+
+class Thresholds(Policy):
+    """P importance partitions: a pair computes as many partitions as
+    thresholds its normalised score reaches (``s >= t_j``).
+
+    ``Thresholds([t1, ..., tP])`` applies to every layer;
+    ``Thresholds([[...], [...], ...])`` gives one row per MoE layer."""
+
+    def __init__(self, thresholds, *, normalize: bool = True):
+        self.table = _as_threshold_table(thresholds, type(self).__name__)
+        self.table.setflags(write=False)
+        self.num_partitions = int(self.table.shape[1])
+        self.normalize = bool(normalize)
+
+    @property
+    def per_layer(self) -> bool:
+        return self.table.shape[0] > 1
+
+    def thresholds(self, layer: int) -> List[float]:
+        row = self.table[layer if self.per_layer else 0]
+        return [float(v) for v in row]
+
+    def check_layers(self, num_layers):
+        if self.per_layer and self.table.shape[0] != num_layers:
+            raise ValueError(f"{type(self).__name__} has thresholds for {self.table.shape[0]} layers but the model "
+                             f"has {num_layers} MoE layers")
+
+    def route(self, topk_weights, topk_ids, layer, generator=None):
+        from .ops import route_levels
+
+        return route_levels(topk_weights, self.thresholds(layer), normalize=self.normalize), None
+
+    def __eq__(self, other):
+        return (type(self) is type(other) and self.normalize == other.normalize
+                and np.array_equal(self.table, other.table))
+
+    def __hash__(self):
+        return hash((type(self).__name__, self.table.tobytes(), self.normalize))
+
+    def _fmt(self):
+        if self.per_layer:
+            return f"per-layer {self.table.shape[0]}x{self.num_partitions}"
+        return "/".join(f"{v:.4g}" for v in self.table[0])
+
+    def __repr__(self):
+        if self.per_layer:
+            return f"{type(self).__name__}(<{self.table.shape[0]} layers>)"
+        return f"{type(self).__name__}({[float(v) for v in self.table[0]]})"
+
+    def describe(self):
+        return f"{type(self).__name__}({self._fmt()})"
+
+
+class OneThreshold(Thresholds):
+    """1T-Drop: drop a pair when its normalised score is below ``t``
+    (one value, or one per MoE layer)."""
+
+    def __init__(self, t: Union[Number, Sequence[Number]]):
+        t_arr = np.asarray(t, dtype=np.float64)
+        if t_arr.ndim == 0:
+            table = [[float(t_arr)]]
+        elif t_arr.ndim == 1:
+            table = [[float(v)] for v in t_arr]
+        else:
+            raise ValueError(f"OneThreshold: t must be a number or one number per layer; got shape {t_arr.shape}")
+        super().__init__(table)
+
+    def __repr__(self):
+        if self.per_layer:
+            return f"OneThreshold(<{self.table.shape[0]} layers>)"
+        return f"OneThreshold({float(self.table[0, 0])!r})"
+
+
+class TwoThreshold(Thresholds):
+    """2T-Drop with major/minor halves: ``s >= t_minor`` runs the whole
+    expert, ``t_major <= s < t_minor`` only its major half, ``s < t_major``
+    drops it.  ``TwoThreshold(t, t)`` is exactly ``OneThreshold(t)``.  Each
+    argument may be a number or one number per MoE layer."""
+
+    def __init__(self, t_major: Union[Number, Sequence[Number]], t_minor: Union[Number, Sequence[Number]]):
+        a = np.atleast_1d(np.asarray(t_major, dtype=np.float64))
+        b = np.atleast_1d(np.asarray(t_minor, dtype=np.float64))
+        if a.ndim != 1 or b.ndim != 1:
+            raise ValueError("TwoThreshold: t_major and t_minor must be numbers or one number per layer")
+        if a.shape != b.shape and 1 not in (a.shape[0], b.shape[0]):
+            raise ValueError(f"TwoThreshold: t_major has {a.shape[0]} layers but t_minor has {b.shape[0]}")
+        a, b = np.broadcast_arrays(a, b)
+        if np.any(np.isfinite(a) & np.isfinite(b) & (a > b)):
+            i = int(np.argmax(a > b))
+            raise ValueError(f"TwoThreshold: t_major ({a[i]}) must not exceed t_minor ({b[i]})")
+        super().__init__(np.stack([a, b], axis=1))
+
+    @classmethod
+    def around(cls, t, delta: float = 0.01):
+        """The paper's default pair: ``TwoThreshold(t - delta, t + delta)``."""
+        t = np.asarray(t, dtype=np.float64)
+        return cls(t - delta, t + delta)
+
+    def __repr__(self):
+        if self.per_layer:
+            return f"TwoThreshold(<{self.table.shape[0]} layers>)"
+        return f"TwoThreshold({float(self.table[0, 0])!r}, {float(self.table[0, 1])!r})"
+
+
+class DynamicSkip(Policy):
+    """Expert skipping of "Not All Experts are Equal" (the baseline): skip the
+    k-th selected expert (k >= 2, by descending score) when
+    ``s_k < beta_k * s_1``, then renormalise the survivors to the original
+    weight sum.  ``beta`` per layer (and per rank k >= 2) is the median of
+    ``s_k / s_1`` on calibration data: build it with
+    :func:`dualsparse.calibrate_dynamic_skip`."""
+
+    changes_weights = True
+
+    def __init__(self, betas: Optional[Sequence] = None):
+        if betas is None:
+            self.betas = None
+        else:
+            arr = np.asarray(betas, dtype=np.float64)
+            if arr.ndim == 1:
+                arr = arr[:, None]
+            if arr.ndim != 2 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
+                raise ValueError("DynamicSkip: betas must be finite, non-negative, one row per MoE layer "
+                                 "(one value per rank k >= 2)")
+            self.betas = arr
+        self.num_partitions = 1
+
+    def check_layers(self, num_layers):
+        if self.betas is None:
+            raise ValueError("DynamicSkip needs calibrated betas: policy = ds.calibrate_dynamic_skip(model, batches)")
+        if self.betas.shape[0] != num_layers:
+            raise ValueError(f"DynamicSkip has betas for {self.betas.shape[0]} layers but the model has "
+                             f"{num_layers} MoE layers")
+
+    def route(self, topk_weights, topk_ids, layer, generator=None):
+        import torch
+
+        w = topk_weights.float()
+        K = w.shape[1]
+        if K < 2:
+            return None, None
+        order = torch.argsort(w, dim=1, descending=True, stable=True)
+        ws = torch.gather(w, 1, order)
+        beta = torch.as_tensor(self.betas[layer], dtype=torch.float32)
+        if beta.numel() == 1:
+            beta = beta.expand(K - 1)
+        if beta.numel() != K - 1:
+            raise ValueError(f"DynamicSkip: layer {layer} has {beta.numel()} betas but top-k is {K}")
+        keep_sorted = torch.ones_like(ws, dtype=torch.bool)
+        keep_sorted[:, 1:] = ws[:, 1:] >= beta[None, :] * ws[:, :1]
+        keep = torch.empty_like(keep_sorted)
+        keep.scatter_(1, order, keep_sorted)
+        levels = keep.to(torch.int8)
+        total = w.sum(1, keepdim=True)
+        kept = (w * keep).sum(1, keepdim=True)
+        scale = torch.where(kept > 0, total / kept, torch.ones_like(kept))
+        new_w = (w * keep * scale).to(topk_weights.dtype)
+        return levels, new_w
+
+    def __repr__(self):
+        if self.betas is None:
+            return "DynamicSkip(<uncalibrated>)"
+        return f"DynamicSkip(<{self.betas.shape[0]} layers>)"
+
+    def describe(self):
+        if self.betas is None:
+            return "DynamicSkip(uncalibrated)"
+        return f"DynamicSkip(median beta {float(np.median(self.betas)):.3f})"
+
+
+class RandomDrop(Policy):
+    """Drops each (token, expert) pair independently with probability ``rate``
+    (a reproducible baseline: ``seed`` fixes the sequence)."""
+
+    def __init__(self, rate: float, seed: int = 0):
+        rate = float(rate)
+        if not (0.0 <= rate <= 1.0):
+            raise ValueError(f"RandomDrop: rate must be in [0, 1]; got {rate}")
+        self.rate = rate
+        self.seed = int(seed)
+        self.num_partitions = 1
+
+    def route(self, topk_weights, topk_ids, layer, generator=None):
+        import torch
+
+        u = torch.rand(topk_weights.shape, generator=generator, device="cpu")
+        return (u >= self.rate).to(torch.int8).to(topk_weights.device), None
+
+    def __repr__(self):
+        return f"RandomDrop({self.rate!r}, seed={self.seed})"
+
+
+class TopKReduce(Policy):
+    """Keeps only the ``k`` highest-scoring of the K selected experts (the
+    others are dropped; the kept weights are unchanged)."""
+
+    def __init__(self, k: int):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ValueError(f"TopKReduce: k must be a non-negative int; got {k!r}")
+        self.k = int(k)
+        self.num_partitions = 1
+
+    def route(self, topk_weights, topk_ids, layer, generator=None):
+        import torch
+
+        K = topk_weights.shape[1]
+        if self.k >= K:
+            return None, None
+        order = torch.argsort(topk_weights.float(), dim=1, descending=True, stable=True)
+        keep = torch.zeros(topk_weights.shape, dtype=torch.int8, device=topk_weights.device)
+        keep.scatter_(1, order[:, : self.k], 1)
+        return keep, None
+
+    def __repr__(self):
+        return f"TopKReduce({self.k})"
