@@ -1,13 +1,35 @@
 """dualsparse: DualSparse-MoE for Hugging Face Mixture-of-Experts models.
 
+    import dualsparse as ds
+    handle = ds.patch(model, ds.TwoThreshold(0.07, 0.09))
+    imp = ds.profile(model, batches);  ds.reconstruct(model, imp)
+    policy = ds.find_thresholds(model, batches, target_drop_rate=0.25)
+    ds.set_policy(model, policy);  ds.drop_stats(model).overall
+
 The C engine (``dualsparse.ops``) computes expert FFNs with per-(token,
 expert) prefix partitions, so that dropped work becomes saved time.  Import
-works with NumPy alone; torch is imported where it is used.
+works with NumPy alone; torch and transformers are imported when the
+Hugging Face functions are first used.
 """
 from ._version import __version__
 from . import ops
+from .policies import (DynamicSkip, NoDrop, OneThreshold, Policy, RandomDrop, Thresholds, TopKReduce,
+                       TwoThreshold)
 
-__all__ = ["__version__", "ops", "info"]
+_HF = ("patch", "set_policy", "drop_stats", "reset_stats", "profile", "reconstruct", "Importance",
+       "find_thresholds", "calibrate_dynamic_skip", "complete_partition", "supported_model_types",
+       "DualSparseHandle", "DropStats")
+
+__all__ = ["__version__", "ops", "info", "Policy", "NoDrop", "OneThreshold", "TwoThreshold", "Thresholds",
+           "DynamicSkip", "RandomDrop", "TopKReduce", *_HF]
+
+
+def __getattr__(name):
+    if name in _HF:
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'dualsparse' has no attribute {name!r}")
 
 
 def info():

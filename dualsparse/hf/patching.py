@@ -157,20 +157,19 @@ class MoELayer:
     def run(self, x, ids, w):
         h = self.handle
         policy = h.policy
+        if h.recorder is not None:
+            h.recorder.record(self.ordinal, w, h.token_mask)
         levels, new_w = policy.route(w, ids, self.ordinal, h.generator)
         if new_w is not None:
             w = new_w
         P = policy.num_partitions
-        T, K = ids.shape
-        st = self.stats
-        st.tokens += T
-        st.full += T * K + T * self.shared_units
-        if levels is None:
-            st.computed += T * K + T * self.shared_units
-        else:
-            st.computed += float(levels.sum(dtype=torch.int64).item()) / P + T * self.shared_units
+        self._count(ids, levels, P, h.token_mask)
         if self.importance is not None:
-            self._accumulate_importance(x, ids, w)
+            if h.token_mask is not None and h.token_mask.numel() == x.shape[0]:
+                m = h.token_mask.to(x.device)
+                self._accumulate_importance(x[m], ids[m], w[m])
+            else:
+                self._accumulate_importance(x, ids, w)
         if self.family.gpt_oss:
             return torch_experts.gpt_oss_experts(self.experts, x, ids, w, levels, P)
         gu, dn = self.fused_weights()
@@ -180,6 +179,25 @@ class MoELayer:
             return ops.moe_experts(x, ids, w, gu, dn, levels=levels, num_partitions=P,
                                    num_threads=h.num_threads)
         return torch_experts.swiglu_experts(x, ids, w, gu, dn, levels, P, act=self._act())
+
+    def _count(self, ids, levels, P, mask):
+        """Drop accounting; rows outside the calibration token mask (padding)
+        are not counted."""
+        if mask is not None and mask.numel() == ids.shape[0]:
+            mask = mask.to(ids.device)
+            T = int(mask.sum().item())
+            if levels is not None:
+                levels = levels[mask]
+        else:
+            T = ids.shape[0]
+        K = ids.shape[1]
+        st = self.stats
+        st.tokens += T
+        st.full += T * K + T * self.shared_units
+        if levels is None:
+            st.computed += T * K + T * self.shared_units
+        else:
+            st.computed += float(levels.sum(dtype=torch.int64).item()) / P + T * self.shared_units
 
     def _act(self):
         act = getattr(self.experts, "act_fn", None)
@@ -298,6 +316,8 @@ class DualSparseHandle:
         self.layers: List[MoELayer] = []
         self.reverted = False
         self.profile_weighted = False
+        self.token_mask = None   # (rows,) bool while calibrating on padded batches
+        self.recorder = None     # ScoreRecorder while searching thresholds
 
     # -- policy
     def set_policy(self, policy: Policy) -> None:
