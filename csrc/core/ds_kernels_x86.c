@@ -67,6 +67,49 @@
 
 /* =========================== AVX-512 ===================================== */
 
+/* Lane sums of 8 vectors at once (a transpose-and-add tree: about three
+ * times fewer instructions than eight separate reductions). */
+INL TGT5 __m256 hsum8x16(const __m512 *v)
+{
+    __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
+    __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
+    __m512 t2 = _mm512_add_ps(_mm512_unpacklo_ps(v[4], v[5]), _mm512_unpackhi_ps(v[4], v[5]));
+    __m512 t3 = _mm512_add_ps(_mm512_unpacklo_ps(v[6], v[7]), _mm512_unpackhi_ps(v[6], v[7]));
+    __m512 u0 = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+                              _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+    __m512 u1 = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t2), _mm512_castps_pd(t3))),
+                              _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t2), _mm512_castps_pd(t3))));
+    __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 w1 = _mm512_add_ps(w0, _mm512_shuffle_f32x4(w0, w0, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm512_castps512_ps256(_mm512_shuffle_f32x4(w1, w1, _MM_SHUFFLE(2, 0, 2, 0)));
+}
+
+/* Writes the MR x NR tile: acc[i][j][0..U) summed, lanes reduced (eight at a
+ * time), then stored or added to c. */
+#define TILE5_STORE(acc, MR, NR, U, c, ldc, accumulate)                               \
+    do {                                                                              \
+        __m512 flat_[DS_MAX_MR * DS_MAX_NR];                                          \
+        float s_[DS_MAX_MR * DS_MAX_NR];                                              \
+        for (int i_ = 0; i_ < (MR); i_++)                                             \
+            for (int j_ = 0; j_ < (NR); j_++) {                                       \
+                __m512 v_ = acc[i_][j_][0];                                           \
+                for (int u_ = 1; u_ < (U); u_++)                                      \
+                    v_ = _mm512_add_ps(v_, acc[i_][j_][u_]);                          \
+                flat_[i_ * (NR) + j_] = v_;                                           \
+            }                                                                         \
+        const int n_ = (MR) * (NR), n8_ = n_ / 8 * 8;                                 \
+        for (int q_ = 0; q_ < n8_; q_ += 8)                                           \
+            _mm256_storeu_ps(s_ + q_, hsum8x16(flat_ + q_));                          \
+        for (int q_ = n8_; q_ < n_ && q_ < DS_MAX_MR * DS_MAX_NR; q_++)              \
+            s_[q_] = _mm512_reduce_add_ps(flat_[q_]);                                 \
+        for (int i_ = 0; i_ < (MR); i_++)                                             \
+            for (int j_ = 0; j_ < (NR); j_++) {                                       \
+                float r_ = s_[i_ * (NR) + j_];                                        \
+                (c)[i_ * (ldc) + j_] = (accumulate) ? (c)[i_ * (ldc) + j_] + r_ : r_; \
+            }                                                                         \
+    } while (0)
+
 INL TGT5 __m512 ld5_f32(const void *p, int64_t k) { return _mm512_loadu_ps((const float *)p + k); }
 INL TGT5 __m512 ld5m_f32(const void *p, int64_t k, __mmask16 m)
 {
@@ -180,14 +223,7 @@ INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t e
                     acc[i][j][0] = _mm512_fmadd_ps(xv[i], wv, acc[i][j][0]);              \
             }                                                                             \
         }                                                                                 \
-        for (int i = 0; i < MR; i++)                                                      \
-            for (int j = 0; j < NR; j++) {                                                \
-                __m512 sum = acc[i][j][0];                                                \
-                for (int u = 1; u < U; u++)                                               \
-                    sum = _mm512_add_ps(sum, acc[i][j][u]);                               \
-                float v = _mm512_reduce_add_ps(sum);                                      \
-                c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;                     \
-            }                                                                             \
+        TILE5_STORE(acc, MR, NR, U, c, ldc, accumulate);                                  \
     }                                                                                     \
     static TGT5 void dot5_##T(int mr, int nr, const void *const *x, const void *const *w,  \
                               int64_t K, float *c, int64_t ldc, int accumulate,            \
@@ -250,14 +286,7 @@ INL TGT5B void tile5b(const int MR, const int NR, const void *const *x, const vo
                 acc[i][j][0] = _mm512_dpbf16_ps(acc[i][j][0], xv[i], wv);
         }
     }
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++) {
-            __m512 sum = acc[i][j][0];
-            for (int u = 1; u < U; u++)
-                sum = _mm512_add_ps(sum, acc[i][j][u]);
-            float v = _mm512_reduce_add_ps(sum);
-            c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;
-        }
+    TILE5_STORE(acc, MR, NR, U, c, ldc, accumulate);
 }
 
 static TGT5B void dot5b_bf16(int mr, int nr, const void *const *x, const void *const *w,

@@ -63,14 +63,26 @@ typedef struct {
 
 static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-/* K block for a block of mb rows: the rows' K-slices stay in L2 while the
- * weight tiles stream past them.  Whole K when it fits. */
+/* K block for a block of mb rows.  Two limits: a weight group and a row
+ * tile of the kernel (10 rows x kc) must stay in L1 (48 KiB; a 4x6 bf16 tile
+ * loses half its speed beyond about 2560), and the block's rows (mb x kc)
+ * in L2.  K is split into equal blocks (multiples of 64) so that no block is
+ * a short remainder: every block pays one reduction per output, and short
+ * blocks pay it more often. */
+#define L1_TILE_BUDGET (40 * 1024)
 #define L2_BUDGET (384 * 1024)
 static int64_t k_block(int64_t mb, size_t esz, int64_t K)
 {
-    int64_t kb = L2_BUDGET / (mb * (int64_t)esz);
-    kb = kb < 256 ? 256 : kb & ~(int64_t)63;
-    return kb >= K ? K : kb;
+    int64_t kmax = L1_TILE_BUDGET / ((int64_t)(DS_MAX_MR + 6) * (int64_t)esz);
+    int64_t k2 = L2_BUDGET / (mb * (int64_t)esz);
+    if (k2 < kmax)
+        kmax = k2;
+    kmax = kmax < 256 ? 256 : kmax & ~(int64_t)63;
+    if (K <= kmax)
+        return K;
+    int64_t nblocks = (K + kmax - 1) / kmax;
+    int64_t kc = (K + nblocks - 1) / nblocks;
+    return (kc + 63) & ~(int64_t)63;
 }
 
 static double now_seconds(void)
