@@ -19,7 +19,10 @@ expert's gate/up weights), for m in 1, 4, 16, 64, 256 and (n, K) in
 
 Weights rotate over enough copies (>= --rotate-mb) that every call reads W
 from DRAM, as a model's experts do.  Rates are GFLOP/s (2*m*n*K / time, median
-of repeats); for small m the W read rate (GB/s) is what bounds them.
+of all calls); for small m the W read rate (GB/s) is what bounds them.  The
+implementations are timed in interleaved rounds (random order, an idle gap
+before each, ~50 ms bursts of calls), so a drift of the machine's speed hits
+all alike.
 """
 from __future__ import annotations
 
@@ -36,11 +39,14 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_openblas(coretype: str | None = None, threads: int = 2):
+def load_openblas(coretype: str | None = None, threads: int = 2, thread_timeout: int | None = None):
     """scipy_openblas32 through ctypes; with ``coretype`` a private copy of the
     library is loaded with OPENBLAS_CORETYPE set (so it can sit next to an
-    auto-detected instance). Returns (sgemm(X, W) -> C = X @ W.T, corename) or
-    (None, reason)."""
+    auto-detected instance); ``thread_timeout`` (log2 cycles, 4..30) sets
+    OPENBLAS_THREAD_TIMEOUT for that copy, i.e. how long its idle worker
+    threads spin after a call (default 28: ~0.1 s, which slows whatever runs
+    next on a 2-core machine).  Returns (sgemm(X, W) -> C = X @ W.T, corename)
+    or (None, reason)."""
     try:
         import scipy_openblas32 as sob
     except ImportError:
@@ -54,20 +60,25 @@ def load_openblas(coretype: str | None = None, threads: int = 2):
             return None, f"no shared library in {sob.get_lib_dir()}"
         src = os.path.join(sob.get_lib_dir(), cands[0])
     path = src
-    old = os.environ.get("OPENBLAS_CORETYPE")
+    env = {}
     if coretype:
+        env["OPENBLAS_CORETYPE"] = coretype
+    if thread_timeout is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = str(int(thread_timeout))
+    saved = {k: os.environ.get(k) for k in env}
+    if env:  # a private copy, so that these settings apply to a fresh instance
         d = tempfile.mkdtemp(prefix="ds_openblas_")
-        path = os.path.join(d, f"libscipy_openblas_{coretype}.so")
+        path = os.path.join(d, f"libscipy_openblas_{coretype or 'auto'}_{thread_timeout or 'dflt'}.so")
         shutil.copy(src, path)
-        os.environ["OPENBLAS_CORETYPE"] = coretype
+        os.environ.update(env)
     try:
         lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
     finally:
-        if coretype:
-            if old is None:
-                os.environ.pop("OPENBLAS_CORETYPE", None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
             else:
-                os.environ["OPENBLAS_CORETYPE"] = old
+                os.environ[k] = v
     prefix = "scipy_"
     lib[f"{prefix}openblas_set_num_threads"](threads)
     try:
@@ -96,20 +107,59 @@ def load_openblas(coretype: str | None = None, threads: int = 2):
     return sgemm, core
 
 
-def median_time(fn, n_calls, min_rep, max_rep, budget):
-    """fn(i) for i in a rotating index; warm-up, then median of repeats
-    (at least min_rep, at most max_rep, stopping after `budget` seconds)."""
-    for i in range(min(3, n_calls)):
-        fn(i)
-    ts = []
-    t_all = time.perf_counter()
-    i = 0
-    while len(ts) < max_rep and (len(ts) < min_rep or time.perf_counter() - t_all < budget):
+def interleaved_medians(fns, n_calls, budget, gap, rng, idle_threshold=0.10, min_rounds=5, max_rounds=50,
+                        noisy_budget=30.0):
+    """Median seconds per call of every fn(i) (i rotating over n_calls weight
+    copies).  After a warm-up, rounds run every implementation in a fresh
+    random order, each after `gap` idle seconds (OpenBLAS's workers spin for
+    ~0.1 s after a call and would slow the next library) and for a burst of
+    about 50 ms of back-to-back calls (a library's own spinning threads help it
+    there, as in a model's loop of calls); rounds go on for `budget` seconds
+    per implementation (at least min_rounds, at most max_rounds), so a drift of
+    the machine's speed hits all alike.  Rounds during which other processes
+    used more than `idle_threshold` of the CPUs are discarded while enough
+    quiet ones come (a busy core turns OpenBLAS's 1 ms GEMV into 50 ms)."""
+    from bench_experts import cpu_snapshot, other_load
+
+    names = list(fns)
+    burst = {}
+    for name in names:
+        for i in range(3):
+            fns[name](i % n_calls)
         t0 = time.perf_counter()
-        fn(i % n_calls)
-        ts.append(time.perf_counter() - t0)
-        i += 1
-    return statistics.median(ts), len(ts)
+        fns[name](3 % n_calls)
+        burst[name] = max(1, min(200, int(0.05 / max(time.perf_counter() - t0, 1e-6))))
+    all_rounds = []  # (other load, {name: [seconds per call]})
+    t_all = time.perf_counter()
+    k = 0
+    while True:
+        s0 = cpu_snapshot()
+        ts = {}
+        for j in rng.permutation(len(names)):
+            name = names[j]
+            time.sleep(gap)
+            ts[name] = []
+            for _ in range(burst[name]):
+                t0 = time.perf_counter()
+                fns[name](k % n_calls)
+                ts[name].append(time.perf_counter() - t0)
+                k += 1
+        all_rounds.append((other_load(s0, cpu_snapshot()), ts))
+        quiet = [r for r in all_rounds if r[0] <= idle_threshold]
+        el = time.perf_counter() - t_all
+        if len(quiet) >= max_rounds or len(all_rounds) >= 3 * max_rounds:
+            break
+        if len(quiet) >= min_rounds and el >= budget * len(names):
+            break
+        if len(all_rounds) >= min_rounds and el >= budget * len(names) + noisy_budget:
+            break
+    used = quiet if len(quiet) >= min_rounds else sorted(all_rounds, key=lambda r: r[0])[:min_rounds]
+    out = {}
+    for name in names:
+        v = [t for r in used for t in r[1][name]]
+        out[name] = (statistics.median(v), len(v))
+    load = sum(r[0] for r in used) / len(used)
+    return out, len(used), len(all_rounds), load
 
 
 def main(argv=None):
@@ -118,12 +168,17 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="+", default=["2048x2048", "4096x4096"], help="n x K")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rotate-mb", type=float, default=256.0, help="weight copies rotated per case (MB)")
-    p.add_argument("--budget", type=float, default=1.5, help="seconds of repeats per case")
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="seconds of timed rounds per implementation and case (default 1)")
+    p.add_argument("--gap", type=float, default=0.3,
+                   help="idle seconds before each implementation (OpenBLAS workers spin ~0.1 s after a call)")
+    p.add_argument("--idle-threshold", type=float, default=0.10,
+                   help="rounds where other processes use more of the CPUs are discarded (default 0.10)")
     p.add_argument("--out", default=os.path.join(REPO, "bench-results"))
     p.add_argument("--quick", action="store_true", help="m in 1, 64; n x K 2048x2048 only")
     a = p.parse_args(argv)
     if a.quick:
-        a.ms, a.shapes, a.budget = [1, 64], ["2048x2048"], 0.5
+        a.ms, a.shapes, a.budget = [1, 64], ["2048x2048"], 0.3
 
     import numpy as np
     import torch
@@ -148,6 +203,7 @@ def main(argv=None):
     impls = ["torch.matmul", "numpy"] + list(libs) + ["engine"]
     results = []
     rng = np.random.default_rng(0)
+    order_rng = np.random.default_rng(1)
     for shape in a.shapes:
         n, K = map(int, shape.lower().split("x"))
         wbytes = n * K * 4
@@ -181,24 +237,26 @@ def main(argv=None):
                 if err > 1e-4:
                     print(f"WARNING {name} m={m} {shape}: max rel err {err:.2e}")
             row = {"m": m, "n": n, "K": K}
-            # interleave: one case per implementation, rotating the starting point
-            order = impls[m % len(impls):] + impls[:m % len(impls)]
-            for name in order:
-                t, reps = median_time(fns[name], ncopy, 5, 200, a.budget)
+            meds, rounds, rounds_total, load = interleaved_medians(fns, ncopy, a.budget, a.gap, order_rng,
+                                                                   idle_threshold=a.idle_threshold)
+            for name in impls:
+                t, reps = meds[name]
                 flops = (3 if name == "engine" else 2) * m * n * K
                 wb = wbytes * (1.5 if name == "engine" else 1)
                 row[name] = {"ms": t * 1e3, "gflops": flops / t / 1e9, "w_gbps": wb / t / 1e9, "repeats": reps}
+            row["rounds"], row["rounds_total"], row["bg_load"] = rounds, rounds_total, load
             results.append(row)
             best = max(impls, key=lambda k: row[k]["gflops"])
             print(f"n x K = {n} x {K}, m = {m:>3}: " + "  ".join(
-                f"{k} {row[k]['gflops']:7.1f}" for k in impls) + f"   GFLOP/s (best: {best})", flush=True)
+                f"{k} {row[k]['gflops']:7.1f}" for k in impls) + f"   GFLOP/s (best: {best}; "
+                f"{rounds}/{rounds_total} rounds, bg load {load:.0%})", flush=True)
         del Ws, Wn, downs
 
-    lines = ["| n x K | m | " + " | ".join(impls) + " | best |", "|" + "---|" * (len(impls) + 3)]
+    lines = ["| n x K | m | " + " | ".join(impls) + " | best | bg load |", "|" + "---|" * (len(impls) + 4)]
     for r in results:
         best = max(impls, key=lambda k: r[k]["gflops"])
         lines.append(f"| {r['n']}x{r['K']} | {r['m']} | " + " | ".join(
-            f"{r[k]['gflops']:.1f} ({r[k]['w_gbps']:.0f} GB/s)" for k in impls) + f" | {best} |")
+            f"{r[k]['gflops']:.1f} ({r[k]['w_gbps']:.0f} GB/s)" for k in impls) + f" | {best} | {r['bg_load']:.0%} |")
     md = ("fp32 GFLOP/s (weight read rate in GB/s); engine = moe_experts E=1,K=1, counted as 3mnK flops "
           "(gate_up + down; approximate)\n\n" + "\n".join(lines) + "\n")
     print()

@@ -8,6 +8,8 @@ the same process, interleaved round by round so machine noise hits all alike:
 
 * transformers 5.x (the generation installed decides what runs):
   - ``engine``          dualsparse.ops.moe_experts on the fused (E, 2I, H) / (E, H, I) tensors
+  - ``engine_after_torch``  the same, each call right after an untimed torch GEMM the size of
+                        the attention output projection (torch's OpenMP workers still spin)
   - ``hf5_eager``       the Experts class' own forward (MixtralExperts / OlmoeExperts)
   - ``hf5_grouped_mm``  transformers.integrations.moe.grouped_mm_experts_forward
   - ``hf5_batched_mm``  transformers.integrations.moe.batched_mm_experts_forward
@@ -21,6 +23,8 @@ the same process, interleaved round by round so machine noise hits all alike:
                         on the block's own expert modules (the router is not timed)
 * engine drop policies (both generations): 1T-Drop and 2T-Drop (P=2) at drop
   rates r in --rates, plus route_levels' own time.
+* in every timed round, a short GEMM-rate and read-bandwidth probe: efficiencies
+  are judged against the machine's speed while that shape ran.
 
 All implementations read the same weight storage (the HF modules' parameters
 are views of the tensors the engine reads), so the same bytes are touched.
@@ -208,6 +212,7 @@ def machine_limits(torch, np, quick: bool, log_fn=log):
     big GEMV over ~1 GiB)."""
     reps = 3 if quick else 7
     res = {"gemm": [], "bandwidth": []}
+    handles = {}
     sizes = [2048] if quick else [2048, 4096]
     for dt in ("float32", "bfloat16"):
         for n in sizes:
@@ -229,7 +234,7 @@ def machine_limits(torch, np, quick: bool, log_fn=log):
         load_openblas = None
     if load_openblas is not None:
         for coretype in (None, "SkylakeX"):
-            sg, core = load_openblas(coretype, torch.get_num_threads())
+            sg, core = load_openblas(coretype, torch.get_num_threads(), thread_timeout=4)
             if sg is None:
                 log_fn(f"  (scipy_openblas32 unavailable: {core})")
                 break
@@ -241,6 +246,7 @@ def machine_limits(torch, np, quick: bool, log_fn=log):
                 res["gemm"].append({"lib": f"scipy_openblas32 sgemm ({core})", "dtype": "float32",
                                     "shape": f"{n}x{n}x{n}", "gflops": 2 * n**3 / t / 1e9})
                 del a, b, c
+            handles[f"openblas_{coretype or 'auto'}"] = sg
     nbytes = (2**28 if quick else 2**30)
     x = torch.randn(nbytes // 4)
     res["bandwidth"].append({"method": "torch.sum fp32", "gbps": nbytes / timeit(lambda: x.sum(), reps) / 1e9})
@@ -270,7 +276,45 @@ def machine_limits(torch, np, quick: bool, log_fn=log):
         log_fn(f"  GEMM  {g['lib']:<36} {g['dtype']:<9} {g['shape']:<15} {g['gflops']:8.1f} GFLOP/s")
     for b in res["bandwidth"]:
         log_fn(f"  read  {b['method']:<28} {b['gbps']:8.1f} GB/s")
+    res["_handles"] = handles
     return res
+
+
+class LimitProbes:
+    """Short GEMM-rate and read-bandwidth probes run once per timed round, so
+    that each shape's efficiency is judged against the machine's speed *while
+    that shape ran* (on a shared VM host the speed drifts by 2x and more)."""
+
+    def __init__(self, torch, np, handles, quick: bool):
+        self.torch = torch
+        n = self.n = 2048
+        self.flops = 2.0 * n**3
+        g = torch.Generator().manual_seed(1)
+        self.a = {dt: torch.randn(n, n, generator=g).to(getattr(torch, dt)) for dt in ("float32", "bfloat16")}
+        self.b = {dt: torch.randn(n, n, generator=g).to(getattr(torch, dt)) for dt in ("float32", "bfloat16")}
+        self.sg = handles.get("openblas_SkylakeX") or handles.get("openblas_auto")
+        if self.sg is not None:
+            self.an, self.bn = self.a["float32"].numpy(), self.b["float32"].numpy()
+            self.cn = np.empty((n, n), dtype=np.float32)
+        self.nbytes = 2**28 if quick else 2**29
+        self.buf = torch.randn(self.nbytes // 4, generator=g)
+
+    def measure(self, dtype: str):
+        torch = self.torch
+        best_t = float("inf")
+        fns = [lambda: torch.matmul(self.a[dtype], self.b[dtype])]
+        if dtype == "float32" and self.sg is not None:
+            fns.append(lambda: self.sg(self.an, self.bn, self.cn))
+        for f in fns:
+            t0 = time.perf_counter()
+            f()
+            best_t = min(best_t, time.perf_counter() - t0)
+        best_r = float("inf")
+        for f in (lambda: self.buf.sum(), lambda: self.buf.amax()):
+            t0 = time.perf_counter()
+            f()
+            best_r = min(best_r, time.perf_counter() - t0)
+        return self.flops / best_t / 1e9, self.nbytes / best_r / 1e9
 
 
 # ----------------------------------------------------------------- routing
@@ -341,39 +385,43 @@ def batch_accounting(levels, ids, P, E, I):
 
 # --------------------------------------------------------------- reference
 
-def reference_rows(torch, x, ids, w, gu, dn, levels, P, rows, dtype):
-    """The expert output of the first `rows` tokens, computed with torch per
-    expert (prefix partitions applied by masking neurons), fp32 accumulation;
-    for 16-bit dtypes the SwiGLU activation is rounded to the dtype before the
-    down projection, as the model does."""
+def reference_parts(torch, x, ids, gu, dn, dtype, bounds):
+    """Per-expert reference pieces for the check rows: for every expert e used
+    by a row, fp32 outputs of each neuron segment [bounds[j], bounds[j+1]) of
+    e's FFN for every row, shape (rows, segments, H).  Gate/up and down are
+    computed in fp32 from the model's weights (upcast for 16-bit dtypes); for
+    16-bit dtypes the SwiGLU activation is rounded to the dtype before the down
+    projection, as the model does.  Any prefix partition is a sum of segments."""
     F = torch.nn.functional
-    E, I2, H = gu.shape
-    I = I2 // 2
-    x = x[:rows]
-    ids = ids[:rows]
-    wt = w[:rows].float()
-    lv = torch.full(ids.shape, P, dtype=torch.int64) if levels is None else levels[:rows].to(torch.int64)
-    out = torch.zeros(rows, H, dtype=torch.float32)
+    I = gu.shape[1] // 2
+    xf = x.float()
+    parts = {}
     for e in torch.unique(ids).tolist():
-        t_idx, k_idx = torch.where(ids == e)
-        n = (lv[t_idx, k_idx] * I) // P
-        keep = n > 0
-        t_idx, k_idx, n = t_idx[keep], k_idx[keep], n[keep]
-        if t_idx.numel() == 0:
-            continue
-        xe = x[t_idx]
-        if dtype == torch.float32:
-            gup = F.linear(xe.float(), gu[e].float() if gu.dtype != torch.float32 else gu[e])
-        else:
-            gup = F.linear(xe, gu[e]).float()
-        act = F.silu(gup[:, :I]) * gup[:, I:]
-        act = act * (torch.arange(I)[None, :] < n[:, None])
+        W = gu[e].float()
+        g = F.linear(xf, W)
+        del W
+        act = F.silu(g[:, :I]) * g[:, I:]
         if dtype != torch.float32:
-            act = act.to(dtype)
-            y = F.linear(act, dn[e]).float()
-        else:
-            y = F.linear(act, dn[e])
-        out.index_add_(0, t_idx, y * wt[t_idx, k_idx, None])
+            act = act.to(dtype).float()
+        D = dn[e].float()
+        parts[e] = torch.stack([F.linear(act[:, a:b], D[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], 1)
+        del D
+    return parts
+
+
+def reference_combine(torch, parts, ids, w, levels, P, I, bounds, H):
+    """out[t] = sum_k w[t,k] * (segments of expert ids[t,k] below (level*I)//P)."""
+    rows, K = ids.shape
+    out = torch.zeros(rows, H, dtype=torch.float32)
+    lv = torch.full(ids.shape, P, dtype=torch.int64) if levels is None else levels.to(torch.int64)
+    wf = w.float()
+    for t in range(rows):
+        for k in range(K):
+            n = (int(lv[t, k]) * I) // P
+            if n == 0:
+                continue
+            nseg = bounds.index(n)  # segments [0, nseg) make up the prefix of n neurons
+            out[t] += wf[t, k] * parts[int(ids[t, k])][t, :nseg].sum(0)
     return out
 
 
@@ -406,10 +454,24 @@ class Impl:
         self.warm_s = None
         self.err = None
         self.check_ok = None
+        self.phases_ms = None
+        self.pre = None               # untimed step before each batch (engine_after_torch)
 
     def run_all(self, nb):
+        """Runs the batch set; returns the seconds spent in run_batch (an
+        untimed `pre` step, when set, runs before each batch)."""
+        if self.pre is None:
+            t0 = time.perf_counter()
+            for b in range(nb):
+                self.run_batch(b)
+            return time.perf_counter() - t0
+        total = 0.0
         for b in range(nb):
+            self.pre(b)
+            t0 = time.perf_counter()
             self.run_batch(b)
+            total += time.perf_counter() - t0
+        return total
 
 
 def hf5_impls(torch, spec, dtype, gu, dn):
@@ -527,6 +589,9 @@ def run_benchmark(args):
     import transformers
 
     ds, ops = import_engine()
+    import inspect
+
+    engine_has_timings = "timings" in inspect.signature(ops.moe_experts).parameters
     torch.set_num_threads(args.threads)
     nt = args.threads
     tf_ver = transformers.__version__
@@ -559,6 +624,7 @@ def run_benchmark(args):
     s0 = cpu_snapshot()
     limits = machine_limits(torch, np, args.quick)
     limits["other_load"] = other_load(s0, cpu_snapshot())
+    probes = LimitProbes(torch, np, limits.pop("_handles"), args.quick)
     gemm_rate = limits["gemm_rate_gflops"]
     bw = limits["bandwidth_gbps"]
 
@@ -584,6 +650,7 @@ def run_benchmark(args):
                 dn[e].copy_(torch.randn(H, I, generator=g).mul_(I ** -0.5))
             log(f"   weights ready in {time.perf_counter() - t0:.1f}s")
 
+            o_proj = torch.randn(H, H, generator=g).mul_(H ** -0.5).to(dtype)
             hf_fns = {}
             hf_info = {}
             engine_split_lists = None
@@ -614,20 +681,27 @@ def run_benchmark(args):
                     if split:
                         gms, ums, dms = engine_split_lists
 
-                        def f(b):
+                        def f(b, **kw):
                             bt = batches[b]
                             return ops.moe_experts_split(bt["x"], bt["ids"], bt["w"], gms, ums, dms,
                                                          levels=None if levels is None else levels[b],
-                                                         num_partitions=P, out=bt["out"], num_threads=nt)
+                                                         num_partitions=P, out=bt["out"], num_threads=nt, **kw)
                     else:
-                        def f(b):
+                        def f(b, **kw):
                             bt = batches[b]
                             return ops.moe_experts(bt["x"], bt["ids"], bt["w"], gu, dn,
                                                    levels=None if levels is None else levels[b],
-                                                   num_partitions=P, out=bt["out"], num_threads=nt)
+                                                   num_partitions=P, out=bt["out"], num_threads=nt, **kw)
                     return f
 
                 impls.append(Impl("engine", "engine", engine_runner(None, 1)))
+                if not args.no_after_torch:
+                    # the same call right after a torch GEMM the size of the attention output
+                    # projection (T x H @ H x H, untimed), as in a model's layer: torch's OpenMP
+                    # workers still spin then and compete with the engine's threads
+                    im_at = Impl("engine_after_torch", "engine", engine_runner(None, 1))
+                    im_at.pre = (lambda b: torch.matmul(batches[b]["x"], o_proj))
+                    impls.append(im_at)
                 if engine_split_lists is not None:
                     impls.append(Impl("engine_split", "engine", engine_runner(None, 1, split=True)))
                 for name, fn in hf_fns.items():
@@ -684,45 +758,53 @@ def run_benchmark(args):
                         im.skipped = (f"predicted {est:.1f}s per call x {1 + args.min_repeats} "
                                       f"> --config-budget {args.config_budget:g}s")
 
-                # warm-up + correctness check on the first rows of batch 0
-                check_rows = min(T, args.check_rows)
-                ref_cache = {}
-                torch.manual_seed(0)
+                # warm-up + correctness check: the first rows of the first batches
+                # (check_rows in all) against a torch fp32 reference
+                plan, got = [], 0
+                for b in range(nb):
+                    if got >= args.check_rows:
+                        break
+                    k_rows = min(T, args.check_rows - got)
+                    plan.append((b, k_rows))
+                    got += k_rows
+                cat = lambda key: torch.cat([batches[b][key][:k] for b, k in plan], 0)  # noqa: E731
+                x_chk, ids_chk, w_chk = cat("x"), cat("ids"), cat("w")
+                bounds = sorted({(l * I) // im.P for im in impls for l in range(im.P + 1)})
+                with torch.inference_mode():
+                    parts = reference_parts(torch, x_chk, ids_chk, gu, dn, dtype, bounds)
+                tol = 1e-4 if dtype == torch.float32 else 1e-2
                 with torch.inference_mode():
                     for im in impls:
                         if im.skipped:
                             log(f"   skip {spec['model']} {dname} T={T} {im.name}: {im.skipped}")
                             continue
+                        outs = []
                         try:
                             t0 = time.perf_counter()
-                            out0 = im.run_batch(0)
-                            first = time.perf_counter() - t0
-                            out0 = out0.clone() if out0 is batches[0]["out"] else out0
-                            for b in range(1, nb):
-                                im.run_batch(b)
+                            for b in range(nb):
+                                if im.pre is not None:
+                                    im.pre(b)
+                                o = im.run_batch(b)
+                                if b < len(plan):
+                                    outs.append(o[:plan[b][1]].clone())
                             im.warm_s = (time.perf_counter() - t0) / nb
                         except Exception as exc:  # an HF path that does not run on this CPU/dtype
                             im.skipped = f"error: {type(exc).__name__}: {str(exc)[:200]}"
                             log(f"   skip {spec['model']} {dname} T={T} {im.name}: {im.skipped}")
                             continue
-                        key = (im.P, None if im.thresholds is None else tuple(im.thresholds))
-                        if key not in ref_cache:
-                            bt = batches[0]
-                            ref_cache[key] = reference_rows(torch, bt["x"], bt["ids"], bt["w"], gu, dn,
-                                                            None if im.levels is None else im.levels[0], im.P,
-                                                            check_rows, dtype)
-                        ref = ref_cache[key]
-                        im.err = rel_err(out0[:check_rows], ref)
-                        tol = 1e-4 if dtype == torch.float32 else 3e-2
+                        lv_chk = None if im.levels is None else torch.cat([im.levels[b][:k] for b, k in plan], 0)
+                        ref = reference_combine(torch, parts, ids_chk, w_chk, lv_chk, im.P, I, bounds, H)
+                        im.err = rel_err(torch.cat(outs, 0), ref)
                         im.check_ok = bool(math.isfinite(im.err) and im.err <= tol)
                         if not im.check_ok:
                             log(f"   WARNING {spec['model']} {dname} T={T} {im.name}: relative error {im.err:.2e} "
-                                f"vs torch reference (tolerance {tol:g})")
+                                f"vs the torch fp32 reference (tolerance {tol:g})")
                         if im.warm_s * nb * args.min_repeats > args.config_budget:
                             im.skipped = (f"one call took {im.warm_s * nb:.1f}s; x{args.min_repeats} repeats "
                                           f"> --config-budget {args.config_budget:g}s")
                             log(f"   skip {spec['model']} {dname} T={T} {im.name}: {im.skipped}")
-                        del out0
+                        del outs
+                    del parts
                     # extra warm-up for short calls (thread pools, page faults, caches)
                     live = [im for im in impls if not im.skipped]
                     for im in live:
@@ -731,27 +813,72 @@ def run_benchmark(args):
                             im.run_all(nb)
                             k += 1
 
-                    # interleaved timing rounds
+                    # interleaved timing rounds; the other processes' CPU share is measured
+                    # per round, and only quiet rounds count (see --idle-threshold)
                     wait_idle(args.wait_idle, args.idle_threshold)
-                    snap0 = cpu_snapshot()
+                    order_rng = np.random.default_rng(args.seed + T)
                     t_shape = time.perf_counter()
-                    rounds = 0
+                    all_rounds = []  # (other load, {impl name: seconds per batch})
                     while live:
-                        order = live[rounds % len(live):] + live[:rounds % len(live)]
+                        if all_rounds and all_rounds[-1][0] > args.idle_threshold:
+                            wait_idle(args.wait_idle, args.idle_threshold)
+                        # a fresh random order every round, and a short idle gap before each
+                        # implementation, so none always follows the same predecessor (a torch
+                        # op leaves OpenMP workers spinning for a few ms; see engine_after_torch)
+                        order = [live[i] for i in order_rng.permutation(len(live))]
+                        snap0 = cpu_snapshot()
+                        times = {}
                         for im in order:
-                            t0 = time.perf_counter()
-                            im.run_all(nb)
-                            im.times.append((time.perf_counter() - t0) / nb)
-                        rounds += 1
+                            if args.gap_ms > 0:
+                                time.sleep(args.gap_ms / 1e3)
+                            times[im.name] = im.run_all(nb) / nb
+                        if args.gap_ms > 0:
+                            time.sleep(args.gap_ms / 1e3)
+                        probe = probes.measure(dname)
+                        all_rounds.append((other_load(snap0, cpu_snapshot()), times, probe))
+                        n_quiet = sum(1 for r in all_rounds if r[0] <= args.idle_threshold)
                         el_s = time.perf_counter() - t_shape
-                        if rounds >= args.max_repeats:
+                        if n_quiet >= args.max_repeats or len(all_rounds) >= 3 * args.max_repeats:
                             break
-                        if rounds >= args.min_repeats and el_s >= args.shape_budget:
+                        if n_quiet >= args.min_repeats and el_s >= args.shape_budget:
                             break
-                    bg_load = other_load(snap0, cpu_snapshot())
+                        if len(all_rounds) >= args.min_repeats and el_s >= args.shape_budget + args.noisy_budget:
+                            break
+                    quiet = [r for r in all_rounds if r[0] <= args.idle_threshold]
+                    used = quiet if len(quiet) >= args.min_repeats else \
+                        sorted(all_rounds, key=lambda r: r[0])[:args.min_repeats]
+                    for im in live:
+                        im.times = [r[1][im.name] for r in used]
+                    rounds = len(used)
+                    rounds_total = len(all_rounds)
+                    bg_load = sum(r[0] for r in used) / max(1, len(used))
+                    # the machine's speed during these rounds (falls back to the start-up limits)
+                    shape_gemm = median([r[2][0] for r in used]) if used else gemm_rate[dname]
+                    shape_bw = median([r[2][1] for r in used]) if used else bw
+                    if rounds < rounds_total:
+                        log(f"   {rounds_total - rounds} of {rounds_total} rounds discarded as noisy "
+                            f"(other processes > {args.idle_threshold:.0%} of the CPUs)")
                     if bg_load > args.idle_threshold:
-                        log(f"   NOTE: other processes used {bg_load:.0%} of the CPUs during these rounds: "
+                        log(f"   NOTE: other processes used {bg_load:.0%} of the CPUs during the rounds kept: "
                             f"times are noisy")
+
+                    # the engine's own phase timings (routing plan, gate/up, down, combine), one
+                    # extra untimed pass, where this build of the engine offers them
+                    if engine_has_timings:
+                        for im in live:
+                            if im.family != "engine":
+                                continue
+                            acc = np.zeros(4)
+                            try:
+                                for b in range(nb):
+                                    tm = np.zeros(4)
+                                    if im.pre is not None:
+                                        im.pre(b)
+                                    im.run_batch(b, timings=tm)
+                                    acc += tm
+                                im.phases_ms = [float(v) * 1e3 / nb for v in acc]
+                            except Exception as exc:  # pragma: no cover
+                                log(f"   (phase timings unavailable: {exc})")
 
                     # route_levels' own time per batch set (the policy's overhead)
                     rl_time = {}
@@ -763,7 +890,8 @@ def run_benchmark(args):
 
                 # rows
                 base = {"tf": tf_ver, "model": spec["model"], "shape": shape, "dtype": dname, "T": T,
-                        "batches": nb, "H": H, "I": I, "E": E, "K": K, "bg_load": bg_load, "rounds": rounds}
+                        "batches": nb, "H": H, "I": I, "E": E, "K": K, "bg_load": bg_load, "rounds": rounds,
+                        "rounds_total": rounds_total, "limit_gemm_gflops": shape_gemm, "limit_bw_gbps": shape_bw}
                 t_nodrop = {}
                 for im in impls:
                     if im.policy == "none" and im.times:
@@ -785,23 +913,24 @@ def run_benchmark(args):
                         "skipped": im.skipped, "rel_err": im.err, "check_ok": im.check_ok,
                         "neurons_per_batch": im.neurons, "flops_per_batch": im.flops,
                         "distinct_weight_bytes_per_batch": im.bytes,
+                        "engine_phases_ms": im.phases_ms,
                         "gflops": im.flops / t / 1e9 if im.times else None,
                         "gbps": im.bytes / t / 1e9 if im.times else None,
                     })
                     if im.times:
                         if T >= 128:
                             row["eff_kind"] = "gemm"
-                            row["eff"] = row["gflops"] / gemm_rate[dname]
+                            row["eff"] = row["gflops"] / shape_gemm
                         elif T <= 16:
                             row["eff_kind"] = "bandwidth"
-                            row["eff"] = row["gbps"] / bw
+                            row["eff"] = row["gbps"] / shape_bw
                         else:
                             row["eff_kind"], row["eff"] = None, None
                         row["eff_goal_met"] = None if row["eff"] is None else bool(row["eff"] >= 0.70)
                         # roofline: the time the machine limits allow for this much work and data
-                        t_roof = max(im.flops / (gemm_rate[dname] * 1e9), im.bytes / (bw * 1e9))
+                        t_roof = max(im.flops / (shape_gemm * 1e9), im.bytes / (shape_bw * 1e9))
                         row["roofline_ms"] = t_roof * 1e3
-                        row["roofline_bound"] = "gemm" if im.flops / gemm_rate[dname] >= im.bytes / bw else "bandwidth"
+                        row["roofline_bound"] = "gemm" if im.flops / shape_gemm >= im.bytes / shape_bw else "bandwidth"
                         row["roofline_eff"] = t_roof / t
                     if im.family == "engine" and im.policy == "none" and hf_best[0] is not None and im.times:
                         row["hf_best"] = hf_best[0]
@@ -844,7 +973,7 @@ def run_benchmark(args):
                 del mod
             else:
                 del block, loop, engine_split_lists
-            del hf_fns, gu, dn
+            del hf_fns, gu, dn, o_proj
             gc.collect()
     bar.close()
     meta["wall_s"] = time.perf_counter() - t_start
@@ -864,7 +993,7 @@ CSV_FIELDS = ["tf", "model", "dtype", "T", "batches", "impl", "family", "policy"
               "rel_err", "check_ok", "hf_best", "hf_best_ms", "speedup_vs_hf_best", "ratio", "goal", "goal_met",
               "compute_ideal", "mem_ideal", "mem_goal", "mem_goal_met", "levels_us", "gflops", "gbps", "eff_kind",
               "eff", "eff_goal_met", "roofline_ms", "roofline_bound", "roofline_eff", "neurons_per_batch",
-              "distinct_weight_bytes_per_batch", "bg_load", "rounds"]
+              "distinct_weight_bytes_per_batch", "engine_phases_ms", "bg_load", "rounds", "rounds_total", "limit_gemm_gflops", "limit_bw_gbps"]
 
 
 def write_outputs(result, stem, runs):
@@ -901,12 +1030,11 @@ def markdown(runs):
                    f"wall {m.get('wall_s', 0):.0f}s, peak RSS {m.get('peak_rss_gib', 0):.2f} GiB")
         out.append("")
         gr = lim["gemm_rate_gflops"]
-        out.append("Machine limits: GEMM " + ", ".join(
+        out.append("Machine limits at start-up: GEMM " + ", ".join(
             f"{dt} {gr[dt]:.0f} GFLOP/s ({lim['gemm_rate_source'][dt]})" for dt in gr) +
             f"; read bandwidth {lim['bandwidth_gbps']:.1f} GB/s ({lim['bandwidth_source']}).")
         out.append("")
     rows = [r for run in runs for r in run["rows"]]
-    tfs = [run["meta"]["transformers"] for run in runs]
 
     def get(tf, model, dt, T, impl):
         for r in rows:
@@ -1015,9 +1143,10 @@ def markdown(runs):
     # ---- table 3: efficiency
     out.append("#### Efficiency vs machine limits (no drop)")
     out.append("")
-    out.append("prefill (T >= 128): FLOP rate = 2*3*H*(neurons computed)/time, as a fraction of the measured GEMM "
+    out.append("prefill (T >= 128): FLOP rate = 2*3*H*(neurons computed)/time, as a fraction of the GEMM "
                "rate of the dtype; decode (T <= 16): distinct weight bytes / time, as a fraction of the read "
-               "bandwidth. Goal: >= 70%. roofline = max(flops / GEMM rate, distinct bytes / bandwidth) / time "
+               "bandwidth; both limits probed in every timed round of that shape (2048^3 GEMM, 512 MB sum), "
+               "median. Goal: >= 70%. roofline = max(flops / GEMM rate, distinct bytes / bandwidth) / time "
                "(the bound that applies: e.g. OLMoE at T=128 reads every expert for ~16 tokens each).")
     out.append("")
     head = ["tf", "model", "dtype", "T", "impl", "GFLOP/s", "GB/s", "limit", "efficiency", "goal met", "roofline"]
@@ -1030,7 +1159,9 @@ def markdown(runs):
         for r in run["rows"]:
             if r["policy"] != "none" or r["skipped"] or not r.get("eff_kind"):
                 continue
-            lim = f"{gr[r['dtype']]:.0f} GFLOP/s" if r["eff_kind"] == "gemm" else f"{bwv:.1f} GB/s"
+            lg = r.get("limit_gemm_gflops") or gr[r["dtype"]]
+            lb = r.get("limit_bw_gbps") or bwv
+            lim = f"{lg:.0f} GFLOP/s" if r["eff_kind"] == "gemm" else f"{lb:.1f} GB/s"
             cells = [r["tf"], r["model"], r["dtype"], str(r["T"]), r["impl"], f"{r['gflops']:.1f}", f"{r['gbps']:.1f}",
                      lim, f"{100 * r['eff']:.0f}% ({'FLOP' if r['eff_kind'] == 'gemm' else 'BW'})",
                      "yes" if r["eff_goal_met"] else "NO",
@@ -1079,6 +1210,10 @@ def parse_args(argv=None):
     p.add_argument("--split-drops", action="store_true",
                    help="(transformers 4) also time drop policies through moe_experts_split")
     p.add_argument("--threads", type=int, default=2, help="torch and engine threads (default 2)")
+    p.add_argument("--gap-ms", type=float, default=10.0,
+                   help="idle gap before each implementation's timed run within a round (default 10 ms)")
+    p.add_argument("--no-after-torch", action="store_true",
+                   help="do not time engine_after_torch (the engine right after a torch GEMM)")
     p.add_argument("--min-repeats", type=int, default=None, help="timed rounds at least (default 5; quick 3)")
     p.add_argument("--max-repeats", type=int, default=None, help="timed rounds at most (default 40; quick 10)")
     p.add_argument("--shape-budget", type=float, default=None,
@@ -1090,13 +1225,18 @@ def parse_args(argv=None):
     p.add_argument("--min-pairs", type=int, default=128,
                    help="small T is timed over ceil(min_pairs/(T*K)) routings (default 128)")
     p.add_argument("--max-batches", type=int, default=32, help="cap on routings per T (default 32)")
-    p.add_argument("--check-rows", type=int, default=16, help="rows checked against the torch reference")
+    p.add_argument("--check-rows", type=int, default=16,
+                   help="token rows (from the first batches) checked against the torch fp32 reference (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wait-idle", type=float, default=0.0,
                    help="before the limits and each timed shape, wait up to this many seconds for other processes "
                         "to go quiet (default 0: do not wait; the load is measured and reported either way)")
     p.add_argument("--idle-threshold", type=float, default=0.10,
-                   help="share of the CPUs other processes may use for the machine to count as quiet (default 0.10)")
+                   help="share of the CPUs other processes may use for the machine (or a timed round) to count as "
+                        "quiet (default 0.10); noisy rounds are discarded while enough quiet ones come")
+    p.add_argument("--noisy-budget", type=float, default=None,
+                   help="extra seconds of rounds per (model, dtype, T) spent hoping for quiet rounds (default 180); "
+                        "then the least loaded rounds are used and the load is reported; quick: 0)")
     p.add_argument("--out", default=os.path.join(REPO, "bench-results"), help="output folder (default bench-results/)")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="merge result JSON files of several runs into one table and exit")
@@ -1109,6 +1249,7 @@ def parse_args(argv=None):
         a.max_repeats = a.max_repeats or 10
         a.shape_budget = 2.0 if a.shape_budget is None else a.shape_budget
         a.min_pairs = min(a.min_pairs, 64)
+        a.noisy_budget = 0.0 if a.noisy_budget is None else a.noisy_budget
     a.shapes = a.shapes or ["olmoe", "mixtral"]
     a.dtypes = a.dtypes or list(DTYPES)
     a.tokens = a.tokens or list(TOKENS)
@@ -1116,10 +1257,15 @@ def parse_args(argv=None):
     a.min_repeats = a.min_repeats or 5
     a.max_repeats = max(a.max_repeats or 40, a.min_repeats)
     a.shape_budget = 20.0 if a.shape_budget is None else a.shape_budget
+    a.noisy_budget = 180.0 if a.noisy_budget is None else a.noisy_budget
     return a
 
 
 def main(argv=None):
+    # numpy's bundled OpenBLAS (used only for the machine limits) must not leave
+    # its worker threads spinning for ~0.1 s after each call: on 2 cores that
+    # slows whatever is timed next.  Read once, when numpy loads it.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     args = parse_args(argv)
     if args.merge:
         merge(args.merge, args.out)

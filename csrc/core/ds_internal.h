@@ -98,9 +98,10 @@ typedef void (*ds_dot_tile_fn)(int mr, int nr, const void *const *x, const void 
                                int64_t K, float *c, int64_t ldc, int accumulate,
                                const ds_prefetch *pf);
 
-/* The GEMV-shaped case (mr <= 4 rows of x): the nw weight rows one after
- * another, each a single stream, c[i*ldc + j] (+)= x_i . w_j.  Equal to
- * calling the dot tile with nr = 1 for every j, without a call per row. */
+/* The GEMV-shaped case (mr <= 4 rows of x): c[i*ldc + j] (+)= x_i . w_j for
+ * the nw weight rows, one after another as single streams (short rows four
+ * at a time), without a call per row.  The summation order depends only on
+ * (mr, nw, K). */
 typedef void (*ds_dot_rows_fn)(int mr, int64_t nw, const void *const *x, const void *const *w,
                                int64_t K, float *c, int64_t ldc, int accumulate);
 

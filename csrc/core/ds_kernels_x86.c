@@ -55,15 +55,31 @@
     default: break;                                                              \
     }
 
-/* Every weight row through the (mr x 1) tile, inlined in one loop. */
-#define DS_ROWS_SWITCH(FN, mr, nw, x, w, K, c, ldc, accumulate)                      \
-    switch (mr) {                                                                    \
-    case 1: for (int64_t j_ = 0; j_ < (nw); j_++) FN(1, 1, x, (w) + j_, K, (c) + j_, ldc, accumulate, NULL); break; \
-    case 2: for (int64_t j_ = 0; j_ < (nw); j_++) FN(2, 1, x, (w) + j_, K, (c) + j_, ldc, accumulate, NULL); break; \
-    case 3: for (int64_t j_ = 0; j_ < (nw); j_++) FN(3, 1, x, (w) + j_, K, (c) + j_, ldc, accumulate, NULL); break; \
-    case 4: for (int64_t j_ = 0; j_ < (nw); j_++) FN(4, 1, x, (w) + j_, K, (c) + j_, ldc, accumulate, NULL); break; \
-    default: break;                                                                  \
-    }
+/* Every weight row through the (mr x 1) tile, inlined in one loop; rows of
+ * at most 2 KiB (short prefixes, e.g. half experts) go four at a time
+ * through the (mr x 4) tile instead, so that the per-row reduction and loop
+ * overhead do not dominate such short streams. */
+#define DS_ROWS_LOOP(FN, MR, nw, x, w, K, c, ldc, accumulate, short_rows)              \
+    do {                                                                             \
+        int64_t j_ = 0;                                                              \
+        if (short_rows)                                                              \
+            for (; j_ + 4 <= (nw); j_ += 4)                                          \
+                FN(MR, 4, x, (w) + j_, K, (c) + j_, ldc, accumulate, NULL);          \
+        for (; j_ < (nw); j_++)                                                      \
+            FN(MR, 1, x, (w) + j_, K, (c) + j_, ldc, accumulate, NULL);              \
+    } while (0)
+
+#define DS_ROWS_SWITCH(FN, mr, nw, x, w, K, c, ldc, accumulate, esz)                 \
+    do {                                                                             \
+        const int short_ = (int64_t)(K) * (int64_t)(esz) <= 2048;                    \
+        switch (mr) {                                                                \
+        case 1: DS_ROWS_LOOP(FN, 1, nw, x, w, K, c, ldc, accumulate, short_); break; \
+        case 2: DS_ROWS_LOOP(FN, 2, nw, x, w, K, c, ldc, accumulate, short_); break; \
+        case 3: DS_ROWS_LOOP(FN, 3, nw, x, w, K, c, ldc, accumulate, short_); break; \
+        case 4: DS_ROWS_LOOP(FN, 4, nw, x, w, K, c, ldc, accumulate, short_); break; \
+        default: break;                                                              \
+        }                                                                            \
+    } while (0)
 
 /* =========================== AVX-512 ===================================== */
 
@@ -93,9 +109,9 @@ INL TGT5 __m256 hsum8x16(const __m512 *v)
         float s_[DS_MAX_MR * DS_MAX_NR];                                              \
         for (int i_ = 0; i_ < (MR); i_++)                                             \
             for (int j_ = 0; j_ < (NR); j_++) {                                       \
-                __m512 v_ = acc[i_][j_][0];                                           \
+                __m512 v_ = acc[ACC(i_, j_, 0)];                                           \
                 for (int u_ = 1; u_ < (U); u_++)                                      \
-                    v_ = _mm512_add_ps(v_, acc[i_][j_][u_]);                          \
+                    v_ = _mm512_add_ps(v_, acc[ACC(i_, j_, u_)]);                          \
                 flat_[i_ * (NR) + j_] = v_;                                           \
             }                                                                         \
         const int n_ = (MR) * (NR), n8_ = n_ / 8 * 8;                                 \
@@ -135,9 +151,18 @@ INL TGT5 __m512 ld5m_f16(const void *p, int64_t k, __mmask16 m)
 }
 
 /* Small tiles have few accumulators: K is unrolled so that every tile keeps
- * at least 6 independent FMA chains in flight (and few, long weight streams
- * for the GEMV-shaped decode case). */
+ * enough independent chains in flight to hide the instruction latency (the
+ * AVX-512 BF16 dot product needs about 20 on current cores; 16 registers
+ * limit AVX2 to fewer), while the accumulators, the x rows and one weight
+ * vector still fit in registers. */
 #define DS_UNROLL(MR, NR) ((MR) * (NR) >= 6 ? 1 : (MR) * (NR) >= 3 ? 2 : (MR) * (NR) == 2 ? 4 : 8)
+/* Accumulators of the AVX-512 tiles, one flat array indexed by constants
+ * after unrolling (so that the compiler keeps every one in a register). */
+#define DS_ACC5 32
+#define ACC(i, j, u) (((i) * NR + (j)) * U + (u))
+#define DS_UNROLL5(MR, NR)                                                                  \
+    ((MR) * (NR) <= 3 ? 8 : (MR) * (NR) == 4 ? 6 : (MR) * (NR) <= 6 ? 4 : (MR) * (NR) <= 8 ? 3 \
+     : (MR) * (NR) <= 12 ? 2 : 1)
 
 /* Prefetch bookkeeping shared by every tile: lines [first, first + n) of
  * each pf row, spread evenly over the main loop (one line per row every
@@ -184,8 +209,8 @@ INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t e
                              const void *const *w, int64_t K, float *c, int64_t ldc,      \
                              int accumulate, const ds_prefetch *pf)                       \
     {                                                                                     \
-        const int U = DS_UNROLL(MR, NR);                                                  \
-        __m512 acc[DS_MAX_MR][DS_MAX_NR][8];                                              \
+        const int U = DS_UNROLL5(MR, NR);                                                  \
+        __m512 acc[DS_ACC5];                                              \
         const void *xp[DS_MAX_MR], *wp[DS_MAX_NR];                                        \
         pf_state ps;                                                                      \
         pf_init(&ps, pf, NR, K, ESZ, 16 * U);                                           \
@@ -193,7 +218,7 @@ INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t e
             xp[i] = x[i];                                                                 \
             for (int j = 0; j < NR; j++)                                                  \
                 for (int u = 0; u < U; u++)                                               \
-                    acc[i][j][u] = _mm512_setzero_ps();                                   \
+                    acc[ACC(i, j, u)] = _mm512_setzero_ps();                                   \
         }                                                                                 \
         for (int j = 0; j < NR; j++)                                                      \
             wp[j] = w[j];                                                                 \
@@ -207,7 +232,7 @@ INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t e
                 for (int j = 0; j < NR; j++) {                                            \
                     __m512 wv = ld5_##T(wp[j], k + 16 * u);                               \
                     for (int i = 0; i < MR; i++)                                          \
-                        acc[i][j][u] = _mm512_fmadd_ps(xv[i], wv, acc[i][j][u]);          \
+                        acc[ACC(i, j, u)] = _mm512_fmadd_ps(xv[i], wv, acc[ACC(i, j, u)]);          \
                 }                                                                         \
             }                                                                             \
         }                                                                                 \
@@ -220,7 +245,7 @@ INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t e
             for (int j = 0; j < NR; j++) {                                                \
                 __m512 wv = ld5m_##T(wp[j], k, m);                                        \
                 for (int i = 0; i < MR; i++)                                              \
-                    acc[i][j][0] = _mm512_fmadd_ps(xv[i], wv, acc[i][j][0]);              \
+                    acc[ACC(i, j, 0)] = _mm512_fmadd_ps(xv[i], wv, acc[ACC(i, j, 0)]);              \
             }                                                                             \
         }                                                                                 \
         TILE5_STORE(acc, MR, NR, U, c, ldc, accumulate);                                  \
@@ -235,7 +260,7 @@ INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t e
                                const void *const *w, int64_t K, float *c, int64_t ldc,     \
                                int accumulate)                                             \
     {                                                                                     \
-        DS_ROWS_SWITCH(tile5_##T, mr, nw, x, w, K, c, ldc, accumulate)                    \
+        DS_ROWS_SWITCH(tile5_##T, mr, nw, x, w, K, c, ldc, accumulate, ESZ);              \
     }
 
 DEF_TILE5(f32, 4)
@@ -247,8 +272,8 @@ DEF_TILE5(f16, 2)
 INL TGT5B void tile5b(const int MR, const int NR, const void *const *x, const void *const *w,
                       int64_t K, float *c, int64_t ldc, int accumulate, const ds_prefetch *pf)
 {
-    const int U = DS_UNROLL(MR, NR);
-    __m512 acc[DS_MAX_MR][DS_MAX_NR][8];
+    const int U = DS_UNROLL5(MR, NR);
+    __m512 acc[DS_ACC5];
     const uint16_t *xp[DS_MAX_MR], *wp[DS_MAX_NR];
     pf_state ps;
     pf_init(&ps, pf, NR, K, 2, 32 * U);
@@ -256,7 +281,7 @@ INL TGT5B void tile5b(const int MR, const int NR, const void *const *x, const vo
         xp[i] = (const uint16_t *)x[i];
         for (int j = 0; j < NR; j++)
             for (int u = 0; u < U; u++)
-                acc[i][j][u] = _mm512_setzero_ps();
+                acc[ACC(i, j, u)] = _mm512_setzero_ps();
     }
     for (int j = 0; j < NR; j++)
         wp[j] = (const uint16_t *)w[j];
@@ -270,7 +295,7 @@ INL TGT5B void tile5b(const int MR, const int NR, const void *const *x, const vo
             for (int j = 0; j < NR; j++) {
                 __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(wp[j] + k + 32 * u));
                 for (int i = 0; i < MR; i++)
-                    acc[i][j][u] = _mm512_dpbf16_ps(acc[i][j][u], xv[i], wv);
+                    acc[ACC(i, j, u)] = _mm512_dpbf16_ps(acc[ACC(i, j, u)], xv[i], wv);
             }
         }
     }
@@ -283,7 +308,7 @@ INL TGT5B void tile5b(const int MR, const int NR, const void *const *x, const vo
         for (int j = 0; j < NR; j++) {
             __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, wp[j] + k);
             for (int i = 0; i < MR; i++)
-                acc[i][j][0] = _mm512_dpbf16_ps(acc[i][j][0], xv[i], wv);
+                acc[ACC(i, j, 0)] = _mm512_dpbf16_ps(acc[ACC(i, j, 0)], xv[i], wv);
         }
     }
     TILE5_STORE(acc, MR, NR, U, c, ldc, accumulate);
@@ -299,7 +324,7 @@ static TGT5B void dot5b_bf16(int mr, int nr, const void *const *x, const void *c
 static TGT5B void rows5b_bf16(int mr, int64_t nw, const void *const *x, const void *const *w,
                               int64_t K, float *c, int64_t ldc, int accumulate)
 {
-    DS_ROWS_SWITCH(tile5b, mr, nw, x, w, K, c, ldc, accumulate)
+    DS_ROWS_SWITCH(tile5b, mr, nw, x, w, K, c, ldc, accumulate, 2);
 }
 
 /* exp(v) for the SiLU: range reduction to |r| <= ln2/2, a degree-6
@@ -496,7 +521,7 @@ INL TGT2 float hsum2(__m256 v)
                                const void *const *w, int64_t K, float *c, int64_t ldc,     \
                                int accumulate)                                             \
     {                                                                                     \
-        DS_ROWS_SWITCH(tile2_##T, mr, nw, x, w, K, c, ldc, accumulate)                    \
+        DS_ROWS_SWITCH(tile2_##T, mr, nw, x, w, K, c, ldc, accumulate, ESZ);              \
     }
 
 DEF_TILE2(f32, 4)
