@@ -65,9 +65,12 @@ def default_num_threads() -> int:
 
 def _threads(num_threads: Optional[int]) -> int:
     if num_threads is None:
-        return default_num_threads()
+        return min(default_num_threads(), _C.build_info()["max_threads"])
     if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
         raise TypeError(f"num_threads must be an int or None; got {type(num_threads).__name__}")
+    hi = _C.build_info()["max_threads"]
+    if not 1 <= int(num_threads) <= hi:
+        raise ValueError(f"num_threads must be in [1, {hi}]; got {int(num_threads)}")
     return int(num_threads)
 
 

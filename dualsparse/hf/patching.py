@@ -91,7 +91,6 @@ class MoELayer:
         self.shared_units = _shared_units(block, family, cfg)
         self.stats = LayerStats()
         self.swapped: List[tuple] = []   # (module, original class)
-        self._grad_warned = False
         self.gate_up: Optional[torch.Tensor] = None
         self.down: Optional[torch.Tensor] = None
         self.importance = None            # (sums (4, E, I) float64, counts (E,)) while profiling
@@ -145,12 +144,12 @@ class MoELayer:
                 if isinstance(a, torch.Tensor) and a.requires_grad:
                     needs = True
                     break
-        if needs and not self._grad_warned:
-            self._grad_warned = True
+        if needs and not self.handle.grad_warned:
+            self.handle.grad_warned = True
             warnings.warn(
-                f"dualsparse: {self.name} runs its original (undropped) computation because autograd is recording "
-                "(the engine computes no gradients). Use torch.no_grad() or torch.inference_mode() to drop "
-                "expert computation.", RuntimeWarning, stacklevel=4)
+                "dualsparse: the patched MoE layers run their original (undropped) computation while autograd is "
+                "recording (the engine computes no gradients). Use torch.no_grad() or torch.inference_mode() to "
+                "drop expert computation.", RuntimeWarning, stacklevel=4)
         return needs
 
     # -- the computation
@@ -307,17 +306,21 @@ class DualSparseHandle:
     """What :func:`patch` returns: the patched layers, the policy, drop
     statistics, and :meth:`revert`."""
 
-    def __init__(self, model, family: Family, policy: Policy, num_threads: Optional[int], seed: int):
+    def __init__(self, model, family: Family, policy: Policy, num_threads: Optional[int]):
         self.model = model
         self.family = family
         self.policy = policy
         self.num_threads = num_threads
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(0)
         self.layers: List[MoELayer] = []
         self.reverted = False
         self.profile_weighted = False
         self.token_mask = None   # (rows,) bool while calibrating on padded batches
         self.recorder = None     # ScoreRecorder while searching thresholds
+        self.grad_warned = False
+        pseed = getattr(policy, "seed", None)
+        if pseed is not None:    # a seeded policy (RandomDrop) fixes the random stream
+            self.generator.manual_seed(int(pseed))
 
     # -- policy
     def set_policy(self, policy: Policy) -> None:
@@ -404,13 +407,16 @@ def get_handle(model) -> Optional[DualSparseHandle]:
     return getattr(model, "_dualsparse_handle", None)
 
 
-def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] = None, seed: int = 0):
+def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] = None):
     """Turns a loaded Hugging Face MoE model into a DualSparse model, in place.
 
     Every sparse MoE layer's expert computation then runs through the engine
     under ``policy`` (default :class:`NoDrop`): routing levels from the
     top-K-normalised scores, dropped pairs skipped, major-only pairs computing
-    the first half of their (reconstructed) neurons.  Parameter names, shapes
+    the first half of their (reconstructed) neurons.  ``num_threads`` sets the
+    engine's threads (default ``torch.get_num_threads()``); a seeded policy
+    (``RandomDrop(rate, seed)``) restarts its random stream whenever it is
+    installed.  Parameter names, shapes
     and ``state_dict`` are unchanged; :meth:`DualSparseHandle.revert` restores
     the original module classes.  Patching an already patched model returns its
     handle (with ``policy`` applied when given).
@@ -433,7 +439,7 @@ def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] 
     _check_policy(policy, len(blocks))
     if num_threads is not None:
         ops._threads(num_threads)
-    handle = DualSparseHandle(model, family, policy, num_threads, seed)
+    handle = DualSparseHandle(model, family, policy, num_threads)
     handle.layers = [MoELayer(handle, name, block, i, family) for i, (name, block) in enumerate(blocks)]
     try:
         for layer in handle.layers:
