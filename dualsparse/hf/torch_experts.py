@@ -18,26 +18,33 @@ def prefix_mask(levels, P: int, I: int, device) -> torch.Tensor:
     return torch.arange(I, device=device)[None, None, :] < n[..., None]
 
 
+def _pairs_by_expert(ids, levels, P: int, I: int, E: int):
+    """(e, token rows, slots, neuron mask of those pairs or None) for every
+    expert with at least one pair that computes something."""
+    mask = None if levels is None else prefix_mask(levels, P, I, ids.device)
+    for e in torch.unique(ids.reshape(-1)).tolist():
+        if e >= E:  # expert-parallel sentinel index
+            continue
+        t_idx, k_idx = torch.where(ids == e)
+        m = None
+        if mask is not None:
+            m = mask[t_idx, k_idx]
+            keep = m.any(-1)
+            t_idx, k_idx, m = t_idx[keep], k_idx[keep], m[keep]
+        if t_idx.numel():
+            yield e, t_idx, k_idx, m
+
+
 def swiglu_experts(x, ids, w, gate_up, down, levels=None, P: int = 1, act=torch.nn.functional.silu):
     """x: (T, H); ids, w, levels: (T, K); gate_up: (E, 2I, H); down: (E, H, I)."""
-    T, H = x.shape
     E, I2, _ = gate_up.shape
     I = I2 // 2
-    out = torch.zeros((T, H), dtype=torch.float32, device=x.device)
-    mask = None if levels is None else prefix_mask(levels, P, I, x.device)
-    flat_ids = ids.reshape(-1)
-    for e in torch.unique(flat_ids).tolist():
-        t_idx, k_idx = torch.where(ids == e)
-        if mask is not None:
-            keep = mask[t_idx, k_idx].any(-1)
-            t_idx, k_idx = t_idx[keep], k_idx[keep]
-        if t_idx.numel() == 0:
-            continue
-        xe = x[t_idx]
-        gu = xe @ gate_up[e].t()
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e, t_idx, k_idx, m in _pairs_by_expert(ids, levels, P, I, E):
+        gu = x[t_idx] @ gate_up[e].t()
         h = act(gu[:, :I]) * gu[:, I:]
-        if mask is not None:
-            h = h * mask[t_idx, k_idx]
+        if m is not None:
+            h = h * m
         y = (h @ down[e].t()).float() * w[t_idx, k_idx, None].float()
         out.index_add_(0, t_idx, y)
     return out.to(x.dtype)
@@ -48,27 +55,15 @@ def gpt_oss_experts(module, x, ids, w, levels=None, P: int = 1):
     columns, biases, clamped gate).  x: (T, H); ids, w, levels: (T, K).  A
     pair at level p computes neurons [0, (p*I)//P) and always gets the down
     bias (the expert's output bias is not split between partitions)."""
-    T, H = x.shape
     E, _, I2 = module.gate_up_proj.shape
-    I = I2 // 2
-    out = torch.zeros((T, H), dtype=torch.float32, device=x.device)
-    mask = None if levels is None else prefix_mask(levels, P, I, x.device)
-    for e in torch.unique(ids.reshape(-1)).tolist():
-        if e >= E:  # expert-parallel sentinel
-            continue
-        t_idx, k_idx = torch.where(ids == e)
-        if mask is not None:
-            keep = mask[t_idx, k_idx].any(-1)
-            t_idx, k_idx = t_idx[keep], k_idx[keep]
-        if t_idx.numel() == 0:
-            continue
-        gu = x[t_idx] @ module.gate_up_proj[e] + module.gate_up_proj_bias[e]
-        gate, up = gu[..., ::2], gu[..., 1::2]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e, t_idx, k_idx, m in _pairs_by_expert(ids, levels, P, I2 // 2, E):
+        gate, up = gpt_oss_gate_up(module, x[t_idx], e)
         gate = gate.clamp(min=None, max=module.limit)
         up = up.clamp(min=-module.limit, max=module.limit)
         h = (up + 1) * (gate * torch.sigmoid(gate * module.alpha))
-        if mask is not None:
-            h = h * mask[t_idx, k_idx]
+        if m is not None:
+            h = h * m
         y = h @ module.down_proj[e] + module.down_proj_bias[e]
         out.index_add_(0, t_idx, (y * w[t_idx, k_idx, None]).float())
     return out.to(x.dtype)
