@@ -245,12 +245,27 @@ def test_levels_bool():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("bad", ["float64", "int64", "int32"])
+@pytest.mark.parametrize("bad", ["int64", "int32"])
 def test_topk_weights_dtype(kind, bad):
     h = Moe(kind)
     tw = h.args["topk_weights"]
     tw = tw.to(getattr(torch, bad)) if kind == "torch" else tw.astype(bad)
     moe_rejects(h, TypeError, ["topk_weights", bad], topk_weights=tw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_weights_float64_accepted(kind):
+    """Routers that compute in double hand float64 weights: they are read
+    (as float32 for the combine) and routed (in float64) without a copy."""
+    h = Moe(kind)
+    tw = h.args["topk_weights"]
+    tw64 = tw.double() if kind == "torch" else tw.astype("float64")
+    got = h.call(topk_weights=tw64, out=None)
+    want = h.call(out=None)
+    assert bits(got) == bits(want)  # float32 weights widened to float64 and back are unchanged
+    lv64 = ops.route_levels(tw64, [0.3, 0.6])
+    lv32 = ops.route_levels(tw, [0.3, 0.6])
+    assert bits(lv64) == bits(lv32)
 
 
 def test_non_native_byte_order():
@@ -834,7 +849,7 @@ def test_route_levels_weights(kind):
             objs=[nan])
     inf = _np_or_torch(kind, torch.tensor([[float("inf"), 0.4]]))
     rejects(lambda: ops.route_levels(inf, [0.3]), ValueError, [r"topk_weights\[0, 0\] = inf"], objs=[inf])
-    for bad in ("float64", "int32"):
+    for bad in ("int32", "int64"):
         w = _tw(kind)
         w = w.to(getattr(torch, bad)) if kind == "torch" else w.astype(bad)
         rejects(lambda: ops.route_levels(w, [0.3]), TypeError, ["topk_weights", bad], objs=[w])

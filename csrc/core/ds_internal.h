@@ -74,6 +74,8 @@ DS_INLINE int64_t ds_load_int(const void *p, ds_dtype dt, int64_t i)
 }
 
 DS_INLINE int ds_is_real(ds_dtype dt) { return dt == DS_F32 || dt == DS_BF16 || dt == DS_F16; }
+/* Routing weights may also be float64 (routers that compute in double). */
+DS_INLINE int ds_is_weight(ds_dtype dt) { return ds_is_real(dt) || dt == DS_F64; }
 DS_INLINE int ds_is_int(ds_dtype dt)
 {
     return dt == DS_I8 || dt == DS_U8 || dt == DS_I16 || dt == DS_I32 || dt == DS_I64;

@@ -488,8 +488,8 @@ ds_status ds_moe_experts(const ds_experts *w, const ds_moe_args *a, void *worksp
     if (n_threads < 1 || n_threads > ds_max_threads())
         return ds_error(DS_ERR_VALUE, "%s: num_threads must be in [1, %d]; got %d", fn,
                         ds_max_threads(), n_threads);
-    if (!ds_is_real(a->topk_weights.dtype))
-        return ds_error(DS_ERR_TYPE, "%s: topk_weights must be float32, bfloat16 or float16; got %s",
+    if (!ds_is_weight(a->topk_weights.dtype))
+        return ds_error(DS_ERR_TYPE, "%s: topk_weights must be float32, bfloat16, float16 or float64; got %s",
                         fn, ds_dtype_name(a->topk_weights.dtype));
     if (a->levels.data != NULL && !ds_is_int(a->levels.dtype))
         return ds_error(DS_ERR_TYPE, "%s: levels must be an integer array; got %s", fn,
@@ -579,7 +579,7 @@ ds_status ds_importance_accumulate(const ds_experts *w, const ds_importance_args
                         ds_max_threads(), n_threads);
     if (a->accum == NULL)
         return ds_error(DS_ERR_VALUE, "%s: accum is NULL", fn);
-    if (a->weighted && (a->topk_weights.data == NULL || !ds_is_real(a->topk_weights.dtype)))
+    if (a->weighted && (a->topk_weights.data == NULL || !ds_is_weight(a->topk_weights.dtype)))
         return ds_error(DS_ERR_TYPE, "%s: weighted importance needs float topk_weights", fn);
     if (a->T > 0 && a->x == NULL)
         return ds_error(DS_ERR_VALUE, "%s: x is NULL", fn);

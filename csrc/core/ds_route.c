@@ -28,9 +28,9 @@ ds_status ds_route_levels(const void *topk_weights, ds_dtype w_dtype, int64_t T,
     ds_status st = ds_check_thresholds(thresholds, P);
     if (st != DS_OK)
         return st;
-    if (!ds_is_real(w_dtype))
-        return ds_error(DS_ERR_TYPE, "route_levels: topk_weights must be float32, bfloat16 or "
-                        "float16; got %s", ds_dtype_name(w_dtype));
+    if (!ds_is_weight(w_dtype))
+        return ds_error(DS_ERR_TYPE, "route_levels: topk_weights must be float32, bfloat16, "
+                        "float16 or float64; got %s", ds_dtype_name(w_dtype));
     if (l_dtype != DS_I8 && l_dtype != DS_I32)
         return ds_error(DS_ERR_TYPE, "route_levels: levels must be int8 or int32; got %s",
                         ds_dtype_name(l_dtype));

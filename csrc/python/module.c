@@ -324,6 +324,15 @@ static int check_ndim(const view_t *v, int nd, const char *fn, const char *arg, 
     return -1;
 }
 
+static int check_weight_dtype(const view_t *v, const char *fn, const char *arg)
+{
+    if (v->dtype == DS_F32 || v->dtype == DS_BF16 || v->dtype == DS_F16 || v->dtype == DS_F64)
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s: %s must be float32, bfloat16, float16 or float64; got %s", fn,
+                 arg, ds_dtype_name(v->dtype));
+    return -1;
+}
+
 static int check_real(const view_t *v, const char *fn, const char *arg)
 {
     if (v->dtype == DS_F32 || v->dtype == DS_BF16 || v->dtype == DS_F16)
@@ -718,7 +727,7 @@ static PyObject *py_route_levels(PyObject *self, PyObject *args)
         PyErr_Format(status_exc(st), "%s: %s", fn, ds_last_error());
         goto fail;
     }
-    if (routing_view(w_o, &w, fn, "topk_weights", -1, -1) < 0 || check_real(&w, fn, "topk_weights") < 0)
+    if (routing_view(w_o, &w, fn, "topk_weights", -1, -1) < 0 || check_weight_dtype(&w, fn, "topk_weights") < 0)
         goto fail;
     if (routing_view(lv_o, &lv, fn, "levels", w.shape[0], w.shape[1]) < 0 ||
         check_writable_out(&lv, fn, "levels") < 0)
@@ -844,7 +853,7 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args)
                      "experts (K must be <= E)", fn, (long long)K, (long long)E);
         goto fail;
     }
-    if (routing_view(tw_o, &tw, fn, "topk_weights", T, K) < 0 || check_real(&tw, fn, "topk_weights") < 0)
+    if (routing_view(tw_o, &tw, fn, "topk_weights", T, K) < 0 || check_weight_dtype(&tw, fn, "topk_weights") < 0)
         goto fail;
     if (lv_o != Py_None) {
         if (routing_view(lv_o, &lv, fn, "levels", T, K) < 0)
@@ -991,7 +1000,7 @@ static PyObject *py_importance(PyObject *self, PyObject *args)
     }
     const int64_t K = ids.shape[1];
     if (tw_o != Py_None &&
-        (routing_view(tw_o, &tw, fn, "topk_weights", T, K) < 0 || check_real(&tw, fn, "topk_weights") < 0))
+        (routing_view(tw_o, &tw, fn, "topk_weights", T, K) < 0 || check_weight_dtype(&tw, fn, "topk_weights") < 0))
         goto fail;
     if (view_from(acc_o, &acc, fn, "accum") < 0)
         goto fail;
