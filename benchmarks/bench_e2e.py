@@ -19,12 +19,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from bench_experts import timeit as timed  # warm-up, then the median of repeats
 
 CONFIGS = {
     # OLMoE-1B-7B layer widths (H=2048, I=1024, 64 experts, top-8), 4 layers
@@ -72,16 +73,6 @@ def moe_time_hooks(model):
             handles.append(mod.register_forward_hook(
                 lambda m, a, o: total.__setitem__(0, total[0] + time.perf_counter() - starts.pop(id(m)))))
     return total, handles
-
-
-def timed(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main(argv=None):
