@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -288,11 +288,6 @@ def stack_linear_experts(gate_proj: Sequence[Any], up_proj: Sequence[Any], down_
 
 
 # ------------------------------------------------------------- importance
-
-def _check_metric_array(accum, counts, E, I):
-    if not (isinstance(accum, np.ndarray) and accum.dtype == np.float64 and accum.shape == (4, E, I)):
-        raise ValueError(f"accum must be a float64 NumPy array of shape (4, {E}, {I})")
-
 
 def neuron_importance(x, topk_ids, gate_up_proj, accum, *, topk_weights=None, counts=None,
                       num_threads: Optional[int] = None, up_proj=None):

@@ -11,9 +11,8 @@ Thresholds may be one value for every layer or a per-layer sequence.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 

@@ -1,7 +1,6 @@
 """The core builds and passes its C unit tests with other toolchains: clang
 (x86-64) and gcc for aarch64 run under qemu-user.  Each test skips when its
 toolchain is not installed (.ci/run installs them on Debian)."""
-import os
 import pathlib
 import shutil
 import subprocess

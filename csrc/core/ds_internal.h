@@ -110,9 +110,6 @@ typedef void (*ds_dot_rows_fn)(int mr, int64_t nw, const void *const *x, const v
 /* dst[j] = silu(gu[2j]) * gu[2j+1] for j < n, converted to dst's dtype. */
 typedef void (*ds_act_fn)(const float *gu, int64_t n, void *dst);
 
-/* gu holds interleaved (a, b) pairs for n neurons; for each neuron j,
- * acc[m*stride + j] += c * metric_m(a_j, b_j) for the four metrics. */
-typedef void (*ds_imp_fn)(const float *gu, int64_t n, double c, double *acc, int64_t stride);
 
 /* out[h] = sum_{k < nk} w[k] * y[k][h] for h < H, in k order, float32, then
  * converted to out's dtype (nk == 0 writes zeros). */
@@ -137,6 +134,8 @@ const ds_kernels *ds_kernels_avx512(ds_dtype dt);
 const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt);
 const ds_kernels *ds_kernels_get(ds_dtype dt);       /* for the active level */
 
+/* gu holds interleaved (a, b) pairs for n neurons; for each neuron j,
+ * acc[m*stride + j] += c * metric_m(a_j, b_j) for the four metrics. */
 void ds_importance_epilogue(const float *gu, int64_t n, double c, double *acc, int64_t stride);
 float ds_silu(float g);
 

@@ -101,7 +101,7 @@ INL TGT5 __m256 hsum8x16(const __m512 *v)
     return _mm512_castps512_ps256(_mm512_shuffle_f32x4(w1, w1, _MM_SHUFFLE(2, 0, 2, 0)));
 }
 
-/* Writes the MR x NR tile: acc[i][j][0..U) summed, lanes reduced (eight at a
+/* Writes the MR x NR tile: acc[ACC(i, j, 0..U)) summed, lanes reduced (eight at a
  * time), then stored or added to c. */
 #define TILE5_STORE(acc, MR, NR, U, c, ldc, accumulate)                               \
     do {                                                                              \

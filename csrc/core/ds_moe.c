@@ -14,7 +14,6 @@
  * depends only on the problem, so any thread count gives the same bits. */
 #include "ds_internal.h"
 
-#include <limits.h>
 #include <time.h>
 
 #define NC 128   /* neurons per phase-1 item */

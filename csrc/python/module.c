@@ -512,8 +512,8 @@ fail:
     return -1;
 }
 
-/* Fused layout: gate_up (E, 2I, H), down (E, H, I).  need_down = 0 lets
- * importance skip down_proj (down may be None). */
+/* Fused layout: gate_up (E, 2I, H), down (E, H, I); dn may be None
+ * (importance reads only gate and up). */
 static int experts_fused(PyObject *gu, PyObject *dn, experts_t *x, const char *fn)
 {
     memset(x, 0, sizeof *x);
@@ -1251,11 +1251,10 @@ static PyObject *py_set_simd_level(PyObject *self, PyObject *args)
 static PyObject *py_build_info(PyObject *self, PyObject *args)
 {
     (void)self; (void)args;
-    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:i,s:s}", "version", DS_VERSION_STRING, "compiler",
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:i,s:I}", "version", DS_VERSION_STRING, "compiler",
                          DS_BUILD_COMPILER, "cflags", DS_BUILD_CFLAGS, "cuda", DS_CUDA_BUILD_STATUS,
-                         "max_threads", ds_max_threads(), "numpy_abi",
-                         NPY_FEATURE_VERSION >= 0x12 ? "numpy>=1.x (built against 2.x headers)"
-                                                     : "numpy 1.x");
+                         "max_threads", ds_max_threads(), "numpy_feature_version",
+                         (unsigned)NPY_FEATURE_VERSION);
 }
 
 static PyMethodDef methods[] = {

@@ -1,7 +1,7 @@
 """Calibration batches: input_ids tensors or tokenizer outputs."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 

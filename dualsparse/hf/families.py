@@ -22,7 +22,7 @@ both generations and runs through a torch implementation (see
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -44,7 +44,6 @@ class Family:
     inter_attr: str = "intermediate_size"
     #: complete partition: None if exact, else the reason it is not
     complete_partition_blocker: Optional[Callable] = None
-    notes: str = ""
 
 
 # ------------------------------------------------------------ 4.x routing
@@ -117,10 +116,6 @@ def _block_deepseek_v3(config):
     return None
 
 
-def _block_deepseek_v2(config):
-    return None  # greedy, or group-limited by the group maximum: copies keep both exact
-
-
 def _block_phimoe(config):
     return ("PhiMoE's sparsemixer picks two experts one after the other with masked softmaxes; "
             "a second copy of the first expert would be picked as the second, so the routing is not preserved")
@@ -132,8 +127,8 @@ FAMILIES: Dict[str, Family] = {
     "qwen2_moe": Family("qwen2_moe", v4_forward=_v4_qwen, inter_attr="moe_intermediate_size"),
     "qwen3_moe": Family("qwen3_moe", v4_forward=_v4_qwen, inter_attr="moe_intermediate_size"),
     "olmoe": Family("olmoe", v4_forward=_v4_qwen),
-    "deepseek_v2": Family("deepseek_v2", v4_forward=_v4_deepseek, inter_attr="moe_intermediate_size",
-                          complete_partition_blocker=_block_deepseek_v2),
+    # greedy, or group-limited by the group maximum: copies of an expert keep both exact
+    "deepseek_v2": Family("deepseek_v2", v4_forward=_v4_deepseek, inter_attr="moe_intermediate_size"),
     "deepseek_v3": Family("deepseek_v3", v4_forward=_v4_deepseek, inter_attr="moe_intermediate_size",
                           complete_partition_blocker=_block_deepseek_v3),
     "phimoe": Family("phimoe", block_attrs=("mlp", "block_sparse_moe"), linear_names=("w1", "w3", "w2"),

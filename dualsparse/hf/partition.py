@@ -8,7 +8,7 @@ from typing import Dict
 import torch
 
 from .families import expert_count_attr, family_for, num_experts
-from .patching import MoELayer, find_moe_blocks, get_handle
+from .patching import find_moe_blocks, get_handle
 
 
 def _router_scale(family, config) -> float:
@@ -61,8 +61,6 @@ def complete_partition(model, num_partitions: int = 2):
     if family.model_type in ("deepseek_v2", "deepseek_v3") and getattr(cfg, "n_shared_experts", None):
         # the shared MLP is moe_intermediate_size * n_shared_experts wide: keep its size
         new_cfg.n_shared_experts = int(cfg.n_shared_experts) * P
-    if family.model_type == "qwen2_moe" and getattr(cfg, "intermediate_size", None) is None:
-        pass
 
     old_sd = model.state_dict()
     prefixes = [name + "." for name, _ in blocks]
@@ -76,7 +74,7 @@ def complete_partition(model, num_partitions: int = 2):
                 continue
             rest = key[len(pre):]
             if rest.startswith("experts."):
-                _split_expert_param(new_sd, pre, rest, t, old_sd, family, E, I, P, sl, scale)
+                _split_expert_param(new_sd, pre, rest, t, family, E, I, P, sl, scale)
             elif rest in ("gate.weight", "router.weight", "gate.bias", "router.bias",
                           "gate.e_score_correction_bias", "router.e_score_correction_bias"):
                 new_sd[key] = t.repeat_interleave(P, dim=0)
@@ -90,7 +88,7 @@ def complete_partition(model, num_partitions: int = 2):
     return new_model.eval()
 
 
-def _split_expert_param(new_sd, pre, rest, t, old_sd, family, E, I, P, sl, scale):
+def _split_expert_param(new_sd, pre, rest, t, family, E, I, P, sl, scale):
     names = family.linear_names
     m = re.match(r"experts\.(\d+)\.(\w+)\.weight$", rest)
     if m:  # transformers 4.x per-expert Linear

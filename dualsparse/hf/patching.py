@@ -12,7 +12,7 @@ import torch.nn as nn
 from .. import ops
 from ..policies import NoDrop, Policy
 from . import torch_experts
-from .families import FAMILIES, Family, family_for, num_experts
+from .families import Family, family_for, num_experts
 
 _SWAPPED: Dict[tuple, type] = {}
 _SWAP_LOCK = threading.Lock()
@@ -94,6 +94,7 @@ class MoELayer:
         self.gate_up: Optional[torch.Tensor] = None
         self.down: Optional[torch.Tensor] = None
         self.importance = None            # (sums (4, E, I) float64, counts (E,)) while profiling
+        self.params: List[torch.Tensor] = []  # expert parameters, for the autograd check
         if family.gpt_oss:
             self.intermediate = int(self.experts.gate_up_proj.shape[-1] // 2)
             self.hidden = int(self.experts.gate_up_proj.shape[1])
@@ -138,7 +139,7 @@ class MoELayer:
     def must_run_original(self, args, kwargs) -> bool:
         if not torch.is_grad_enabled():
             return False
-        needs = any(p.requires_grad for p in self.expert_params())
+        needs = any(p.requires_grad for p in self.params)
         if not needs:
             for a in list(args) + list(kwargs.values()):
                 if isinstance(a, torch.Tensor) and a.requires_grad:
@@ -240,6 +241,8 @@ class MoELayer:
                 raise NotImplementedError(f"dualsparse: no transformers 4.x forward for {self.family.model_type}")
             self.stack()
             self.swap(self.block, _v4_block_forward, "v4_block")
+        # the Parameter objects stay the same (stacking and .to() change .data)
+        self.params = self.expert_params()
 
     def revert(self):
         for module, orig in reversed(self.swapped):

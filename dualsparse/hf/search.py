@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Union
+from typing import List, Union
 
 import numpy as np
 import torch
@@ -128,7 +128,6 @@ def find_thresholds(model, batches, target_drop_rate: float, kind: Union[str, in
                 rec, h.recorder = h.recorder, None
             stats = h.stats()
             if rnd > 0:
-                measured = stats.overall if not per_layer else stats.per_layer
                 history.append({"policy": policy, "overall": stats.overall, "per_layer": stats.per_layer})
                 err = (abs(stats.overall - target) if not per_layer
                        else max(abs(r - target) for r in stats.per_layer))
