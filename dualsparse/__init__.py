@@ -17,7 +17,7 @@ from .policies import (DynamicSkip, NoDrop, OneThreshold, Policy, RandomDrop, Th
                        TwoThreshold)
 
 _HF = ("patch", "set_policy", "drop_stats", "reset_stats", "profile", "reconstruct", "Importance",
-       "find_thresholds", "calibrate_dynamic_skip", "complete_partition", "supported_model_types",
+       "find_thresholds", "calibrate_dynamic_skip", "routing_scores", "complete_partition", "supported_model_types",
        "DualSparseHandle", "DropStats")
 
 __all__ = ["__version__", "ops", "info", "Policy", "NoDrop", "OneThreshold", "TwoThreshold", "Thresholds",
@@ -25,6 +25,10 @@ __all__ = ["__version__", "ops", "info", "Policy", "NoDrop", "OneThreshold", "Tw
 
 
 def __getattr__(name):
+    if name in ("builtin", "sweep", "text"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     if name in _HF:
         from . import hf
 

@@ -1,4 +1,4 @@
-"""Command line: `python -m dualsparse {info,demo}`."""
+"""Command line: `python -m dualsparse {sweep,info,demo}`."""
 from __future__ import annotations
 
 import argparse
@@ -11,11 +11,26 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_info = sub.add_parser("info", help="version, build flags, SIMD level, threads, CUDA support")
     p_info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p_sweep = sub.add_parser("sweep", help="accuracy and speed of every dropping method at several drop rates "
+                                           "(the main job; built-in models by default)",
+                             description=_sweep_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .sweep import add_arguments as sweep_args
+
+    sweep_args(p_sweep)
     p_demo = sub.add_parser("demo", help="run the engine on a realistic MoE layer and print a table")
     from .demo import add_arguments
 
     add_arguments(p_demo)
     args = parser.parse_args(argv)
+    if args.cmd == "sweep":
+        # torch's OpenMP workers otherwise spin after each torch op and take
+        # the cores the engine's threads need (see README, performance)
+        import os
+
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        from .sweep import run as run_sweep
+
+        return run_sweep(args)
     if args.cmd == "info":
         try:
             import torch  # noqa: F401  (thread default follows torch when present)
@@ -29,6 +44,12 @@ def main(argv=None) -> int:
     from .demo import run
 
     return run(args)
+
+
+def _sweep_doc():
+    from . import sweep
+
+    return sweep.__doc__
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path):
+def test_notebook_runs(path, monkeypatch):
     pytest.importorskip("torch")
+    # no display: figures render off screen and plt.show() returns at once
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = json.loads(path.read_text())
     ns = {"__name__": "__main__"}
     for i, cell in enumerate(nb["cells"]):

@@ -4,10 +4,10 @@ from .families import supported_model_types
 from .partition import complete_partition
 from .patching import DropStats, DualSparseHandle, drop_stats, patch, reset_stats, set_policy
 from .profile import Importance, profile, reconstruct
-from .search import calibrate_dynamic_skip, find_thresholds
+from .search import calibrate_dynamic_skip, find_thresholds, routing_scores
 
 __all__ = [
     "patch", "set_policy", "drop_stats", "reset_stats", "DualSparseHandle", "DropStats",
-    "profile", "reconstruct", "Importance", "find_thresholds", "calibrate_dynamic_skip",
+    "profile", "reconstruct", "Importance", "find_thresholds", "calibrate_dynamic_skip", "routing_scores",
     "complete_partition", "supported_model_types",
 ]

@@ -174,9 +174,40 @@ def find_thresholds(model, batches, target_drop_rate: float, kind: Union[str, in
     return result
 
 
-def calibrate_dynamic_skip(model, batches, *, num_threads=None, show_progress: bool = True) -> DynamicSkip:
+def routing_scores(model, batches, *, num_threads=None, show_progress: bool = True) -> List[np.ndarray]:
+    """The top-K-normalised routing scores ``s = w / sum(w)`` (float64, one
+    (tokens, K) array per MoE layer, padding excluded) that threshold
+    policies compare with, recorded on ``batches`` without dropping: for
+    histograms of the router's skew and for drop rate versus threshold
+    curves (``(s < t).mean()`` is the 1T drop rate of a layer without shared
+    experts)."""
+    data = collect_batches(model, batches, "routing_scores")
+    with patched_for_calibration(model, NoDrop(), num_threads) as h:
+        h.recorder = ScoreRecorder(len(h.layers))
+        try:
+            run_batches(model, h, data, "recording routing scores", show_progress)
+        finally:
+            rec, h.recorder = h.recorder, None
+    return [rec.normalized(i) for i in range(len(rec.weights))]
+
+
+def calibrate_dynamic_skip(model, batches, *, target_drop_rate=None, num_threads=None,
+                           show_progress: bool = True) -> DynamicSkip:
     """The DynamicSkip baseline calibrated on ``batches``: per MoE layer and
-    rank k >= 2, beta = median of s_k / s_1 over the calibration tokens."""
+    rank k >= 2, beta = median of s_k / s_1 over the calibration tokens (the
+    paper's rule).
+
+    With ``target_drop_rate`` r, beta is instead the q-quantile of s_k / s_1
+    with q chosen per layer so that the skipped pairs are r of the layer's
+    expert computation on these batches: q = r (K + shared) / (K - 1), where
+    shared is the shared experts' size in routed-expert units.  A rate above
+    (K - 1) / (K + shared) cannot be reached by skipping (the top-1 expert
+    always runs); q is then capped at 1 with a warning."""
+    if target_drop_rate is not None:
+        r = float(target_drop_rate)
+        if not (0.0 <= r < 1.0) or math.isnan(r):
+            raise ValueError("dualsparse.calibrate_dynamic_skip: target_drop_rate must be in [0, 1); "
+                             f"got {target_drop_rate!r}")
     data = collect_batches(model, batches, "calibrate_dynamic_skip")
     with patched_for_calibration(model, NoDrop(), num_threads) as h:
         h.recorder = ScoreRecorder(len(h.layers))
@@ -184,7 +215,9 @@ def calibrate_dynamic_skip(model, batches, *, num_threads=None, show_progress: b
             run_batches(model, h, data, "calibrating DynamicSkip", show_progress)
         finally:
             rec, h.recorder = h.recorder, None
+        shared = [l.shared_units for l in h.layers]
     betas = []
+    capped = []
     for i in range(len(rec.weights)):
         w = -np.sort(-rec.raw(i), axis=1)
         if w.shape[1] < 2:
@@ -193,5 +226,28 @@ def calibrate_dynamic_skip(model, batches, *, num_threads=None, show_progress: b
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = w[:, 1:] / w[:, :1]
         ratio = np.where(np.isfinite(ratio), ratio, 0.0)
-        betas.append(np.median(ratio, axis=0).tolist())
-    return DynamicSkip(betas)
+        if target_drop_rate is None:
+            betas.append(np.median(ratio, axis=0).tolist())
+            continue
+        K = w.shape[1]
+        q = float(target_drop_rate) * (K + shared[i]) / (K - 1)
+        if q > 1.0:
+            capped.append(i)
+            q = 1.0
+        # skip exactly the q fraction with the smallest ratios (ratio < beta)
+        b = []
+        for k in range(K - 1):
+            col = np.sort(ratio[:, k])
+            n = int(round(q * col.size))
+            b.append(float(np.nextafter(col[n - 1], np.inf)) if n >= col.size else
+                     (float(col[n]) if n > 0 else 0.0))
+        betas.append(b)
+    if capped:
+        import warnings
+
+        warnings.warn(f"dualsparse.calibrate_dynamic_skip: target_drop_rate {target_drop_rate} is above what "
+                      f"skipping can drop in MoE layers {capped} (the top-1 expert always runs); those layers skip "
+                      "every lower-ranked expert", RuntimeWarning, stacklevel=2)
+    policy = DynamicSkip(betas)
+    policy.target_drop_rate = None if target_drop_rate is None else float(target_drop_rate)
+    return policy
