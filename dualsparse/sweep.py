@@ -163,7 +163,7 @@ def token_windows(tok, paras: Sequence[str], seq_len: int, max_tokens: int):
     ids: List[int] = []
     need = (max_tokens // seq_len + 1) * (seq_len + 1)
     for p in paras:
-        ids.extend(tok(p, add_special_tokens=False)["input_ids"])
+        ids.extend(tok(p, add_special_tokens=False, verbose=False)["input_ids"])
         ids.append(eos)
         if len(ids) >= need:
             break

@@ -99,14 +99,25 @@ def train_tokenizer(texts, vocab_size: int, out_dir: pathlib.Path):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS,
                                    unk_token=None, model_max_length=1024)
     fast.save_pretrained(out_dir)
+    write_tokenizer_config(out_dir)
     return fast
+
+
+def write_tokenizer_config(out_dir: pathlib.Path) -> None:
+    """A tokenizer_config.json that both transformers 4.x and 5.x read
+    (5.x's save_pretrained names a class 4.x does not have)."""
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS, "eos_token": EOS, "pad_token": EOS,
+           "model_max_length": 1024, "clean_up_tokenization_spaces": False}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    for extra in ("special_tokens_map.json",):
+        (out_dir / extra).unlink(missing_ok=True)
 
 
 def encode_stream(tok, paras) -> np.ndarray:
     eos = tok.convert_tokens_to_ids(EOS)
     ids = []
     for chunk in range(0, len(paras), 2000):
-        for enc in tok(paras[chunk:chunk + 2000], add_special_tokens=False)["input_ids"]:
+        for enc in tok(paras[chunk:chunk + 2000], add_special_tokens=False, verbose=False)["input_ids"]:
             ids.extend(enc)
             ids.append(eos)
     return np.asarray(ids, dtype=np.int32)
@@ -205,6 +216,7 @@ def train_model(name, tok, train_ids, held_ids, out_dir: pathlib.Path, args):
     model = model.to(torch.bfloat16)
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
+    write_tokenizer_config(out_dir)
     # the stored (bf16) weights, as users load them, evaluated in float32
     reloaded = cls.from_pretrained(out_dir, **{("dtype" if transformers.__version__ >= "5" else "torch_dtype"):
                                                torch.float32})
