@@ -40,6 +40,10 @@ def rank_tokens(rank, seq=None):
     return input_ids(batch=2, seq=seq or (9 + 3 * rank), seed=100 + rank)
 
 
+def one_token(rank):
+    return input_ids(batch=1, seq=1, seed=200 + rank)
+
+
 def policies(family):
     """(drop policy, load-aware policy) used per family."""
     if family == "olmoe":
@@ -102,6 +106,12 @@ def scenario_main(rank, world, out):
         r["setp_trace"], r["setp_stats"] = h.ep.trace, ds.ep_stats(model)
         h.revert()
         res[fam] = r
+    # edge cases on one model: a single token per rank (ranks receive one row or none) and every pair dropped
+    model = skewed("olmoe")
+    ds.patch(model, ds.NoDrop(), num_threads=1, expert_parallel=ds.ExpertParallel(timeout=20))
+    res["one_token"] = logits(model, one_token(rank))
+    ds.set_policy(model, ds.OneThreshold(1.01))
+    res["drop_all"] = logits(model, rank_tokens(rank))
     return res
 
 

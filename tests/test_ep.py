@@ -31,7 +31,7 @@ dist = pytest.importorskip("torch.distributed")
 import dualsparse as ds  # noqa: E402
 from dualsparse.hf.expert_parallel import load_aware_levels  # noqa: E402
 from dualsparse.hf.families import num_experts  # noqa: E402
-from ep_worker import FAMILIES, logits, policies, rank_tokens, skewed  # noqa: E402
+from ep_worker import FAMILIES, logits, one_token, policies, rank_tokens, skewed  # noqa: E402
 from hf_models import build  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -203,6 +203,18 @@ def test_no_drop_equals_single_process(main_run, family):
         torch.testing.assert_close(res[r][family]["setp_nodrop"], ref, **TOL)
 
 
+def test_one_token_and_all_dropped_equal_single_process(main_run):
+    """Edge cases of the exchange: one token per rank (a rank receives one
+    row or none) and every pair dropped (nothing is sent)."""
+    world, res = main_run
+    model = skewed("olmoe")
+    ones = [logits(model, one_token(r)) for r in range(world)]
+    ds.patch(model, ds.OneThreshold(1.01), num_threads=1)
+    for r in range(world):
+        torch.testing.assert_close(res[r]["one_token"], ones[r], **TOL)
+        torch.testing.assert_close(res[r]["drop_all"], logits(model, rank_tokens(r)), **TOL)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_uniform_drops_equal_single_process(main_run, family):
     """With the uniform thresholds, plain EP, S-ETP and one process agree
@@ -364,3 +376,21 @@ def test_load_aware_levels_rule(Q, P):
             expect[t, k] = n
     np.testing.assert_array_equal(got, expect)
     assert 0 < expect.sum() < T * K * G
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3])
+def test_pack_unpack_round_trip(rows):
+    """The byte packing of dispatched rows, including one row (whose column
+    slices keep an odd row stride) and none."""
+    from dualsparse.hf.expert_parallel import _pack, _unpack
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 5, generator=g).to(torch.bfloat16)
+    w = torch.randn(rows, 3, generator=g)
+    ids = torch.randint(0, 7, (rows, 3), generator=g, dtype=torch.int32)
+    lv = torch.randint(0, 3, (rows, 3), generator=g).to(torch.int8)
+    buf = _pack([x, w, ids, lv])
+    assert buf.dtype == torch.uint8 and buf.shape == (rows, 5 * 2 + 3 * 4 + 3 * 4 + 3)
+    got = _unpack(buf, [(torch.bfloat16, 5), (torch.float32, 3), (torch.int32, 3), (torch.int8, 3)])
+    for a, b in zip(got, [x, w, ids, lv]):
+        assert a.dtype == b.dtype and torch.equal(a, b)

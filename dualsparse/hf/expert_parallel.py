@@ -545,14 +545,19 @@ def fill_scale(hist, steps: int) -> np.ndarray:
 
 def _pack(parts):
     """Rows of several 2-D tensors (same row count) as one uint8 tensor."""
-    return torch.cat([p.contiguous().view(torch.uint8).reshape(p.shape[0], -1) for p in parts], 1).contiguous()
+    return torch.cat([p.contiguous().view(torch.uint8).reshape(p.shape[0], p.shape[1] * p.element_size())
+                      for p in parts], 1).contiguous()
 
 
 def _unpack(buf, specs):
     out, off = [], 0
     for dtype, n in specs:
         nb = n * torch.empty((), dtype=dtype).element_size()
-        out.append(buf[:, off:off + nb].contiguous().view(dtype))
+        # a fresh (R, nb) buffer: a column slice made contiguous may keep an odd row stride when R == 1,
+        # which a view as a wider dtype rejects
+        part = torch.empty((buf.shape[0], nb), dtype=torch.uint8, device=buf.device)
+        part.copy_(buf[:, off:off + nb])
+        out.append(part.view(dtype))
         off += nb
     return out
 
