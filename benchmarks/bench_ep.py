@@ -117,7 +117,12 @@ def load_model(args):
                                    num_attention_heads=6, num_key_value_heads=6, num_experts=32,
                                    num_experts_per_tok=4, norm_topk_prob=False, max_position_embeddings=512)
     torch.manual_seed(0)
-    m = transformers.OlmoeForCausalLM(cfg).eval().to(dtype)
+    m = transformers.OlmoeForCausalLM(cfg).eval()
+    with torch.no_grad():   # router logits of about unit spread (the default init makes routing near uniform)
+        for name, p in m.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.1)
+    m = m.to(dtype)
     return m, None, "random OLMoE-shaped (32 experts, top-4), random tokens"
 
 
