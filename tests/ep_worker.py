@@ -104,6 +104,11 @@ def scenario_main(rank, world, out):
         h.ep.trace = []
         r["setp_uniform"] = logits(model, ids)
         r["setp_trace"], r["setp_stats"] = h.ep.trace, ds.ep_stats(model)
+        ds.set_policy(model, la)
+        ds.reset_stats(model)
+        h.ep.trace = []
+        r["setp_la"] = logits(model, ids)
+        r["setp_la_trace"], r["setp_la_stats"] = h.ep.trace, ds.ep_stats(model)
         h.revert()
         res[fam] = r
     # edge cases on one model: a single token per rank (ranks receive one row or none) and every pair dropped

@@ -267,6 +267,40 @@ def test_load_aware_levels_and_loads(main_run, family, rule):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_setp_load_aware_levels_and_loads(main_run, family):
+    """S-ETP (2 sub-experts per expert, sub-expert q of expert e on rank
+    (2e + q) % world) with the ratio rule: each half-expert unit is half a
+    load unit on its own rank, passes when s >= T_j * min(1, r_rank) for its
+    partition j, and a pair computes the longest passing prefix.  With 2
+    ranks the two halves of every expert sit on different ranks, so S-ETP
+    balances the loads exactly and nothing is lowered."""
+    world, res = main_run
+    _, la = policies(family)
+    tab = np.asarray(la.thresholds(0))
+    P, Q = len(tab), 2
+    E = num_experts(build(family).config)
+    place = (np.arange(E * Q) % world).reshape(E, Q)
+    lowered = 0
+    for ids, w, traced, ent in gathered_calls(res, family, "setp_la_trace"):
+        unit_rank = place[ids]                                        # (T, K, Q): G = Q fine units
+        before = np.bincount(unit_rank.ravel(), minlength=world) / Q
+        scale = np.minimum(1.0, before / before.mean())
+        s = scores(w)
+        ok = s[:, :, None] >= tab[(np.arange(Q) * P) // Q][None, None, :] * scale[unit_rank]
+        levels = np.cumprod(ok, axis=2).sum(2)
+        live = np.arange(Q)[None, None, :] < levels[:, :, None]
+        after = np.bincount(unit_rank[live], minlength=world) / Q
+        np.testing.assert_array_equal(traced, levels)
+        for e in ent:
+            np.testing.assert_allclose(e["load_before"], before, atol=1e-12)
+            np.testing.assert_allclose(e["load_after"], after, atol=1e-12)
+        lowered += int((scale < 1).sum())
+        if world == 2:   # both halves of every expert on different ranks: the loads are equal
+            assert before[0] == before[1]
+    assert (lowered == 0) if world == 2 else (lowered > 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_load_aware_fill_drops_less_than_uniform_at_same_max_load(main_run, family):
     """Rule 'fill': the uniform threshold (one for every rank, layer and
     batch) that keeps the summed per-layer maximum rank load at the
