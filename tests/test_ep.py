@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ds.__file__)))  # the ranks import this dualsparse
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -65,7 +65,7 @@ def launch(scenario, world, out, timeout=90):
     for r in range(world):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
+                   PYTHONPATH=os.pathsep.join([PKG_ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
         procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "ep_worker.py"), scenario, str(out)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs, codes = [], []
@@ -428,3 +428,12 @@ def test_pack_unpack_round_trip(rows):
     got = _unpack(buf, [(torch.bfloat16, 5), (torch.float32, 3), (torch.int32, 3), (torch.int8, 3)])
     for a, b in zip(got, [x, w, ids, lv]):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_ep_stats_needs_expert_parallel():
+    model = build("olmoe")
+    with pytest.raises(ValueError, match="not patched"):
+        ds.ep_stats(model)
+    ds.patch(model)
+    with pytest.raises(ValueError, match="not patched with expert_parallel"):
+        ds.ep_stats(model)
