@@ -12,7 +12,10 @@ by adding ``--skew`` to the router logits of the first quarter of the
 experts (all on rank 0 with the contiguous placement), so rank 0 is the
 most loaded one.  Reported per policy: drop rate, maximum rank load (sum over
 layers and forwards of the most loaded rank's expert units, relative to no
-drop: what sets the MoE time), max/mean load ratio, measured MoE-layer
+drop: what sets the MoE time), max/mean load ratio, the expert computation's
+CPU time of the slowest rank in each layer, summed over layers, per forward
+(CPU time does not count waiting, so it follows the load even when ranks
+share cores: the measured counterpart of the maximum rank load), the MoE-layer
 wall time per forward (mean over ranks, including the exchanges), and
 next-token accuracy on the text over all ranks' tokens (top-1 agreement
 with the no-drop model is reported too).
@@ -83,13 +86,13 @@ def table(r):
     lines = [f"### {r['world']} ranks: {r['model']}, skew {r['skew']}, {r['tokens_per_rank']} tokens per rank "
              f"per forward, {r['forwards']} forwards",
              "",
-             "| policy | drop rate | max rank load (rel. no drop) | max/mean load | MoE time / forward (ms) | "
-             "next-token acc. | agreement w/ no drop |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| policy | drop rate | max rank load (rel. no drop) | max/mean load | expert CPU ms, slowest rank per layer | "
+             "MoE wall ms | next-token acc. | agreement w/ no drop |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in r["rows"]:
         lines.append(f"| {row['policy']} | {row['drop_rate']:.1%} | {row['max_load_rel']:.3f} | "
-                     f"{row['max_mean_ratio']:.3f} | {row['moe_ms']:.1f} | {row['accuracy']:.4f} | "
-                     f"{row['agreement']:.4f} |")
+                     f"{row['max_mean_ratio']:.3f} | {row['expert_cpu_ms_critical']:.1f} | {row['moe_ms']:.1f} | "
+                     f"{row['accuracy']:.4f} | {row['agreement']:.4f} |")
     return "\n".join(lines)
 
 
@@ -191,6 +194,7 @@ def worker(args):
             model(input_ids=batches[0][:, :-1], use_cache=False)   # warm-up
         ds.reset_stats(model)
         moe_time[0] = 0.0
+        ep.cpu_log = []
         correct = agree = count = 0
         tops = []
         with torch.no_grad():
@@ -206,11 +210,19 @@ def worker(args):
         st = ds.ep_stats(model)
         local = torch.tensor([correct, agree, count, moe_time[0]], dtype=torch.float64)
         dist.all_reduce(local)
+        # per layer call, the slowest rank's expert CPU time, summed: the compute on the critical path
+        mine = torch.tensor(ep.cpu_log, dtype=torch.float64)
+        logs = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(logs, mine)
+        logs = torch.stack(logs)                                   # (ranks, layer calls)
+        cpu_crit = float(logs.max(0).values.sum()) / args.forwards * 1e3
+        cpu = (logs.sum(1) / args.forwards * 1e3).tolist()
         rows.append(dict(policy=label, drop_rate=st.drop_rate, max_load=st.total_max_load_after,
                          max_mean_ratio=float(st.max_load_after.sum() / (st.load_after.sum() / world)),
                          load_after_per_rank=st.load_after.sum(0).tolist(),
                          threshold_scale=st.threshold_scale.mean(0).tolist(),
                          moe_ms=float(local[3]) / world / args.forwards * 1e3,
+                         expert_cpu_ms_per_rank=cpu, expert_cpu_ms_critical=cpu_crit,
                          accuracy=float(local[0] / local[2]), agreement=float(local[1] / local[2])))
     base_max = rows[0]["max_load"]
     for r in rows:

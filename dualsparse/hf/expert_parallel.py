@@ -34,6 +34,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import pickle
+import time
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -203,6 +204,10 @@ class ExpertParallelRuntime:
         self.backend = str(dist.get_backend(self.group))
         self.Q = int(opts.sub_experts)
         self.trace: Optional[list] = None   # a list: every layer call appends its routing and levels (tests, debugging)
+        #: CPU seconds (this process) spent computing this rank's experts, all layers: unlike wall time it
+        #: does not count waiting for other ranks, so it tracks the rank's load even on oversubscribed cores
+        self.expert_cpu_seconds = 0.0
+        self.cpu_log: Optional[list] = None  # a list: every layer call appends its expert CPU seconds (benchmarks)
         layers = handle.layers
         if handle.family.gpt_oss:
             raise NotImplementedError("dualsparse.patch: expert_parallel does not support GPT-OSS experts (biased, "
@@ -449,12 +454,17 @@ class ExpertParallelRuntime:
         x_r, w_r, lid_r, lv_r = _unpack(recv.to(dev), [(x.dtype, x.shape[1]), (torch.float32, S), (torch.int32, S),
                                                        (torch.int8, S)])
         gu, dn = self._local_weights(layer)
+        c0 = time.process_time()
         if dev.type == "cpu" and x.dtype in _ENGINE_DTYPES and gu.dtype == x.dtype:
             y_r = ops.moe_experts(x_r, lid_r, w_r, gu, dn, levels=lv_r, num_partitions=P_eng,
                                   num_threads=h.num_threads)
         else:
             y_r = torch_experts.swiglu_experts(x_r, lid_r.to(torch.int64), w_r, gu, dn, lv_r, P_eng,
                                                act=layer._act())
+        dt = time.process_time() - c0
+        self.expert_cpu_seconds += dt
+        if self.cpu_log is not None:
+            self.cpu_log.append(dt)
         y_s = self._all_to_all(y_r.to(cdev).contiguous(), recv_counts, send_counts,
                                "all_to_all of expert outputs back to their tokens", layer).to(dev)
         out = torch.zeros((T, x.shape[1]), dtype=torch.float32, device=dev)
@@ -478,6 +488,7 @@ class ExpertParallelRuntime:
 
     def reset(self):
         self.loads = [_LayerLoads(self.world) for _ in self.handle.layers]
+        self.expert_cpu_seconds = 0.0
 
 
 def load_aware_levels(w, unit_rank, thresholds, scale, P: int, normalize: bool = True):
