@@ -77,7 +77,7 @@ def launch(args):
         with open(os.path.join(args.out, f"bench_ep_{world}.json")) as f:
             results[world] = json.load(f)
     print()
-    for world, r in results.items():
+    for r in results.values():
         print(table(r))
         print()
 
@@ -153,7 +153,6 @@ def token_batches(args, tok, vocab, rank, world, n):
 
 
 def worker(args):
-    import numpy as np
     import torch
     import torch.distributed as dist
 

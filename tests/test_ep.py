@@ -75,7 +75,7 @@ def launch(scenario, world, out, timeout=90):
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise AssertionError(f"ep_worker {scenario} with {world} ranks hung for {timeout} s")
+            raise AssertionError(f"ep_worker {scenario} with {world} ranks hung for {timeout} s") from None
         logs.append(o)
         codes.append(p.returncode)
     res = []
@@ -245,7 +245,7 @@ def test_load_aware_levels_and_loads(main_run, family, rule):
     sum_before = np.zeros((len(res[0][family][key + "_trace"]), world))
     sum_after = np.zeros_like(sum_before)
     max_after = np.zeros(len(sum_before))
-    for i, (ids, w, traced, ent) in enumerate(gathered_calls(res, family, key + "_trace")):
+    for ids, w, traced, ent in gathered_calls(res, family, key + "_trace"):
         levels, before, after, scale = np_load_aware(ids, w, table, E, world, rule)
         np.testing.assert_array_equal(traced, levels)
         for e in ent:
