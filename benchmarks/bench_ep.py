@@ -50,8 +50,9 @@ def parse():
     ap.add_argument("--batch", type=int, default=4, help="sequences per forward on each rank")
     ap.add_argument("--forwards", type=int, default=3, help="measured forwards per policy on each rank")
     ap.add_argument("--skew", type=float, default=1.0, help="router logit bias on the first quarter of the experts")
-    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2],
-                    help="T_max values (1T-Drop) to compare (default 0.1 0.2)")
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1],
+                    help="T_max values (1T-Drop) to compare (default 0.05 0.1, suited to top-4 routing; "
+                         "0.1 0.2 suit top-2)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default="bench-results", help="folder for bench_ep_<world>.json")
     ap.add_argument("--worker", action="store_true", help="run as one rank (under torchrun)")
