@@ -38,7 +38,8 @@ def main():
     import transformers
 
     if args.model:
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                                  dtype=torch.float32).eval()
     else:
         cfg = transformers.MixtralConfig(vocab_size=512, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
