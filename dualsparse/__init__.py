@@ -13,15 +13,15 @@ Hugging Face functions are first used.
 """
 from ._version import __version__
 from . import ops
-from .policies import (DynamicSkip, NoDrop, OneThreshold, Policy, RandomDrop, Thresholds, TopKReduce,
+from .policies import (DynamicSkip, LoadAware, NoDrop, OneThreshold, Policy, RandomDrop, Thresholds, TopKReduce,
                        TwoThreshold)
 
 _HF = ("patch", "set_policy", "drop_stats", "reset_stats", "profile", "reconstruct", "Importance",
        "find_thresholds", "calibrate_dynamic_skip", "routing_scores", "complete_partition", "supported_model_types",
-       "DualSparseHandle", "DropStats")
+       "DualSparseHandle", "DropStats", "ExpertParallel", "ExpertParallelError", "ExpertParallelStats", "ep_stats")
 
 __all__ = ["__version__", "ops", "info", "Policy", "NoDrop", "OneThreshold", "TwoThreshold", "Thresholds",
-           "DynamicSkip", "RandomDrop", "TopKReduce", *_HF]
+           "DynamicSkip", "RandomDrop", "TopKReduce", "LoadAware", *_HF]
 
 
 def __getattr__(name):

@@ -25,6 +25,7 @@ __all__ = [
     "DynamicSkip",
     "RandomDrop",
     "TopKReduce",
+    "LoadAware",
 ]
 
 Number = Union[int, float]
@@ -303,3 +304,88 @@ class TopKReduce(Policy):
 
     def __repr__(self):
         return f"TopKReduce({self.k})"
+
+
+class LoadAware(Policy):
+    """Load-aware thresholds for expert parallelism (METHOD.md section 6).
+
+    ``base`` is a :class:`Thresholds` policy (``OneThreshold``,
+    ``TwoThreshold``, ``Thresholds``; one row or one per layer) whose values
+    are the *maximum* thresholds T_max.  Under expert parallelism, per MoE
+    layer and batch, the pairs whose expert (or sub-expert) lives on rank d
+    use the thresholds ``T_d = c_d * T_max`` with a factor ``c_d <= 1`` per
+    rank.  Loads are expert-computation units routed to a rank, over all
+    ranks' tokens.  ``rule`` picks ``c_d``:
+
+    * ``"ratio"`` (the paper's reading): ``c_d = min(1, r_d)`` with
+      ``r_d = load_d / mean load`` before dropping: ranks at or above the
+      mean keep T_max, the others drop less in proportion to their ratio.
+      One all_gather of the ranks' loads per layer.
+    * ``"fill"``: the most loaded rank after dropping at T_max sets the bar
+      ``M = max_d load_d(T_max)``; every rank takes the smallest factor on a
+      grid of ``steps`` (``c = i / steps``) whose load after dropping stays at
+      or below M.  No rank then works longer than at T_max and each drops as
+      little as the bar allows (the goal stated in section 6).  One
+      all_reduce of a per-rank histogram of the pairs' score / threshold
+      ratios (ranks x (steps + 1) numbers) per layer; plain EP only
+      (``sub_experts=1``).
+
+    Without expert parallelism (one rank) it is exactly ``base``; ``base``
+    on its own is the uniform comparison."""
+
+    RULES = ("ratio", "fill")
+
+    def __init__(self, base: Policy, rule: str = "ratio", steps: int = 256):
+        if not isinstance(base, Thresholds):
+            raise TypeError(f"LoadAware: base must be a thresholds policy (OneThreshold, TwoThreshold, Thresholds) "
+                            f"whose values are the maximum thresholds; got {type(base).__name__}")
+        if rule not in self.RULES:
+            raise ValueError(f"LoadAware: rule must be one of {self.RULES}; got {rule!r}")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not (1 <= steps <= 65536):
+            raise ValueError(f"LoadAware: steps must be an int in [1, 65536]; got {steps!r}")
+        if rule == "fill" and np.any(base.table < 0):
+            raise ValueError("LoadAware: rule='fill' needs non-negative thresholds")
+        self.base = base
+        self.rule = rule
+        self.steps = int(steps)
+        self.num_partitions = base.num_partitions
+        self.normalize = base.normalize
+
+    @property
+    def table(self) -> np.ndarray:
+        return self.base.table
+
+    def thresholds(self, layer: int) -> List[float]:
+        return self.base.thresholds(layer)
+
+    def check_layers(self, num_layers):
+        self.base.check_layers(num_layers)
+
+    def route(self, topk_weights, topk_ids, layer, generator=None):
+        return self.base.route(topk_weights, topk_ids, layer, generator)
+
+    @staticmethod
+    def scale(loads) -> np.ndarray:
+        """Threshold factor ``min(1, r_d)`` of every rank from the ranks'
+        loads before dropping (all 1 when nothing is routed)."""
+        loads = np.asarray(loads, dtype=np.float64)
+        mean = loads.mean() if loads.size else 0.0
+        if not mean > 0:
+            return np.ones_like(loads)
+        return np.minimum(1.0, loads / mean)
+
+    def __eq__(self, other):
+        return (type(self) is type(other) and self.base == other.base and self.rule == other.rule
+                and self.steps == other.steps)
+
+    def __hash__(self):
+        return hash(("LoadAware", hash(self.base), self.rule, self.steps))
+
+    def _opts(self):
+        return "" if self.rule == "ratio" else f", rule='fill', steps={self.steps}"
+
+    def __repr__(self):
+        return f"LoadAware({self.base!r}{self._opts()})"
+
+    def describe(self):
+        return f"LoadAware({self.base.describe()}{self._opts()})"

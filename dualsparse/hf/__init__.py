@@ -2,7 +2,8 @@
 and reconstruct neurons, drop expert computation, export partitions."""
 from .families import supported_model_types
 from .partition import complete_partition
-from .patching import DropStats, DualSparseHandle, drop_stats, patch, reset_stats, set_policy
+from .expert_parallel import ExpertParallel, ExpertParallelError, ExpertParallelStats
+from .patching import DropStats, DualSparseHandle, drop_stats, ep_stats, patch, reset_stats, set_policy
 from .profile import Importance, profile, reconstruct
 from .search import calibrate_dynamic_skip, find_thresholds, routing_scores
 
@@ -10,4 +11,5 @@ __all__ = [
     "patch", "set_policy", "drop_stats", "reset_stats", "DualSparseHandle", "DropStats",
     "profile", "reconstruct", "Importance", "find_thresholds", "calibrate_dynamic_skip", "routing_scores",
     "complete_partition", "supported_model_types",
+    "ExpertParallel", "ExpertParallelError", "ExpertParallelStats", "ep_stats",
 ]

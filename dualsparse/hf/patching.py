@@ -156,6 +156,8 @@ class MoELayer:
     # -- the computation
     def run(self, x, ids, w):
         h = self.handle
+        if h.ep is not None:
+            return h.ep.run(self, x, ids, w)
         policy = h.policy
         if h.recorder is not None:
             h.recorder.record(self.ordinal, w, h.token_mask)
@@ -321,13 +323,19 @@ class DualSparseHandle:
         self.token_mask = None   # (rows,) bool while calibrating on padded batches
         self.recorder = None     # ScoreRecorder while searching thresholds
         self.grad_warned = False
+        self.ep = None           # ExpertParallelRuntime under expert_parallel
         pseed = getattr(policy, "seed", None)
         if pseed is not None:    # a seeded policy (RandomDrop) fixes the random stream
             self.generator.manual_seed(int(pseed))
 
     # -- policy
     def set_policy(self, policy: Policy) -> None:
+        """Under expert parallelism this is collective: every rank must call
+        it with the same policy (checked by a handshake)."""
         _check_policy(policy, len(self.layers))
+        if self.ep is not None:
+            self.ep.check_policy(policy)
+            self.ep.handshake(policy, what="set_policy")
         self.policy = policy
         seed = getattr(policy, "seed", None)
         if seed is not None:
@@ -342,6 +350,15 @@ class DualSparseHandle:
     def reset_stats(self):
         for l in self.layers:
             l.stats = LayerStats()
+        if self.ep is not None:
+            self.ep.reset()
+
+    def ep_stats(self):
+        """Per-rank loads of the expert-parallel layers (see
+        :class:`ExpertParallelStats`); the same on every rank."""
+        if self.ep is None:
+            raise ValueError("dualsparse.ep_stats: the model was not patched with expert_parallel")
+        return self.ep.stats()
 
     def revert(self):
         """Restores the original module classes (the module objects were never
@@ -357,6 +374,8 @@ class DualSparseHandle:
 
     def __repr__(self):
         state = "reverted" if self.reverted else f"{len(self.layers)} MoE layers, policy {self.policy.describe()}"
+        if self.ep is not None and not self.reverted:
+            state += f", expert parallel rank {self.ep.rank} of {self.ep.world} (sub_experts={self.ep.Q})"
         return f"<DualSparseHandle {self.family.model_type}: {state}>"
 
 
@@ -410,7 +429,7 @@ def get_handle(model) -> Optional[DualSparseHandle]:
     return getattr(model, "_dualsparse_handle", None)
 
 
-def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] = None):
+def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] = None, expert_parallel=None):
     """Turns a loaded Hugging Face MoE model into a DualSparse model, in place.
 
     Every sparse MoE layer's expert computation then runs through the engine
@@ -426,8 +445,15 @@ def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dualsparse.patch: model must be a torch.nn.Module (a transformers model); got {type(model).__name__}")
+    from .expert_parallel import ExpertParallelRuntime, as_options
+
+    ep_opts = as_options(expert_parallel)
     existing = get_handle(model)
     if existing is not None and not existing.reverted:
+        have = None if existing.ep is None else existing.ep.opts
+        if ep_opts is not None and ep_opts != have:
+            raise ValueError("dualsparse.patch: the model is already patched with other expert_parallel settings; "
+                             "call handle.revert() first")
         if policy is not None:
             existing.set_policy(policy)
         if num_threads is not None:
@@ -451,6 +477,13 @@ def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] 
         for layer in handle.layers:
             layer.revert()
         raise
+    if ep_opts is not None:
+        try:
+            handle.ep = ExpertParallelRuntime(handle, ep_opts)
+        except BaseException:
+            for layer in handle.layers:
+                layer.revert()
+            raise
     model._dualsparse_handle = handle
     return handle
 
@@ -475,3 +508,9 @@ def drop_stats(model) -> DropStats:
 
 def reset_stats(model) -> None:
     _require_handle(model, "reset_stats").reset_stats()
+
+
+def ep_stats(model):
+    """Per-rank, per-layer loads before/after dropping and max-load ratios of
+    a model patched with ``expert_parallel`` (:class:`ExpertParallelStats`)."""
+    return _require_handle(model, "ep_stats").ep_stats()
