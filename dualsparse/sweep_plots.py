@@ -41,14 +41,21 @@ def plot_accuracy(result: Dict, out: pathlib.Path) -> pathlib.Path:
         nod = next(r for r in rows if r["method"] == "no drop")
         for j, (key, title) in enumerate(panels):
             ax = axes[i][j]
+            base = 100 * nod["mc_acc"] if key == "mc_acc" else 0.0
+            scale = 100.0 if key == "mc_acc" else 1.0
+            # the y range follows the methods that keep the routing's order;
+            # RandomDrop is usually far off and would flatten them
+            near = [scale * y for meth in STYLE if meth != "RandomDrop" for y in _series(rows, meth, key)[1]]
+            lo, hi = min(near + [base]), max(near + [base])
+            pad = 0.15 * (hi - lo) if hi > lo else 0.5
             for meth, st in STYLE.items():
                 xs, ys = _series(rows, meth, key)
                 if xs:
-                    if key == "mc_acc":
-                        ys = [100 * y for y in ys]
-                    ax.plot([100 * x for x in xs], ys, label=meth, **st)
-            base = 100 * nod["mc_acc"] if key == "mc_acc" else 0.0
+                    ys = [scale * y for y in ys]
+                    off = any(y < lo - pad or y > hi + pad for y in ys)
+                    ax.plot([100 * x for x in xs], ys, label=meth + (" (off scale)" if off else ""), **st)
             ax.axhline(base, color="black", lw=0.8, ls="--", label="no drop")
+            ax.set_ylim(lo - pad, hi + pad)
             ax.set_xlabel("measured drop rate (%)")
             ax.set_title(f"{m['info']['name']}: {title}", fontsize=10)
             ax.grid(alpha=0.3)

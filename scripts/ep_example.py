@@ -1,6 +1,7 @@
 """Expert parallelism over CPU processes on one machine (gloo).
 
-    torchrun --nproc-per-node 2 scripts/ep_example.py                 # tiny random Mixtral
+    torchrun --nproc-per-node 2 scripts/ep_example.py                 # the built-in OLMoE-style model
+    torchrun --nproc-per-node 4 scripts/ep_example.py --model mixtral --t-max 0.2
     torchrun --nproc-per-node 4 scripts/ep_example.py --model path/to/hf_model --sub-experts 2
 
 Every rank loads the same model, patches it with the same policy and
@@ -25,33 +26,25 @@ import dualsparse as ds  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", help="local Hugging Face model folder (default: a tiny random Mixtral)")
+    ap.add_argument("--model", default="olmoe",
+                    help="a built-in model name (olmoe, mixtral) or a local Hugging Face model folder (default olmoe)")
     ap.add_argument("--sub-experts", type=int, default=1, help="S-ETP: sub-experts per expert on different ranks")
-    ap.add_argument("--t-max", type=float, default=0.2, help="1T-Drop threshold (the load-aware maximum)")
-    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--t-max", type=float, default=0.1,
+                    help="1T-Drop threshold, the load-aware maximum (default 0.1, for top-4 scores; 0.2 suits top-2)")
+    ap.add_argument("--tokens", type=int, default=256, help="tokens per rank")
     args = ap.parse_args()
 
     torch.set_num_threads(1)                       # one core per rank
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
 
-    import transformers
+    from dualsparse import builtin
+    from dualsparse.text import paragraphs, read_text
 
-    if args.model:
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
-                                                                  dtype=torch.float32).eval()
-    else:
-        cfg = transformers.MixtralConfig(vocab_size=512, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                                         num_experts_per_tok=2)
-        torch.manual_seed(0)                       # the same weights on every rank
-        model = transformers.MixtralForCausalLM(cfg).eval()
-        with torch.no_grad():                      # a sharper router than the default init, so that some pairs drop
-            for name, p in model.named_parameters():
-                if name.endswith("mlp.gate.weight"):
-                    p.normal_(0.0, 0.3)
-    g = torch.Generator().manual_seed(rank)        # each rank its own tokens
-    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=g)
+    model, tok = builtin.load_model(args.model)    # the same weights on every rank (float32)
+    # each rank its own tokens: paragraphs rank, rank + world, ... of the held-out text
+    paras = paragraphs(read_text(builtin.heldout_path()))[rank::world]
+    ids = tok(" ".join(paras[:20]), return_tensors="pt", verbose=False)["input_ids"][:, : args.tokens]
 
     base = ds.OneThreshold(args.t_max)
     ep = ds.ExpertParallel(sub_experts=args.sub_experts, timeout=60)
@@ -65,6 +58,13 @@ def main():
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     aware = ds.ep_stats(model)
+    fill = None
+    if args.sub_experts == 1:                      # the fill rule needs plain EP
+        ds.set_policy(model, ds.LoadAware(base, rule="fill"))
+        ds.reset_stats(model)
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        fill = ds.ep_stats(model)
 
     handle.revert()                                # the same model in this process alone
     ds.patch(model, base, num_threads=1)
@@ -73,7 +73,9 @@ def main():
     err = (out - ref).abs().max().item()
     if rank == 0:
         print(f"{world} ranks, sub_experts={args.sub_experts}, T_max={args.t_max}")
-        for name, st in (("uniform", uniform), ("load-aware", aware)):
+        for name, st in (("uniform", uniform), ("ratio", aware), ("fill", fill)):
+            if st is None:
+                continue
             print(f"  {name:10s}: drop {st.drop_rate:.1%}, load after per rank {st.load_after.sum(0).round(1)}, "
                   f"max/mean per layer {st.max_load_ratio_after.round(3)}")
     print(f"  rank {rank}: max |EP logits - single-process logits| = {err:.2e}", flush=True)

@@ -3,7 +3,7 @@
 # tests of csrc/core (plain and under address/undefined-behaviour
 # sanitizers, run from tests/test_core_c.py) and the Python tests with the
 # newest supported transformers; then the Hugging Face tests again in
-# and the built-in model tests again in .venv-tf4 with the oldest supported
+# the built-in model and expert-parallel tests again in .venv-tf4 with the oldest supported
 # transformers (4.57, per-expert layouts; DUALSPARSE_SKIP_TF4=1 skips that run).  Extra arguments go to pytest.
 # "No tests collected" is a failure.
 set -euo pipefail
@@ -36,6 +36,6 @@ if [ "${DUALSPARSE_SKIP_TF4:-0}" != "1" ]; then
         torch transformers numpy safetensors tqdm tokenizers pytest
     # the extension is built in place by the editable install in .venv (same Python)
     PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" run_pytest .venv-tf4/bin/python -p no:cacheprovider \
-        tests/test_hf.py tests/test_builtin.py "$@" || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
+        tests/test_hf.py tests/test_builtin.py tests/test_ep.py "$@" || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
 fi
 exit "$status"

@@ -437,3 +437,22 @@ def test_ep_stats_needs_expert_parallel():
     ds.patch(model)
     with pytest.raises(ValueError, match="not patched with expert_parallel"):
         ds.ep_stats(model)
+
+
+def test_torchrun_example_on_the_builtin_model():
+    """scripts/ep_example.py under torchrun, 2 CPU processes, the built-in
+    OLMoE-style model on held-out text: each rank's expert-parallel logits
+    equal its single-process logits, and the three policies print their
+    loads."""
+    import re
+
+    script = os.path.join(os.path.dirname(HERE), "scripts", "ep_example.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           script, "--tokens", "64"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "PYTHONPATH": PKG_ROOT, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    errs = [float(m) for m in re.findall(r"max \|EP logits - single-process logits\| = (\S+)", r.stdout)]
+    assert len(errs) == 2 and max(errs) < 1e-3
+    for name in ("uniform", "ratio", "fill"):
+        assert re.search(rf"^\s+{name}\s*: drop \d", r.stdout, re.M), r.stdout
