@@ -352,7 +352,7 @@ def sweep_model(spec: str, a, paras: List[str], log, progress: bool) -> Dict:
     steps = 3 + len(a.rates) * (("1T" in a.methods) + ("2T partition" in a.methods) + ("2T reconstruct" in a.methods)
                                 + ("DynamicSkip" in a.methods) + ("RandomDrop" in a.methods)) \
         + ("TopKReduce" in a.methods) * sum(1 for k in range(1, K) if (K - k) / K <= max(a.rates) + 0.1 + 1e-9
-                                            or k == K - 1) + 2
+                                            or k == K - 1) + 1
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -591,12 +591,16 @@ def run(args) -> int:
                               "threads": torch.get_num_threads(), "simd": ds.info().get("simd_level"),
                               "date": _dt.datetime.now().isoformat(timespec="seconds")},
               "models": []}
-    try:
-        for spec in a.models:
+    for spec in a.models:
+        try:
             result["models"].append(sweep_model(spec, a, paras, log, not a.no_progress))
-    except SweepError as e:
-        log(f"dualsparse sweep: error: {e}")
-        return 2
+        except SweepError as e:
+            log(f"dualsparse sweep: error: {e}")
+            return 2
+        except (ValueError, FileNotFoundError, NotImplementedError, OSError) as e:
+            # an unsupported or unreadable model: nothing has been written yet
+            log(f"dualsparse sweep: error: --model {spec}: {e}")
+            return 2
     result["seconds"] = time.perf_counter() - t0
     print(format_table(result))
     files = write_outputs(result, a.out, not a.no_plots, log)

@@ -213,3 +213,19 @@ def test_quick_cli_run(tmp_path):
     for m in res["models"]:
         assert {"original", "no drop", *sweep.METHODS} == {r["method"] for r in m["rows"]}
     assert "2T reconstruct" in r.stdout and "ideal" in r.stdout
+
+
+def test_unsupported_model_folder_is_a_clear_error(tmp_path, capsys):
+    """A dense (non-MoE) Hugging Face model: the error names --model and the
+    supported families, and nothing is written."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path / "dense"
+    LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(d)
+    builtin.load("olmoe")[1].save_pretrained(d)
+    rc = main(["sweep", "--model", str(d), "--out", str(tmp_path / "o"), *SMALL])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"--model {d}" in err and "mixtral" in err.lower()
+    assert not (tmp_path / "o").exists()
