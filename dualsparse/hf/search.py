@@ -181,14 +181,21 @@ def routing_scores(model, batches, *, num_threads=None, show_progress: bool = Tr
     histograms of the router's skew and for drop rate versus threshold
     curves (``(s < t).mean()`` is the 1T drop rate of a layer without shared
     experts)."""
-    data = collect_batches(model, batches, "routing_scores")
+    rec, _ = _record(model, batches, "routing_scores", "recording routing scores", num_threads, show_progress)
+    return [rec.normalized(i) for i in range(len(rec.weights))]
+
+
+def _record(model, batches, fn, desc, num_threads, show_progress):
+    """(ScoreRecorder of the top-K weights of every MoE layer, shared-expert
+    units per layer) from running ``batches`` without dropping."""
+    data = collect_batches(model, batches, fn)
     with patched_for_calibration(model, NoDrop(), num_threads) as h:
         h.recorder = ScoreRecorder(len(h.layers))
         try:
-            run_batches(model, h, data, "recording routing scores", show_progress)
+            run_batches(model, h, data, desc, show_progress)
         finally:
             rec, h.recorder = h.recorder, None
-    return [rec.normalized(i) for i in range(len(rec.weights))]
+        return rec, [l.shared_units for l in h.layers]
 
 
 def calibrate_dynamic_skip(model, batches, *, target_drop_rate=None, num_threads=None,
@@ -208,14 +215,8 @@ def calibrate_dynamic_skip(model, batches, *, target_drop_rate=None, num_threads
         if not (0.0 <= r < 1.0) or math.isnan(r):
             raise ValueError("dualsparse.calibrate_dynamic_skip: target_drop_rate must be in [0, 1); "
                              f"got {target_drop_rate!r}")
-    data = collect_batches(model, batches, "calibrate_dynamic_skip")
-    with patched_for_calibration(model, NoDrop(), num_threads) as h:
-        h.recorder = ScoreRecorder(len(h.layers))
-        try:
-            run_batches(model, h, data, "calibrating DynamicSkip", show_progress)
-        finally:
-            rec, h.recorder = h.recorder, None
-        shared = [l.shared_units for l in h.layers]
+    rec, shared = _record(model, batches, "calibrate_dynamic_skip", "calibrating DynamicSkip", num_threads,
+                          show_progress)
     betas = []
     capped = []
     for i in range(len(rec.weights)):
