@@ -2,9 +2,10 @@
 # Sets up .venv (scripts/setup.sh) and runs the whole test suite: the C unit
 # tests of csrc/core (plain and under address/undefined-behaviour
 # sanitizers, run from tests/test_core_c.py) and the Python tests with the
-# newest supported transformers; then the Hugging Face tests again in
-# the built-in model and expert-parallel tests again in .venv-tf4 with the oldest supported
-# transformers (4.57, per-expert layouts; DUALSPARSE_SKIP_TF4=1 skips that run).  Extra arguments go to pytest.
+# newest supported transformers; then the Hugging Face, built-in model,
+# expert-parallel and sweep tests again in .venv-tf4 with the oldest
+# supported transformers (4.57, per-expert layouts; DUALSPARSE_SKIP_TF4=1
+# skips that run).  Extra arguments go to pytest.
 # "No tests collected" is a failure.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,9 +34,9 @@ if [ "${DUALSPARSE_SKIP_TF4:-0}" != "1" ]; then
     python="${PYTHON:-python3}"
     [ -x .venv-tf4/bin/python ] || "$python" -m venv .venv-tf4
     .venv-tf4/bin/python -m pip install --quiet -c constraints/tf457.txt \
-        torch transformers numpy safetensors tqdm tokenizers pytest
+        torch transformers numpy safetensors tqdm tokenizers matplotlib pytest
     # the extension is built in place by the editable install in .venv (same Python)
     PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" run_pytest .venv-tf4/bin/python -p no:cacheprovider \
-        tests/test_hf.py tests/test_builtin.py tests/test_ep.py "$@" || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
+        tests/test_hf.py tests/test_builtin.py tests/test_ep.py tests/test_sweep.py "$@" || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
 fi
 exit "$status"
