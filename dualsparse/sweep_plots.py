@@ -64,33 +64,40 @@ def plot_accuracy(result: Dict, out: pathlib.Path) -> pathlib.Path:
     return _save(fig, out / "accuracy_vs_drop.png")
 
 
+def _panel_per_model(models):
+    """A figure with one panel per model, side by side, and its axes."""
+    fig = Figure(figsize=(5.5 * len(models), 3.8))
+    return fig, fig.subplots(1, len(models), squeeze=False)[0]
+
+
+def _finish(ax, xlabel, ylabel, title, legend_size):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def plot_layers(result: Dict, out: pathlib.Path) -> pathlib.Path:
     models = result["models"]
-    fig = Figure(figsize=(5.5 * len(models), 3.8))
-    axes = fig.subplots(1, len(models), squeeze=False)
-    for i, m in enumerate(models):
-        ax = axes[0][i]
+    fig, axes = _panel_per_model(models)
+    for ax, m in zip(axes, models):
         c = m["layer_curves"]
         for li, ys in enumerate(c["per_layer"]):
             ax.plot(c["thresholds"], [100 * y for y in ys], label=f"layer {li}")
         for r in m["rows"]:
             if r["method"] == "1T" and r.get("thresholds") and not r["thresholds"].startswith("per-layer"):
                 ax.axvline(float(r["thresholds"]), color="gray", lw=0.8, ls=":")
-        ax.set_xlabel("1T threshold T on the normalised score")
-        ax.set_ylabel("drop rate (%)")
-        ax.set_title(f"{m['info']['name']}: drop rate per MoE layer (dotted: thresholds found)", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish(ax, "1T threshold T on the normalised score", "drop rate (%)",
+                f"{m['info']['name']}: drop rate per MoE layer (dotted: thresholds found)", 8)
     fig.tight_layout()
     return _save(fig, out / "layer_drop_vs_threshold.png")
 
 
 def plot_speed(result: Dict, out: pathlib.Path) -> pathlib.Path:
     models = result["models"]
-    fig = Figure(figsize=(5.5 * len(models), 3.8))
-    axes = fig.subplots(1, len(models), squeeze=False)
-    for i, m in enumerate(models):
-        ax = axes[0][i]
+    fig, axes = _panel_per_model(models)
+    for ax, m in zip(axes, models):
         rows = m["rows"]
         top = 0.0
         for meth, st in STYLE.items():
@@ -105,11 +112,8 @@ def plot_speed(result: Dict, out: pathlib.Path) -> pathlib.Path:
         grid = [k / 100 for k in range(0, int(100 * max(top, 0.4)) + 2)]
         ax.plot([100 * g for g in grid], [1 / (1 - g) for g in grid], color="black", lw=1, label="ideal 1/(1-r)")
         ax.axhline(1.0, color="black", lw=0.5)
-        ax.set_xlabel("measured drop rate (%)")
-        ax.set_ylabel("speedup against no drop")
-        ax.set_title(f"{m['info']['name']}: solid MoE blocks, dashed end to end", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish(ax, "measured drop rate (%)", "speedup against no drop",
+                f"{m['info']['name']}: solid MoE blocks, dashed end to end", 7)
     fig.tight_layout()
     return _save(fig, out / "speedup_vs_drop.png")
 
