@@ -175,10 +175,10 @@ def _extensions():
     )
     cuda = Extension(
         "dualsparse._C_cuda",
-        sources=[_rel(CSRC / "cuda" / "ds_cuda.cu"), _rel(CSRC / "python" / "cuda_module.c")],
+        sources=[_rel(CSRC / "cuda" / "ds_cuda.cu"), _rel(CSRC / "cuda" / "ds_cuda_moe.cu"), _rel(CSRC / "python" / "cuda_module.c")],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
-        depends=[_rel(CSRC / "cuda" / "ds_cuda.h")],
+        depends=[_rel(p) for p in (CSRC / "cuda").glob("*.h")] + [_rel(CSRC / "core" / "ds_core.h")],
     )
     return [core, cuda]
 
