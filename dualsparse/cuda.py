@@ -23,7 +23,7 @@ from __future__ import annotations
 import glob
 import os
 import threading
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 _DS_DTYPES = {"float32": 0, "bfloat16": 1, "float16": 2, "float64": 3, "int8": 4, "uint8": 5,
               "int16": 6, "int32": 7, "int64": 8}
