@@ -251,12 +251,15 @@ def test_cuda_c_check_rejects_without_device(cuda_module):
 # ================================================== the CUDA ops on a device
 
 @pytest.fixture(scope="module")
-def gpu(cuda_device):
+def gpu(cuda_module):
+    """The first CUDA device, where torch sees one.  When torch sees a device
+    but the module cannot use it (e.g. a driver older than the module's CUDA
+    runtime, or no cuBLAS), that is a failure with the reason, not a skip."""
     if not torch.cuda.is_available():
-        pytest.skip("torch sees no CUDA device (CPU build of torch?)")
+        pytest.skip("torch sees no CUDA device (CPU build of torch, or no GPU)")
     ok, reason = dcuda.available()
     if not ok:
-        pytest.fail(f"a device exists but the CUDA path is not usable: {reason}")
+        pytest.fail(f"torch sees a CUDA device but dualsparse's CUDA path is not usable: {reason}")
     return torch.device("cuda", 0)
 
 
