@@ -103,6 +103,15 @@ def main():
                 w = w / w.sum(-1, keepdim=True)
             res = {}
             res["dualsparse"] = timeit(lambda: ops.moe_experts(x, ids, w, gu, dn))
+            # the op's one host synchronisation, measured: the wait inside it
+            # with the GPU idle before the call, and right after queued work
+            torch.cuda.synchronize(dev)
+            ops.moe_experts(x, ids, w, gu, dn)
+            sync_idle = dcuda.module().last_sync_seconds()
+            big = torch.randn(4096, 4096, device=dev, dtype=dtype)
+            big @ big
+            ops.moe_experts(x, ids, w, gu, dn)
+            sync_busy = dcuda.module().last_sync_seconds()
             gm = torch_grouped_mm_impl(torch, gu, dn)
             if gm is not None:
                 try:
@@ -119,7 +128,8 @@ def main():
                 except Exception as exc:  # noqa: BLE001
                     res[impl] = f"failed: {type(exc).__name__}: {exc}"[:200]
             base = res["dualsparse"]
-            row = dict(shape=name, T=T, no_drop=res, drops={})
+            row = dict(shape=name, T=T, no_drop=res, drops={}, sync_wait_idle_s=sync_idle,
+                       sync_wait_after_queued_gemm_s=sync_busy)
             for r in a.rates:
                 for P in (1, 2):
                     u = torch.rand(T, K, device=dev, generator=g)
@@ -134,7 +144,8 @@ def main():
             row["route_levels_s"] = rl
             rows.append(row)
             cells = "  ".join(f"{k} {v * 1e3:.3f}ms" if isinstance(v, float) else f"{k} {v}" for k, v in res.items())
-            print(f"{name:8s} T={T:5d}  {cells}")
+            print(f"{name:8s} T={T:5d}  {cells}  (sync wait {sync_idle * 1e6:.0f}us idle, "
+                  f"{sync_busy * 1e6:.0f}us after a queued 4096^3 GEMM)")
             print("         drops: " + "  ".join(f"{k}: {d['ratio']:.3f} (ideal {d['ideal']:.3f})"
                                              for k, d in row["drops"].items()) + f"  route_levels {rl * 1e6:.1f}us")
         hf = gu = dn = x = None  # noqa: F841 - free this shape before the next

@@ -55,6 +55,10 @@ ds_status ds_cuda_blas_load(const char *const *paths, int n, int system);
 const char *ds_cuda_blas_path(void);
 int ds_cuda_blas_version(void);
 
+/* Seconds the calling thread waited in the last op's stream synchronisation
+ * (the measured cost of the one host synchronisation). */
+double ds_cuda_last_sync_seconds(void);
+
 /* ---- routing levels ------------------------------------------------------
  * topk_weights: T x K (f32, bf16, f16 or f64; element strides ws0, ws1), device
  * thresholds:   P ascending finite values, host

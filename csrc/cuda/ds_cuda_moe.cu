@@ -24,6 +24,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <chrono>
 #include <vector>
 
 #define PLAN_BLOCK 256
@@ -130,6 +131,20 @@ static void read_back(void *host, const void *dev, size_t size)
     memset(host, 0, 8);
     cudaMemcpy(host, dev, size, cudaMemcpyDeviceToHost);
 }
+
+/* Seconds the calling thread last waited in the op's one stream
+ * synchronisation (ds_cuda_last_sync_seconds). */
+static thread_local double last_sync_s;
+
+static cudaError_t timed_sync(cudaStream_t stream)
+{
+    auto t0 = std::chrono::steady_clock::now();
+    cudaError_t e = cudaStreamSynchronize(stream);
+    last_sync_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return e;
+}
+
+extern "C" double ds_cuda_last_sync_seconds(void) { return last_sync_s; }
 
 #define CU(call, what)                                       \
     do {                                                     \
@@ -240,7 +255,7 @@ extern "C" ds_status ds_cuda_route_levels(int device, void *stream_, const void 
         e = cudaMemcpyAsync(h_err, d_err, sizeof h_err, cudaMemcpyDeviceToHost, stream);
     cudaFreeAsync(d_err, stream);
     if (e == cudaSuccess)
-        e = cudaStreamSynchronize(stream);
+        e = timed_sync(stream);
     if (e != cudaSuccess)
         return ds_cuda_rt_error("route_levels", e);
     /* The CPU engine scans rows in order and reports the first problem. */
@@ -597,7 +612,7 @@ static ds_status front_half(const char *fn, int device, cudaStream_t stream,
     ull h_err[2] = {NO_ERR, NO_ERR};
     CU(cudaMemcpyAsync(plan.total.data(), total, (size_t)EP * 4, cudaMemcpyDeviceToHost, stream), fn);
     CU(cudaMemcpyAsync(h_err, err, sizeof h_err, cudaMemcpyDeviceToHost, stream), fn);
-    CU(cudaStreamSynchronize(stream), fn);
+    CU(timed_sync(stream), fn);
     if (h_err[0] != NO_ERR) {
         int64_t t = (int64_t)(h_err[0] / (ull)K), k = (int64_t)(h_err[0] % (ull)K);
         char buf[8];

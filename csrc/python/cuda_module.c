@@ -125,6 +125,12 @@ static PyObject *py_blas_info(PyObject *self, PyObject *args)
     return Py_BuildValue("{s:s,s:i}", "path", ds_cuda_blas_path(), "version", ds_cuda_blas_version());
 }
 
+static PyObject *py_last_sync_seconds(PyObject *self, PyObject *args)
+{
+    (void)self; (void)args;
+    return PyFloat_FromDouble(ds_cuda_last_sync_seconds());
+}
+
 static void *ptr_of(long long v) { return (void *)(intptr_t)v; }
 
 /* route_levels(device, stream, w_ptr, w_dtype, T, K, ws0, ws1, thresholds,
@@ -275,6 +281,8 @@ static PyMethodDef methods[] = {
     {"selftest", py_selftest, METH_VARARGS, "run a small kernel on a device and check its output"},
     {"blas_load", py_blas_load, METH_VARARGS,
      "blas_load(paths, system=True) -> path: dlopen cuBLAS (first hit wins; idempotent)"},
+    {"last_sync_seconds", py_last_sync_seconds, METH_NOARGS,
+     "seconds this thread waited in the last CUDA op's one stream synchronisation"},
     {"blas_info", py_blas_info, METH_NOARGS, "{'path', 'version'} of the loaded cuBLAS"},
     {"route_levels", py_route_levels, METH_VARARGS, "routing levels on the device (raw pointers)"},
     {"moe_check", py_moe_check, METH_VARARGS,
