@@ -70,6 +70,7 @@ static int blas_resolve(void *lib, ds_blas_api *api, const char **missing)
     DS_SYM(get_version, "cublasGetVersion_v2");
     DS_SYM(gemm_ex, "cublasGemmEx");
 #undef DS_SYM
+    *(void **)&api->gemm_grouped = dlsym(lib, "cublasGemmGroupedBatchedEx"); /* optional */
     return 0;
 }
 
@@ -229,5 +230,7 @@ ds_status ds_cuda_blas_load(const char *const *paths, int n, int system)
 const char *ds_cuda_blas_path(void) { return blas_loaded ? blas_path : ""; }
 
 int ds_cuda_blas_version(void) { return blas_version; }
+
+int ds_cuda_blas_has_grouped(void) { return blas_loaded && blas_api.gemm_grouped != NULL; }
 
 }  // extern "C"

@@ -54,10 +54,17 @@ ds_status ds_cuda_blas_load(const char *const *paths, int n, int system);
 /* Path (or soname) of the loaded cuBLAS and its version (0 when none). */
 const char *ds_cuda_blas_path(void);
 int ds_cuda_blas_version(void);
+/* 1 when the loaded cuBLAS has cublasGemmGroupedBatchedEx (>= 12.5).  The
+ * expert GEMMs then run as one grouped call per phase; otherwise (or when it
+ * refuses the problem, or with DUALSPARSE_CUDA_GEMM=loop in the environment)
+ * as a loop of cublasGemmEx calls on the one stream. */
+int ds_cuda_blas_has_grouped(void);
 
 /* Seconds the calling thread waited in the last op's stream synchronisation
  * (the measured cost of the one host synchronisation). */
 double ds_cuda_last_sync_seconds(void);
+/* 1 when the calling thread's last GEMM phase ran as one grouped cuBLAS call. */
+int ds_cuda_last_gemm_grouped(void);
 
 /* ---- routing levels ------------------------------------------------------
  * topk_weights: T x K (f32, bf16, f16 or f64; element strides ws0, ws1), device

@@ -32,6 +32,13 @@ typedef struct {
                    const void *alpha, const void *A, cudaDataType Atype, int lda, const void *B,
                    cudaDataType Btype, int ldb, const void *beta, void *C, cudaDataType Ctype,
                    int ldc, int compute_type, int algo);
+    /* cublasGemmGroupedBatchedEx (cuBLAS >= 12.5); NULL when absent.  Host
+     * arrays of group_count parameters, device arrays of the matrices. */
+    int (*gemm_grouped)(ds_blas_handle, const int *transa, const int *transb, const int *m,
+                        const int *n, const int *k, const void *alpha, const void *const *A,
+                        cudaDataType Atype, const int *lda, const void *const *B, cudaDataType Btype,
+                        const int *ldb, const void *beta, void *const *C, cudaDataType Ctype,
+                        const int *ldc, int group_count, const int *group_size, int compute_type);
 } ds_blas_api;
 
 /* The loaded API, or NULL with a message (tries the default search when

@@ -89,15 +89,6 @@ __host__ __device__ static inline int64_t load_int(const void *p, ds_dtype dt, i
     }
 }
 
-__device__ static inline float load_act(const void *p, ds_dtype dt, int64_t i)
-{
-    switch (dt) {
-    case DS_F32: return ((const float *)p)[i];
-    case DS_BF16: return __bfloat162float(((const __nv_bfloat16 *)p)[i]);
-    default: return __half2float(((const __half *)p)[i]);
-    }
-}
-
 __device__ static inline void store_act(void *p, ds_dtype dt, int64_t i, float v)
 {
     switch (dt) {
@@ -355,8 +346,12 @@ extern "C" ds_status ds_cuda_importance_check(const ds_cuda_importance_args *a)
 
 /* ---- workspace ------------------------------------------------------------- */
 
+/* Device pointer arrays of the grouped GEMMs: (A, B, C) for at most 2*E*P
+ * gate/up problems, then for at most E*P down problems. */
+#define GEMM_PTRS(EP) (3 * 2 * (size_t)(EP) + 3 * (size_t)(EP))
+
 struct Layout {
-    size_t err, keys, hist, total, off, row_tok, row_pair, row_lvl, pos, xg, gu, act, y, end;
+    size_t err, keys, hist, total, off, row_tok, row_pair, row_lvl, pos, ptrs, xg, gu, act, y, end;
 };
 
 static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
@@ -376,6 +371,7 @@ static Layout layout(const ds_cuda_moe_args *a, int P, int with_down)
     L.row_pair = o; o += align256(N * 4);
     L.row_lvl = o;  o += align256(N * 4);
     L.pos = o;      o += align256(N * 4);
+    L.ptrs = o;     o += align256(GEMM_PTRS(EP) * sizeof(void *));
     L.xg = o;       o += align256(N * (size_t)a->H * esz);
     L.gu = o;       o += align256(N * 2 * (size_t)a->I * 4);
     L.act = o;      if (with_down) o += align256(N * (size_t)a->I * esz);
@@ -567,16 +563,99 @@ struct Plan {
     int64_t R = 0;
 };
 
-static ds_status gemm(const ds_blas_api *api, ds_blas_handle h, int m, int n, int k, const void *A,
-                      cudaDataType at, int lda, const void *B, cudaDataType bt, int ldb, float *C,
-                      int ldc, const char *what)
+/* One GEMM, cuBLAS column-major terms: C (m x n, ldc) = op_T(A) (m x k) *
+ * B (k x n): row-major "C[rows, out] = X[rows, :k] . W[out, :k]" with
+ * A = W (lda = W's row stride), B = X (ldb = X's row stride), m = out
+ * features, n = rows. */
+struct Gemm {
+    int m, n, k;
+    const void *A;
+    int lda;
+    const void *B;
+    int ldb;
+    float *C;
+    int ldc;
+};
+
+/* A list of GEMMs in groups (the problems of a group share m, n, k and the
+ * leading dimensions), run as one cublasGemmGroupedBatchedEx when the
+ * loaded cuBLAS has it, else (or when it refuses the problem) as a loop of
+ * cublasGemmEx on the stream.  dev_ptrs: room for 3 * problems pointers. */
+struct GemmBatch {
+    std::vector<Gemm> p;
+    std::vector<int> group_size;
+    void add(const Gemm &g, int new_group)
+    {
+        p.push_back(g);
+        if (new_group || group_size.empty())
+            group_size.push_back(1);
+        else
+            group_size.back()++;
+    }
+};
+
+static thread_local int last_gemm_grouped;
+
+extern "C" int ds_cuda_last_gemm_grouped(void) { return last_gemm_grouped; }
+
+static int grouped_wanted(const ds_blas_api *api)
 {
+    const char *env = getenv("DUALSPARSE_CUDA_GEMM");
+    if (env != NULL && strcmp(env, "loop") == 0)
+        return 0;
+    return api->gemm_grouped != NULL;
+}
+
+static ds_status run_gemms(const ds_blas_api *api, ds_blas_handle h, cudaStream_t stream,
+                           const GemmBatch &b, cudaDataType bt, void **dev_ptrs, const char *what)
+{
+    const size_t np = b.p.size();
+    last_gemm_grouped = 0;
+    if (np == 0)
+        return DS_OK;
+    if (grouped_wanted(api)) {
+        const size_t G = b.group_size.size();
+        std::vector<int> ta(G, DS_BLAS_OP_T), tb(G, DS_BLAS_OP_N), m(G), n(G), k(G), lda(G), ldb(G), ldc(G);
+        std::vector<float> alpha(G, 1.0f), beta(G, 0.0f);
+        std::vector<const void *> ptrs(3 * np);
+        size_t i = 0;
+        for (size_t g = 0; g < G; g++) {
+            const Gemm &q = b.p[i];
+            m[g] = q.m; n[g] = q.n; k[g] = q.k; lda[g] = q.lda; ldb[g] = q.ldb; ldc[g] = q.ldc;
+            i += (size_t)b.group_size[g];
+        }
+        for (size_t j = 0; j < np; j++) {
+            ptrs[j] = b.p[j].A;
+            ptrs[np + j] = b.p[j].B;
+            ptrs[2 * np + j] = b.p[j].C;
+        }
+        /* From pageable memory: cudaMemcpyAsync stages the bytes and returns
+         * without synchronising the device (CUDA "API synchronization
+         * behavior"), so the vector may go out of scope right after. */
+        CU(cudaMemcpyAsync(dev_ptrs, ptrs.data(), 3 * np * sizeof(void *), cudaMemcpyHostToDevice, stream),
+           what);
+        int st = api->gemm_grouped(h, ta.data(), tb.data(), m.data(), n.data(), k.data(), alpha.data(),
+                                   (const void *const *)dev_ptrs, bt, lda.data(),
+                                   (const void *const *)(dev_ptrs + np), bt, ldb.data(), beta.data(),
+                                   (void *const *)(dev_ptrs + 2 * np), CUDA_R_32F, ldc.data(), (int)G,
+                                   b.group_size.data(), DS_BLAS_COMPUTE_32F);
+        if (st == 0) {
+            last_gemm_grouped = 1;
+            return DS_OK;
+        }
+        /* Refused (e.g. a type combination this version does not group):
+         * cuBLAS checks before it launches anything, so the loop below
+         * computes everything. */
+    }
     const float one = 1.0f, zero = 0.0f;
-    int st = api->gemm_ex(h, DS_BLAS_OP_T, DS_BLAS_OP_N, m, n, k, &one, A, at, lda, B, bt, ldb, &zero,
-                          C, CUDA_R_32F, ldc, DS_BLAS_COMPUTE_32F, DS_BLAS_GEMM_DEFAULT);
-    if (st != 0)
-        return ds_cuda_error(DS_ERR_INTERNAL, "%s: cublasGemmEx failed with status %d (m=%d n=%d k=%d)",
-                             what, st, m, n, k);
+    for (const Gemm &q : b.p) {
+        int st = api->gemm_ex(h, DS_BLAS_OP_T, DS_BLAS_OP_N, q.m, q.n, q.k, &one, q.A, bt, q.lda, q.B, bt,
+                              q.ldb, &zero, q.C, CUDA_R_32F, q.ldc, DS_BLAS_COMPUTE_32F,
+                              DS_BLAS_GEMM_DEFAULT);
+        if (st != 0)
+            return ds_cuda_error(DS_ERR_INTERNAL, "%s: cublasGemmEx failed with status %d (m=%d n=%d k=%d)",
+                                 what, st, q.m, q.n, q.k);
+    }
     return DS_OK;
 }
 
@@ -658,12 +737,13 @@ static ds_status front_half(const char *fn, int device, cudaStream_t stream,
     const ds_blas_api *api = ds_blas();
     const cudaDataType bt = blas_type(a->dtype);
     float *gu = (float *)(ws + L.gu);
+    GemmBatch batch;
+    std::vector<int64_t> mq((size_t)P + 2, 0);
     for (int64_t e = 0; e < E; e++) {
         const int64_t row0 = plan.off[e * P];
         const char *gate = (const char *)a->gate_up + (size_t)e * 2 * I * H * esz;
         const char *up = gate + (size_t)I * H * esz;
         int64_t m_q = 0; /* rows with level >= q */
-        std::vector<int64_t> mq((size_t)P + 2, 0);
         for (int q = P; q >= 1; q--) {
             m_q += plan.total[e * P + (P - q)];
             mq[q] = m_q;
@@ -676,18 +756,17 @@ static ds_status front_half(const char *fn, int device, cudaStream_t stream,
             const int64_t j0 = ((int64_t)(q - 1) * I) / P, j1 = ((int64_t)q1 * I) / P, m = mq[q];
             if (m > 0 && j1 > j0) {
                 const char *B = xg + (size_t)row0 * H * esz;
-                st = gemm(api, h, (int)(j1 - j0), (int)m, (int)H, gate + (size_t)j0 * H * esz, bt, (int)H,
-                          B, bt, (int)H, gu + row0 * 2 * I + j0, (int)(2 * I), "gate");
-                if (st == DS_OK)
-                    st = gemm(api, h, (int)(j1 - j0), (int)m, (int)H, up + (size_t)j0 * H * esz, bt,
-                              (int)H, B, bt, (int)H, gu + row0 * 2 * I + I + j0, (int)(2 * I), "up");
-                if (st != DS_OK)
-                    return st;
+                Gemm g = {(int)(j1 - j0), (int)m, (int)H, gate + (size_t)j0 * H * esz, (int)H, B, (int)H,
+                          gu + row0 * 2 * I + j0, (int)(2 * I)};
+                batch.add(g, 1);
+                g.A = up + (size_t)j0 * H * esz;
+                g.C = gu + row0 * 2 * I + I + j0;
+                batch.add(g, 0);
             }
             q = q1 + 1;
         }
     }
-    return DS_OK;
+    return run_gemms(api, h, stream, batch, bt, (void **)(ws + L.ptrs), "gate/up");
 }
 
 /* ---- moe_experts ------------------------------------------------------------- */
@@ -733,6 +812,7 @@ extern "C" ds_status ds_cuda_moe_experts(int device, void *stream_, const ds_cud
      * (l*I)/P neurons; Y[r, h] at y[r*H + h]. */
     const ds_blas_api *api = ds_blas();
     const cudaDataType bt = blas_type(a->dtype);
+    GemmBatch batch;
     for (int64_t e = 0; e < E; e++) {
         const char *down = (const char *)a->down + (size_t)e * H * I * esz;
         for (int l = P; l >= 1; l--) {
@@ -744,12 +824,14 @@ extern "C" ds_status ds_cuda_moe_experts(int device, void *stream_, const ds_cud
                 CU(cudaMemsetAsync(y + rb * H, 0, (size_t)(m * H) * 4, stream), fn);
                 continue;
             }
-            st = gemm(api, h, (int)H, (int)m, (int)kk, down, bt, (int)I, act + (size_t)rb * I * esz, bt,
-                      (int)I, y + rb * H, (int)H, "down");
-            if (st != DS_OK)
-                return st;
+            Gemm g = {(int)H, (int)m, (int)kk, down, (int)I, act + (size_t)rb * I * esz, (int)I, y + rb * H,
+                      (int)H};
+            batch.add(g, 1);
         }
     }
+    st = run_gemms(api, h, stream, batch, bt, (void **)(ws + L.ptrs) + 3 * 2 * E * P, "down");
+    if (st != DS_OK)
+        return st;
     combine_kernel<<<grid_for(T * H, 256), 256, 0, stream>>>(y, pos, a->topk_weights, T, K, H, a->out,
                                                              a->ldo, a->dtype);
     CU(cudaGetLastError(), fn);

@@ -122,13 +122,20 @@ static PyObject *py_blas_load(PyObject *self, PyObject *args)
 static PyObject *py_blas_info(PyObject *self, PyObject *args)
 {
     (void)self; (void)args;
-    return Py_BuildValue("{s:s,s:i}", "path", ds_cuda_blas_path(), "version", ds_cuda_blas_version());
+    return Py_BuildValue("{s:s,s:i,s:O}", "path", ds_cuda_blas_path(), "version", ds_cuda_blas_version(),
+                         "grouped_gemm", ds_cuda_blas_has_grouped() ? Py_True : Py_False);
 }
 
 static PyObject *py_last_sync_seconds(PyObject *self, PyObject *args)
 {
     (void)self; (void)args;
     return PyFloat_FromDouble(ds_cuda_last_sync_seconds());
+}
+
+static PyObject *py_last_gemm_grouped(PyObject *self, PyObject *args)
+{
+    (void)self; (void)args;
+    return PyBool_FromLong(ds_cuda_last_gemm_grouped());
 }
 
 static void *ptr_of(long long v) { return (void *)(intptr_t)v; }
@@ -283,6 +290,8 @@ static PyMethodDef methods[] = {
      "blas_load(paths, system=True) -> path: dlopen cuBLAS (first hit wins; idempotent)"},
     {"last_sync_seconds", py_last_sync_seconds, METH_NOARGS,
      "seconds this thread waited in the last CUDA op's one stream synchronisation"},
+    {"last_gemm_grouped", py_last_gemm_grouped, METH_NOARGS,
+     "whether this thread's last GEMM phase ran as one cublasGemmGroupedBatchedEx call"},
     {"blas_info", py_blas_info, METH_NOARGS, "{'path', 'version'} of the loaded cuBLAS"},
     {"route_levels", py_route_levels, METH_VARARGS, "routing levels on the device (raw pointers)"},
     {"moe_check", py_moe_check, METH_VARARGS,
