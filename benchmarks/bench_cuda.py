@@ -6,6 +6,8 @@ At no drop, side by side on the same weight tensors:
 
 * ``dualsparse``       dualsparse.ops.moe_experts on CUDA tensors (cuBLAS GEMMs,
                        one host synchronisation per call for the plan's row counts)
+* ``dualsparse_gemm_loop``  the same with DUALSPARSE_CUDA_GEMM=loop (a cublasGemmEx
+                       per expert) where the grouped cuBLAS call is in use
 * ``torch_grouped_mm`` sort by expert + torch._grouped_mm for gate/up and down +
                        index_add combine (where torch has _grouped_mm for this GPU)
 * ``hf5_<impl>``       the transformers 5.x Experts class' eager forward and every
@@ -103,6 +105,13 @@ def main():
                 w = w / w.sum(-1, keepdim=True)
             res = {}
             res["dualsparse"] = timeit(lambda: ops.moe_experts(x, ids, w, gu, dn))
+            grouped = dcuda.module().last_gemm_grouped()
+            if grouped:  # the same with the cublasGemmEx loop
+                os.environ["DUALSPARSE_CUDA_GEMM"] = "loop"
+                try:
+                    res["dualsparse_gemm_loop"] = timeit(lambda: ops.moe_experts(x, ids, w, gu, dn))
+                finally:
+                    del os.environ["DUALSPARSE_CUDA_GEMM"]
             # the op's one host synchronisation, measured: the wait inside it
             # with the GPU idle before the call, and right after queued work
             torch.cuda.synchronize(dev)
@@ -128,7 +137,7 @@ def main():
                 except Exception as exc:  # noqa: BLE001
                     res[impl] = f"failed: {type(exc).__name__}: {exc}"[:200]
             base = res["dualsparse"]
-            row = dict(shape=name, T=T, no_drop=res, drops={}, sync_wait_idle_s=sync_idle,
+            row = dict(shape=name, T=T, no_drop=res, drops={}, grouped_gemm=grouped, sync_wait_idle_s=sync_idle,
                        sync_wait_after_queued_gemm_s=sync_busy)
             for r in a.rates:
                 for P in (1, 2):
