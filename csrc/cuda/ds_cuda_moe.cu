@@ -127,10 +127,20 @@ static void read_back(void *host, const void *dev, size_t size)
  * synchronisation (ds_cuda_last_sync_seconds). */
 static thread_local double last_sync_s;
 
-static cudaError_t timed_sync(cudaStream_t stream)
+/* Copies two device buffers into host memory and waits for them: the op's
+ * one synchronisation.  (A device-to-pageable copy returns only when done,
+ * so the clock runs from before the first copy to after the stream sync.) */
+static cudaError_t read_and_sync(cudaStream_t stream, void *h1, const void *d1, size_t n1, void *h2,
+                                 const void *d2, size_t n2)
 {
     auto t0 = std::chrono::steady_clock::now();
-    cudaError_t e = cudaStreamSynchronize(stream);
+    cudaError_t e = cudaSuccess;
+    if (n1)
+        e = cudaMemcpyAsync(h1, d1, n1, cudaMemcpyDeviceToHost, stream);
+    if (e == cudaSuccess && n2)
+        e = cudaMemcpyAsync(h2, d2, n2, cudaMemcpyDeviceToHost, stream);
+    if (e == cudaSuccess)
+        e = cudaStreamSynchronize(stream);
     last_sync_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return e;
 }
@@ -243,10 +253,8 @@ extern "C" ds_status ds_cuda_route_levels(int device, void *stream_, const void 
         e = cudaGetLastError();
     }
     if (e == cudaSuccess)
-        e = cudaMemcpyAsync(h_err, d_err, sizeof h_err, cudaMemcpyDeviceToHost, stream);
+        e = read_and_sync(stream, h_err, d_err, sizeof h_err, NULL, NULL, 0);
     cudaFreeAsync(d_err, stream);
-    if (e == cudaSuccess)
-        e = timed_sync(stream);
     if (e != cudaSuccess)
         return ds_cuda_rt_error("route_levels", e);
     /* The CPU engine scans rows in order and reports the first problem. */
@@ -689,9 +697,7 @@ static ds_status front_half(const char *fn, int device, cudaStream_t stream,
      * validation flags. */
     plan.total.assign((size_t)EP, 0);
     ull h_err[2] = {NO_ERR, NO_ERR};
-    CU(cudaMemcpyAsync(plan.total.data(), total, (size_t)EP * 4, cudaMemcpyDeviceToHost, stream), fn);
-    CU(cudaMemcpyAsync(h_err, err, sizeof h_err, cudaMemcpyDeviceToHost, stream), fn);
-    CU(timed_sync(stream), fn);
+    CU(read_and_sync(stream, plan.total.data(), total, (size_t)EP * 4, h_err, err, sizeof h_err), fn);
     if (h_err[0] != NO_ERR) {
         int64_t t = (int64_t)(h_err[0] / (ull)K), k = (int64_t)(h_err[0] % (ull)K);
         char buf[8];
