@@ -147,6 +147,7 @@ class BuildExt(build_ext):
                 raise RuntimeError(f"nvcc failed on {src}:\n{res.stderr}")
             objs.append(str(obj))
         ext.extra_objects = objs + ext.extra_objects
+        ext.depends = list(ext.depends) + cu  # a changed .cu relinks the module
         ext.library_dirs.append(str(_cuda_libdir(nvcc)))
         # cudart is linked statically: importing the module needs no CUDA
         # libraries on the machine, and a missing driver is reported at call time.
