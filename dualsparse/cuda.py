@@ -113,6 +113,12 @@ def available(device=None) -> Tuple[bool, str]:
                 if st["device_count"] == 0:
                     _state.update(ok=False, reason=f"no usable CUDA device for dualsparse._C_cuda: {st['reason']}")
                 else:
+                    try:  # let torch load its cuBLAS first: then that very copy is used
+                        torch = _torch()
+                        if torch.cuda.is_available():
+                            torch.cuda.current_blas_handle()
+                    except Exception:  # noqa: BLE001 - torch is optional here
+                        pass
                     ok, why = _load_blas(m)
                     _state.update(ok=ok, reason="" if ok else why, blas=why if ok else "")
         return _state["ok"], _state["reason"]
