@@ -276,12 +276,12 @@ def _device_index(t) -> int:
 
 def route_levels(topk_weights, thresholds, normalize: bool, levels) -> None:
     m = require("route_levels")
+    if not 1 <= len(thresholds) <= 127:
+        raise ValueError(f"route_levels: thresholds must hold 1 to 127 values; got {len(thresholds)}")
     if topk_weights.dim() != 2:
         raise ValueError(f"route_levels: topk_weights must be 2-D (tokens, top_k); got shape {tuple(topk_weights.shape)}")
     if _dt_name(topk_weights) not in ("float32", "bfloat16", "float16", "float64"):
         raise TypeError(f"route_levels: topk_weights must be float32, bfloat16, float16 or float64; got {_dt_name(topk_weights)}")
-    if not 1 <= len(thresholds) <= 127:
-        raise ValueError(f"route_levels: thresholds must hold 1 to 127 values; got {len(thresholds)}")
     T, K = topk_weights.shape
     if K < 1:
         raise ValueError("route_levels: topk_weights needs at least one column (K >= 1)")

@@ -248,6 +248,19 @@ def test_cuda_c_check_rejects_without_device(cuda_module):
         cuda_module.moe_check(tuple(bad))
 
 
+@pytest.mark.parametrize("thr", [[float("nan")], [0.2, 0.1], [0.1, float("inf")], list(range(128))],
+                         ids=["nan", "descending", "inf", "128"])
+def test_cuda_route_levels_threshold_errors_match_cpu(cuda_module, thr):
+    """Threshold checks run before the device is touched: same errors here."""
+    w = torch.rand(4, 3)
+    with pytest.raises(ValueError) as cpu:
+        ops.route_levels(w, thr)
+    with pytest.raises(ValueError) as dev:
+        # T = 0: nothing on the device would be read even if the checks passed
+        cuda_module.route_levels(0, 0, 0, 0, 0, 3, 3, 1, [float(t) for t in thr], True, 0, 4, 3, 1)
+    assert str(dev.value) == str(cpu.value)
+
+
 # ================================================== the CUDA ops on a device
 
 @pytest.fixture(scope="module")

@@ -212,17 +212,18 @@ extern "C" ds_status ds_cuda_route_levels(int device, void *stream_, const void 
                                           int64_t ls0, int64_t ls1)
 {
     static const char fn[] = "route_levels";
+    /* The thresholds' checks come first and touch no device (as on the CPU). */
     if (P < 1 || P > 127)
-        return ds_cuda_error(DS_ERR_VALUE, "thresholds must hold 1 to 127 values; got %d", P);
+        return ds_cuda_error(DS_ERR_VALUE, "%s: thresholds must hold 1 to 127 values; got %d", fn, P);
     if (thresholds == NULL)
-        return ds_cuda_error(DS_ERR_VALUE, "thresholds is NULL");
+        return ds_cuda_error(DS_ERR_VALUE, "%s: thresholds is NULL", fn);
     for (int j = 0; j < P; j++) {
         if (!isfinite(thresholds[j]))
-            return ds_cuda_error(DS_ERR_VALUE, "thresholds[%d] = %g is not finite", j, thresholds[j]);
+            return ds_cuda_error(DS_ERR_VALUE, "%s: thresholds[%d] = %g is not finite", fn, j, thresholds[j]);
         if (j > 0 && thresholds[j] < thresholds[j - 1])
             return ds_cuda_error(DS_ERR_VALUE,
-                                 "thresholds must be ascending; thresholds[%d] = %.17g < thresholds[%d] = %.17g",
-                                 j, thresholds[j], j - 1, thresholds[j - 1]);
+                                 "%s: thresholds must be ascending; thresholds[%d] = %.17g < thresholds[%d] = %.17g",
+                                 fn, j, thresholds[j], j - 1, thresholds[j - 1]);
     }
     if (!is_weight(w_dtype))
         return ds_cuda_error(DS_ERR_TYPE, "%s: topk_weights must be float32, bfloat16, float16 or "
