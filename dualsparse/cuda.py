@@ -246,21 +246,38 @@ def moe_args(x, ids, tw, gu, dn, levels, P: int, out, fn: str = "moe_experts"):
         if T > 0 and ((H > 1 and out.stride(1) != 1) or (T > 1 and out.stride(0) < H)):
             raise ValueError(f"{fn}: out must have unit stride along H and non-overlapping rows; got strides {out.stride()}")
         ldo = out.stride(0) if T > 1 else H
-        for name, t in (("x", x), ("topk_ids", ids), ("topk_weights", tw), ("levels", levels),
-                        ("gate_up_proj", gu), ("down_proj", dn)):
-            if t is not None and T > 0 and _overlap(out, t):
-                raise ValueError(f"{fn}: out shares memory with an input ({name})")
+        if T > 0 and any(t is not None and _overlap(out, t) for t in (x, ids, tw, levels)):
+            raise ValueError(f"{fn}: out shares memory with an input (x, topk_ids, topk_weights or levels); "
+                             "pass a separate output tensor")
+        if T > 0 and (_overlap(out, gu) or _overlap(out, dn)):
+            raise ValueError(f"{fn}: out shares memory with the expert weights")
     ldx = x.stride(0) if T > 1 else H
     return (T, K, E, I, H, int(P), _dt(gu), _ptr(x), int(ldx), *_mat(ids), *_mat(tw), *_mat(levels),
             _ptr(gu), _ptr(dn), _ptr(out), int(ldo))
 
 
+def _extent(t):
+    """[first, last) byte addresses a strided tensor can touch."""
+    lo = hi = 0
+    for n, s in zip(t.shape, t.stride()):
+        if n == 0:
+            return 0, 0
+        if s >= 0:
+            hi += (n - 1) * s
+        else:
+            lo += (n - 1) * s
+    esz = t.element_size()
+    return t.data_ptr() + lo * esz, t.data_ptr() + (hi + 1) * esz
+
+
 def _overlap(a, b) -> bool:
-    if a.device.type == "meta":
+    """Byte ranges intersect (conservative for interleaved views, like the
+    CPU binding's check)."""
+    if a.device.type == "meta" or b.device.type == "meta" or a.numel() == 0 or b.numel() == 0:
         return False
-    a0, a1 = a.data_ptr(), a.data_ptr() + a.untyped_storage().nbytes()
-    b0, b1 = b.data_ptr(), b.data_ptr() + b.untyped_storage().nbytes()
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() or (a0 < b1 and b0 < a1)
+    a0, a1 = _extent(a)
+    b0, b1 = _extent(b)
+    return a0 < b1 and b0 < a1
 
 
 def _workspace(nbytes: int, like):

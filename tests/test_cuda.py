@@ -212,6 +212,8 @@ def _bad_moe_inputs():
         ("down shape", mk(dn=base.down[:, :, :-1].contiguous())),
         ("down dtype", mk(dn=base.down.half())),
         ("gu not contiguous", mk(gu=base.gate_up.transpose(1, 2).contiguous().transpose(1, 2))),
+        ("out is x", mk(out=base.x)),
+        ("out in gate_up", mk(out=base.gate_up.view(-1)[:T * H].view(T, H))),
     ]
 
 
