@@ -147,6 +147,7 @@ class BuildExt(build_ext):
                 raise RuntimeError(f"nvcc failed on {src}:\n{res.stderr}")
             objs.append(str(obj))
         ext.extra_objects = objs + ext.extra_objects
+        ext.depends = list(ext.depends) + cu  # a changed .cu relinks the module
         ext.library_dirs.append(str(_cuda_libdir(nvcc)))
         # cudart is linked statically: importing the module needs no CUDA
         # libraries on the machine, and a missing driver is reported at call time.
@@ -175,10 +176,10 @@ def _extensions():
     )
     cuda = Extension(
         "dualsparse._C_cuda",
-        sources=[_rel(CSRC / "cuda" / "ds_cuda.cu"), _rel(CSRC / "python" / "cuda_module.c")],
+        sources=[_rel(CSRC / "cuda" / "ds_cuda.cu"), _rel(CSRC / "cuda" / "ds_cuda_moe.cu"), _rel(CSRC / "python" / "cuda_module.c")],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
-        depends=[_rel(CSRC / "cuda" / "ds_cuda.h")],
+        depends=[_rel(p) for p in (CSRC / "cuda").glob("*.h")] + [_rel(CSRC / "core" / "ds_core.h")],
     )
     return [core, cuda]
 

@@ -103,6 +103,11 @@ def _rowmajor_x(x, name: str):
     raise TypeError(f"{name} must be a torch tensor or a NumPy array; got {type(x).__name__}")
 
 
+def _is_cuda(t) -> bool:
+    """A torch tensor on a CUDA device: such calls run in dualsparse._C_cuda."""
+    return _is_torch(t) and t.device.type == "cuda"
+
+
 def _empty_like_rows(x, rows: int, cols: int):
     if _is_torch(x):
         return _torch().empty((rows, cols), dtype=x.dtype, device=x.device)
@@ -152,6 +157,11 @@ def route_levels(topk_weights, thresholds, *, normalize: bool = True, dtype: str
         levels = np.empty(topk_weights.shape, dtype=dtype)
     else:
         raise TypeError(f"route_levels: topk_weights must be a torch tensor or a NumPy array; got {type(topk_weights).__name__}")
+    if _is_cuda(topk_weights):
+        from . import cuda
+
+        cuda.route_levels(topk_weights, thr, bool(normalize), levels)
+        return levels
     _C.route_levels(topk_weights, thr, bool(normalize), levels)
     return levels
 
@@ -171,6 +181,16 @@ def _moe_call(x, topk_ids, topk_weights, gu, up, down, levels, num_partitions, o
         out = _empty_like_rows(x, x.shape[0], x.shape[1])
     elif _is_torch(out) and out.requires_grad:
         raise ValueError(f"{fn}: out must not require grad")
+    if _is_cuda(x):
+        from . import cuda
+
+        if up is not None or not _is_torch(gu):
+            raise NotImplementedError(f"{fn}: the CUDA path takes the fused layout only; stack per-expert "
+                                      "weights once with stack_linear_experts() and call moe_experts")
+        if timings is not None:
+            raise NotImplementedError(f"{fn}: timings are not measured on the CUDA path (use CUDA events)")
+        return cuda.moe_experts(x, topk_ids, _plain(topk_weights, "topk_weights"), gu, down, levels,
+                                int(num_partitions), out)
     _C.moe_experts(x, topk_ids, topk_weights, gu, up, down, levels, int(num_partitions), out, nt, timings)
     return out
 
@@ -312,6 +332,12 @@ def neuron_importance(x, topk_ids, gate_up_proj, accum, *, topk_weights=None, co
     else:
         gu, up = _expert_list(gate_up_proj, "gate_proj"), _expert_list(up_proj, "up_proj")
     tw = None if topk_weights is None else _plain(topk_weights, "topk_weights")
+    if _is_cuda(x):
+        from . import cuda
+
+        if up is not None:
+            raise NotImplementedError("neuron_importance: the CUDA path takes the fused gate_up_proj only")
+        return cuda.neuron_importance(x, topk_ids, gu, accum, tw, counts)
     _C.importance(x, topk_ids, tw, gu, up, accum, counts, nt)
     return accum
 

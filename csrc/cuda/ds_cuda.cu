@@ -1,20 +1,37 @@
-// dualsparse CUDA module: build plumbing and a device self-test.  The
-// kernels for the expert computation live beside this file as they arrive.
-#include "ds_cuda.h"
+// dualsparse CUDA module: errors, device queries, the self-test and the
+// run-time loader of cuBLAS.  The expert kernels live in ds_cuda_moe.cu.
+#include "ds_cuda_internal.h"
 
-#include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <mutex>
+#include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 
 #ifndef DS_CUDA_ARCHS
 #define DS_CUDA_ARCHS "unknown"
 #endif
 
-static thread_local char ds_cuda_msg[512];
+static thread_local char ds_cuda_msg[2048];
+
+ds_status ds_cuda_error(ds_status code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(ds_cuda_msg, sizeof ds_cuda_msg, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+ds_status ds_cuda_rt_error(const char *what, cudaError_t err)
+{
+    return ds_cuda_error(DS_ERR_INTERNAL, "%s: %s (%s)", what, cudaGetErrorString(err),
+                         cudaGetErrorName(err));
+}
 
 static int ds_cuda_fail(const char *what, cudaError_t err)
 {
-    snprintf(ds_cuda_msg, sizeof ds_cuda_msg, "%s: %s (%s)", what, cudaGetErrorString(err),
-             cudaGetErrorName(err));
+    ds_cuda_rt_error(what, err);
     return (int)err;
 }
 
@@ -23,6 +40,134 @@ __global__ void ds_iota_kernel(int32_t *out, int n)
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n)
         out[i] = i;
+}
+
+/* ---- cuBLAS loader --------------------------------------------------------- */
+
+static std::mutex blas_mutex;
+static ds_blas_api blas_api;
+static int blas_loaded;
+static char blas_path[1024];
+static int blas_version;
+
+static const char *const blas_system_names[] = {"libcublas.so.13", "libcublas.so.12",
+                                                 "libcublas.so.11", "libcublas.so"};
+
+/* Resolves the symbols from an open library; 0 on success. */
+static int blas_resolve(void *lib, ds_blas_api *api, const char **missing)
+{
+#define DS_SYM(field, name)                                                   \
+    do {                                                                       \
+        *(void **)&api->field = dlsym(lib, name);                              \
+        if (api->field == NULL) {                                              \
+            *missing = name;                                                   \
+            return -1;                                                         \
+        }                                                                      \
+    } while (0)
+    DS_SYM(create, "cublasCreate_v2");
+    DS_SYM(destroy, "cublasDestroy_v2");
+    DS_SYM(set_stream, "cublasSetStream_v2");
+    DS_SYM(get_version, "cublasGetVersion_v2");
+    DS_SYM(gemm_ex, "cublasGemmEx");
+#undef DS_SYM
+    *(void **)&api->gemm_grouped = dlsym(lib, "cublasGemmGroupedBatchedEx"); /* optional */
+    return 0;
+}
+
+/* Appends "name (why); " to the report of what was searched. */
+static void note(char *buf, size_t cap, const char *name, const char *why)
+{
+    size_t len = strlen(buf);
+    if (len + 8 < cap)
+        snprintf(buf + len, cap - len, "%s%s (%s)", len ? "; " : "", name, why);
+}
+
+static int blas_try(const char *name, int flags, char *report, size_t cap)
+{
+    void *lib = dlopen(name, flags);
+    if (lib == NULL) {
+        if (!(flags & RTLD_NOLOAD)) {
+            const char *e = dlerror();
+            note(report, cap, name, e ? e : "dlopen failed");
+        }
+        return 0;
+    }
+    ds_blas_api api;
+    const char *missing = NULL;
+    if (blas_resolve(lib, &api, &missing) != 0) {
+        char why[256];
+        snprintf(why, sizeof why, "no symbol %s", missing);
+        note(report, cap, name, why);
+        dlclose(lib);
+        return 0;
+    }
+    blas_api = api;
+    snprintf(blas_path, sizeof blas_path, "%s", name);
+    blas_loaded = 1;
+    return 1;
+}
+
+static ds_status blas_load_locked(const char *const *paths, int n, int system)
+{
+    if (blas_loaded)
+        return DS_OK;
+    char report[1536] = "";
+    /* The copy torch (or anyone) already loaded wins: same library, same
+     * version as the framework the tensors come from. */
+    for (int i = 0; i < n; i++)
+        if (paths[i] && blas_try(paths[i], RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD, report, sizeof report))
+            return DS_OK;
+    for (size_t i = 0; i < sizeof blas_system_names / sizeof *blas_system_names; i++)
+        if (blas_try(blas_system_names[i], RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD, report, sizeof report))
+            return DS_OK;
+    for (int i = 0; i < n; i++)
+        if (paths[i] && blas_try(paths[i], RTLD_NOW | RTLD_LOCAL, report, sizeof report))
+            return DS_OK;
+    if (system)
+        for (size_t i = 0; i < sizeof blas_system_names / sizeof *blas_system_names; i++)
+            if (blas_try(blas_system_names[i], RTLD_NOW | RTLD_LOCAL, report, sizeof report))
+                return DS_OK;
+    return ds_cuda_error(DS_ERR_UNSUPPORTED,
+                         "cuBLAS not found: searched %s. Install torch with its CUDA wheels "
+                         "(nvidia-cublas) or put libcublas on LD_LIBRARY_PATH",
+                         report[0] ? report : "nothing (no candidate paths)");
+}
+
+const ds_blas_api *ds_blas(void)
+{
+    std::lock_guard<std::mutex> lock(blas_mutex);
+    if (!blas_loaded && blas_load_locked(NULL, 0, 1) != DS_OK)
+        return NULL;
+    return &blas_api;
+}
+
+/* One handle per (thread, device): a handle is bound to a stream per call,
+ * which is not safe to share between threads. */
+static thread_local ds_blas_handle blas_handles[128];
+
+ds_status ds_blas_handle_for(int device, cudaStream_t stream, ds_blas_handle *out)
+{
+    const ds_blas_api *api = ds_blas();
+    if (api == NULL)
+        return DS_ERR_UNSUPPORTED;
+    if (device < 0 || device >= 128)
+        return ds_cuda_error(DS_ERR_VALUE, "device %d is outside [0, 128)", device);
+    if (blas_handles[device] == NULL) {
+        int st = api->create(&blas_handles[device]);
+        if (st != 0) {
+            blas_handles[device] = NULL;
+            return ds_cuda_error(DS_ERR_INTERNAL, "cublasCreate on device %d failed with status %d",
+                                 device, st);
+        }
+        std::lock_guard<std::mutex> lock(blas_mutex);
+        if (blas_version == 0)
+            api->get_version(blas_handles[device], &blas_version);
+    }
+    int st = api->set_stream(blas_handles[device], stream);
+    if (st != 0)
+        return ds_cuda_error(DS_ERR_INTERNAL, "cublasSetStream failed with status %d", st);
+    *out = blas_handles[device];
+    return DS_OK;
 }
 
 extern "C" {
@@ -75,5 +220,17 @@ int ds_cuda_selftest(int device, int32_t *host, int n)
         return ds_cuda_fail("self-test kernel", err);
     return 0;
 }
+
+ds_status ds_cuda_blas_load(const char *const *paths, int n, int system)
+{
+    std::lock_guard<std::mutex> lock(blas_mutex);
+    return blas_load_locked(paths, n, system);
+}
+
+const char *ds_cuda_blas_path(void) { return blas_loaded ? blas_path : ""; }
+
+int ds_cuda_blas_version(void) { return blas_version; }
+
+int ds_cuda_blas_has_grouped(void) { return blas_loaded && blas_api.gemm_grouped != NULL; }
 
 }  // extern "C"

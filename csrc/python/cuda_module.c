@@ -4,6 +4,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <string.h>
+
 #include "../cuda/ds_cuda.h"
 
 static PyObject *py_device_count(PyObject *self, PyObject *args)
@@ -60,10 +62,245 @@ static PyObject *py_selftest(PyObject *self, PyObject *args)
     Py_RETURN_TRUE;
 }
 
+
+/* ---- status -> exception (the CPU binding's table) ---------------------- */
+static PyObject *exc_for(ds_status st)
+{
+    switch (st) {
+    case DS_ERR_VALUE: return PyExc_ValueError;
+    case DS_ERR_SHAPE: return PyExc_ValueError;
+    case DS_ERR_TYPE: return PyExc_TypeError;
+    case DS_ERR_MEMORY: return PyExc_MemoryError;
+    case DS_ERR_UNSUPPORTED: return PyExc_NotImplementedError;
+    default: return PyExc_RuntimeError;
+    }
+}
+
+static PyObject *raise_status(ds_status st)
+{
+    PyErr_SetString(exc_for(st), ds_cuda_last_error());
+    return NULL;
+}
+
+static PyObject *py_blas_load(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *seq;
+    int system = 1;
+    if (!PyArg_ParseTuple(args, "O|p", &seq, &system))
+        return NULL;
+    PyObject *fast = PySequence_Fast(seq, "blas_load: paths must be a sequence of str");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    const char **paths = PyMem_Calloc((size_t)n + 1, sizeof *paths);
+    if (paths == NULL) {
+        Py_DECREF(fast);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        paths[i] = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(fast, i));
+        if (paths[i] == NULL) {
+            PyMem_Free(paths);
+            Py_DECREF(fast);
+            return NULL;
+        }
+    }
+    ds_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ds_cuda_blas_load(paths, (int)n, system);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(paths);
+    Py_DECREF(fast);
+    if (st != DS_OK) {
+        PyErr_SetString(PyExc_RuntimeError, ds_cuda_last_error());
+        return NULL;
+    }
+    return PyUnicode_FromString(ds_cuda_blas_path());
+}
+
+static PyObject *py_blas_info(PyObject *self, PyObject *args)
+{
+    (void)self; (void)args;
+    return Py_BuildValue("{s:s,s:i,s:O}", "path", ds_cuda_blas_path(), "version", ds_cuda_blas_version(),
+                         "grouped_gemm", ds_cuda_blas_has_grouped() ? Py_True : Py_False);
+}
+
+static PyObject *py_last_sync_seconds(PyObject *self, PyObject *args)
+{
+    (void)self; (void)args;
+    return PyFloat_FromDouble(ds_cuda_last_sync_seconds());
+}
+
+static PyObject *py_last_gemm_grouped(PyObject *self, PyObject *args)
+{
+    (void)self; (void)args;
+    return PyBool_FromLong(ds_cuda_last_gemm_grouped());
+}
+
+static void *ptr_of(long long v) { return (void *)(intptr_t)v; }
+
+/* route_levels(device, stream, w_ptr, w_dtype, T, K, ws0, ws1, thresholds,
+ *              normalize, lv_ptr, l_dtype, ls0, ls1); thresholds: list of float */
+static PyObject *py_route_levels(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int device, wdt, ldt, normalize;
+    long long stream, w, T, K, ws0, ws1, lv, ls0, ls1;
+    PyObject *thr;
+    if (!PyArg_ParseTuple(args, "iLLiLLLLOpLiLL", &device, &stream, &w, &wdt, &T, &K, &ws0, &ws1,
+                          &thr, &normalize, &lv, &ldt, &ls0, &ls1))
+        return NULL;
+    PyObject *fast = PySequence_Fast(thr, "route_levels: thresholds must be a sequence of numbers");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t P = PySequence_Fast_GET_SIZE(fast);
+    double vals[128];
+    if (P > 127)
+        P = 128; /* reported by the C check */
+    for (Py_ssize_t i = 0; i < P && i < 128; i++) {
+        vals[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast, i));
+        if (vals[i] == -1.0 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return NULL;
+        }
+    }
+    Py_DECREF(fast);
+    ds_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ds_cuda_route_levels(device, ptr_of(stream), ptr_of(w), (ds_dtype)wdt, T, K, ws0, ws1, vals,
+                              (int)P, normalize, ptr_of(lv), (ds_dtype)ldt, ls0, ls1);
+    Py_END_ALLOW_THREADS
+    if (st != DS_OK)
+        return raise_status(st);
+    Py_RETURN_NONE;
+}
+
+/* The expert arguments as one tuple of 25 ints:
+ * (T, K, E, I, H, P, dtype, x, ldx, ids, ids_dtype, ids_s0, ids_s1,
+ *  tw, tw_dtype, tw_s0, tw_s1, lv, lv_dtype, lv_s0, lv_s1, gate_up, down, out, ldo)
+ * Pointers are device addresses (tensor.data_ptr()); 0 for none. */
+static int parse_moe(PyObject *tup, ds_cuda_moe_args *a)
+{
+    long long T, K, E, I, H, x, ldx, ids, is0, is1, tw, ts0, ts1, lv, ls0, ls1, gu, dn, out, ldo;
+    int P, dt, idt, tdt, ldt;
+    if (!PyArg_ParseTuple(tup, "LLLLLiiLLLiLLLiLLLiLLLLLL", &T, &K, &E, &I, &H, &P, &dt, &x, &ldx,
+                          &ids, &idt, &is0, &is1, &tw, &tdt, &ts0, &ts1, &lv, &ldt, &ls0, &ls1,
+                          &gu, &dn, &out, &ldo))
+        return -1;
+    memset(a, 0, sizeof *a);
+    a->T = T; a->K = K; a->E = E; a->I = I; a->H = H; a->P = P; a->dtype = (ds_dtype)dt;
+    a->x = ptr_of(x); a->ldx = ldx;
+    a->topk_ids.data = ptr_of(ids); a->topk_ids.dtype = (ds_dtype)idt;
+    a->topk_ids.s0 = is0; a->topk_ids.s1 = is1;
+    a->topk_weights.data = ptr_of(tw); a->topk_weights.dtype = (ds_dtype)tdt;
+    a->topk_weights.s0 = ts0; a->topk_weights.s1 = ts1;
+    a->levels.data = ptr_of(lv); a->levels.dtype = (ds_dtype)ldt;
+    a->levels.s0 = ls0; a->levels.s1 = ls1;
+    a->gate_up = ptr_of(gu); a->down = ptr_of(dn); a->out = ptr_of(out); a->ldo = ldo;
+    return 0;
+}
+
+static PyObject *py_moe_check(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *tup;
+    ds_cuda_moe_args a;
+    if (!PyArg_ParseTuple(args, "O!", &PyTuple_Type, &tup) || parse_moe(tup, &a) != 0)
+        return NULL;
+    ds_status st = ds_cuda_moe_check(&a);
+    if (st != DS_OK)
+        return raise_status(st);
+    return PyLong_FromSize_t(ds_cuda_moe_workspace_size(&a));
+}
+
+static PyObject *py_moe_experts(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *tup;
+    int device;
+    long long stream, ws, ws_size;
+    ds_cuda_moe_args a;
+    if (!PyArg_ParseTuple(args, "iLO!LL", &device, &stream, &PyTuple_Type, &tup, &ws, &ws_size) ||
+        parse_moe(tup, &a) != 0)
+        return NULL;
+    ds_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ds_cuda_moe_experts(device, ptr_of(stream), &a, ptr_of(ws), (size_t)ws_size);
+    Py_END_ALLOW_THREADS
+    if (st != DS_OK)
+        return raise_status(st);
+    Py_RETURN_NONE;
+}
+
+static int parse_importance(PyObject *args, int *device, long long *stream, long long *ws,
+                            long long *ws_size, ds_cuda_importance_args *a)
+{
+    PyObject *tup;
+    int weighted;
+    long long accum, counts;
+    if (!PyArg_ParseTuple(args, "iLO!pLLLL", device, stream, &PyTuple_Type, &tup, &weighted, &accum,
+                          &counts, ws, ws_size) ||
+        parse_moe(tup, &a->m) != 0)
+        return -1;
+    a->weighted = weighted;
+    a->accum = ptr_of(accum);
+    a->counts = ptr_of(counts);
+    return 0;
+}
+
+/* importance_check(device, stream, moe_tuple, weighted, accum, counts, 0, 0)
+ * -> workspace size */
+static PyObject *py_importance_check(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int device;
+    long long stream, ws, ws_size;
+    ds_cuda_importance_args a;
+    if (parse_importance(args, &device, &stream, &ws, &ws_size, &a) != 0)
+        return NULL;
+    ds_status st = ds_cuda_importance_check(&a);
+    if (st != DS_OK)
+        return raise_status(st);
+    return PyLong_FromSize_t(ds_cuda_importance_workspace_size(&a));
+}
+
+static PyObject *py_importance(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int device;
+    long long stream, ws, ws_size;
+    ds_cuda_importance_args a;
+    if (parse_importance(args, &device, &stream, &ws, &ws_size, &a) != 0)
+        return NULL;
+    ds_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ds_cuda_importance(device, ptr_of(stream), &a, ptr_of(ws), (size_t)ws_size);
+    Py_END_ALLOW_THREADS
+    if (st != DS_OK)
+        return raise_status(st);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"device_count", py_device_count, METH_NOARGS, "visible CUDA devices (0 without a driver)"},
     {"status", py_status, METH_NOARGS, "runtime, driver, archs and why no device is usable"},
     {"selftest", py_selftest, METH_VARARGS, "run a small kernel on a device and check its output"},
+    {"blas_load", py_blas_load, METH_VARARGS,
+     "blas_load(paths, system=True) -> path: dlopen cuBLAS (first hit wins; idempotent)"},
+    {"last_sync_seconds", py_last_sync_seconds, METH_NOARGS,
+     "seconds this thread waited in the last CUDA op's one stream synchronisation"},
+    {"last_gemm_grouped", py_last_gemm_grouped, METH_NOARGS,
+     "whether this thread's last GEMM phase ran as one cublasGemmGroupedBatchedEx call"},
+    {"blas_info", py_blas_info, METH_NOARGS, "{'path', 'version'} of the loaded cuBLAS"},
+    {"route_levels", py_route_levels, METH_VARARGS, "routing levels on the device (raw pointers)"},
+    {"moe_check", py_moe_check, METH_VARARGS,
+     "moe_check(args) -> workspace bytes: the host-side argument checks, no device needed"},
+    {"moe_experts", py_moe_experts, METH_VARARGS, "moe_experts(device, stream, args, ws, ws_size)"},
+    {"importance_check", py_importance_check, METH_VARARGS,
+     "importance_check(device, stream, args, weighted, accum, counts, 0, 0) -> workspace bytes"},
+    {"importance", py_importance, METH_VARARGS,
+     "importance(device, stream, args, weighted, accum, counts, ws, ws_size)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "dualsparse._C_cuda",

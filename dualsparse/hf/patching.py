@@ -21,6 +21,14 @@ _SWAP_LOCK = threading.Lock()
 _ENGINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _cuda_usable() -> bool:
+    """CUDA tensors run in dualsparse._C_cuda when it is built, sees a device
+    and found cuBLAS; otherwise the torch fallback (torch_experts) runs."""
+    from .. import cuda
+
+    return cuda.available()[0]
+
+
 def _patched_class(orig: type, impl, kind: str) -> type:
     """A subclass of ``orig`` whose forward is ``impl`` unless the layer must
     run the original computation (autograd); cached per (class, kind)."""
@@ -180,6 +188,10 @@ class MoELayer:
                 w = w.float()
             return ops.moe_experts(x, ids, w, gu, dn, levels=levels, num_partitions=P,
                                    num_threads=h.num_threads)
+        if x.device.type == "cuda" and x.dtype in _ENGINE_DTYPES and gu.dtype == x.dtype and _cuda_usable():
+            if w.dtype not in (torch.float32, x.dtype):
+                w = w.float()
+            return ops.moe_experts(x, ids, w, gu, dn, levels=levels, num_partitions=P)
         return torch_experts.swiglu_experts(x, ids, w, gu, dn, levels, P, act=self._act())
 
     def _count(self, ids, levels, P, mask):

@@ -1,0 +1,880 @@
+// Routing levels, routing plan, expert FFN (cuBLAS GEMMs on prefixes) and
+// neuron importance on the device.  Correctness first: simple kernels, one
+// stream, every result summed in a fixed order (deterministic).
+//
+// The plan (MegaBlocks/vLLM's sort -> histogram -> offsets, made stable):
+//   1. count:  per block of 256 pairs, a histogram over keys e*P + (P-l)
+//              (levels descending inside an expert, as on the CPU); ids and
+//              levels are validated on the way (first bad pair recorded);
+//   2. scan:   per key, exclusive prefix over blocks, and the key's total;
+//   3. offsets: exclusive prefix over keys;
+//   -- one host synchronisation: the totals size the GEMMs, the flags give
+//      the CPU engine's error messages --
+//   4. place:  every pair's row = offset[key] + block prefix + rank inside the
+//              block among earlier pairs with the same key (so rows are in
+//              (t, k) order inside a key: the CPU engine's order).
+// Then gather x rows, gate/up GEMMs per (expert, run of partitions with the
+// same row count), SwiGLU on level prefixes, down GEMMs per (expert, level),
+// and a combine over k in order.
+#include "ds_cuda_internal.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <chrono>
+#include <vector>
+
+#define PLAN_BLOCK 256
+#define NO_ERR 0xFFFFFFFFFFFFFFFFull
+
+typedef unsigned long long ull;
+
+/* ---- small helpers (host and device) -------------------------------------- */
+
+static const char *dt_name(ds_dtype dt)
+{
+    static const char *names[] = {"float32", "bfloat16", "float16", "float64", "int8",
+                                  "uint8",   "int16",    "int32",   "int64"};
+    return (unsigned)dt < DS_DTYPE_COUNT ? names[dt] : "unknown";
+}
+
+static size_t dt_size(ds_dtype dt)
+{
+    static const size_t sizes[] = {4, 2, 2, 8, 1, 1, 2, 4, 8};
+    return (unsigned)dt < DS_DTYPE_COUNT ? sizes[dt] : 0;
+}
+
+static int is_real(ds_dtype dt) { return dt == DS_F32 || dt == DS_BF16 || dt == DS_F16; }
+static int is_weight(ds_dtype dt) { return is_real(dt) || dt == DS_F64; }
+static int is_int(ds_dtype dt)
+{
+    return dt == DS_I8 || dt == DS_U8 || dt == DS_I16 || dt == DS_I32 || dt == DS_I64;
+}
+
+static cudaDataType blas_type(ds_dtype dt)
+{
+    return dt == DS_BF16 ? CUDA_R_16BF : dt == DS_F16 ? CUDA_R_16F : CUDA_R_32F;
+}
+
+static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+__host__ __device__ static inline double load_real(const void *p, ds_dtype dt, int64_t i)
+{
+    switch (dt) {
+    case DS_F32: return (double)((const float *)p)[i];
+    case DS_F64: return ((const double *)p)[i];
+    case DS_BF16: {
+        uint32_t b = (uint32_t)((const uint16_t *)p)[i] << 16;
+        float f;
+        memcpy(&f, &b, 4);
+        return (double)f;
+    }
+    case DS_F16: return (double)__half2float(((const __half *)p)[i]);
+    default: return 0.0;
+    }
+}
+
+__host__ __device__ static inline int64_t load_int(const void *p, ds_dtype dt, int64_t i)
+{
+    switch (dt) {
+    case DS_I8: return ((const int8_t *)p)[i];
+    case DS_U8: return ((const uint8_t *)p)[i];
+    case DS_I16: return ((const int16_t *)p)[i];
+    case DS_I32: return ((const int32_t *)p)[i];
+    case DS_I64: return ((const int64_t *)p)[i];
+    default: return 0;
+    }
+}
+
+__device__ static inline void store_act(void *p, ds_dtype dt, int64_t i, float v)
+{
+    switch (dt) {
+    case DS_F32: ((float *)p)[i] = v; break;
+    case DS_BF16: ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v); break;
+    default: ((__half *)p)[i] = __float2half_rn(v); break;
+    }
+}
+
+/* Saves the current device, switches to `device`, restores on scope exit. */
+struct DeviceGuard {
+    int prev = -1;
+    cudaError_t err = cudaSuccess;
+    explicit DeviceGuard(int device)
+    {
+        err = cudaGetDevice(&prev);
+        if (err == cudaSuccess && prev != device)
+            err = cudaSetDevice(device);
+    }
+    ~DeviceGuard()
+    {
+        int cur = -1;
+        if (prev >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev)
+            cudaSetDevice(prev);
+    }
+};
+
+/* Reads `size` bytes at device address p (error paths only: synchronous). */
+static void read_back(void *host, const void *dev, size_t size)
+{
+    memset(host, 0, 8);
+    cudaMemcpy(host, dev, size, cudaMemcpyDeviceToHost);
+}
+
+/* Seconds the calling thread last waited in the op's one stream
+ * synchronisation (ds_cuda_last_sync_seconds). */
+static thread_local double last_sync_s;
+
+/* Copies two device buffers into host memory and waits for them: the op's
+ * one synchronisation.  (A device-to-pageable copy returns only when done,
+ * so the clock runs from before the first copy to after the stream sync.) */
+static cudaError_t read_and_sync(cudaStream_t stream, void *h1, const void *d1, size_t n1, void *h2,
+                                 const void *d2, size_t n2)
+{
+    auto t0 = std::chrono::steady_clock::now();
+    cudaError_t e = cudaSuccess;
+    if (n1)
+        e = cudaMemcpyAsync(h1, d1, n1, cudaMemcpyDeviceToHost, stream);
+    if (e == cudaSuccess && n2)
+        e = cudaMemcpyAsync(h2, d2, n2, cudaMemcpyDeviceToHost, stream);
+    if (e == cudaSuccess)
+        e = cudaStreamSynchronize(stream);
+    last_sync_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return e;
+}
+
+extern "C" double ds_cuda_last_sync_seconds(void) { return last_sync_s; }
+
+#define CU(call, what)                                       \
+    do {                                                     \
+        cudaError_t err_ = (call);                           \
+        if (err_ != cudaSuccess)                             \
+            return ds_cuda_rt_error(what, err_);             \
+    } while (0)
+
+static dim3 grid_for(int64_t n, int threads)
+{
+    int64_t b = cdiv(n, threads);
+    return dim3((unsigned)(b < 65535 * 8 ? (b < 1 ? 1 : b) : 65535 * 8));
+}
+
+/* ---- routing levels ------------------------------------------------------- */
+
+struct Thresholds {
+    double v[127];
+};
+
+/* err[0]: first pair (t*K+k) with a non-finite weight; err[1]: first row
+ * that sums to 0 when normalising. */
+__global__ void route_levels_kernel(const void *w, ds_dtype wdt, int64_t T, int64_t K, int64_t ws0,
+                                    int64_t ws1, Thresholds thr, int P, int normalize, void *lv,
+                                    ds_dtype ldt, int64_t ls0, int64_t ls1, ull *err)
+{
+    for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < T;
+         t += (int64_t)gridDim.x * blockDim.x) {
+        double sum = 0.0;
+        bool bad = false;
+        for (int64_t k = 0; k < K; k++) {
+            double v = load_real(w, wdt, t * ws0 + k * ws1);
+            if (!isfinite(v) && !bad) {
+                atomicMin(&err[0], (ull)(t * K + k));
+                bad = true;
+            }
+            sum += v;
+        }
+        if (bad)
+            continue;
+        if (normalize && sum == 0.0) {
+            atomicMin(&err[1], (ull)t);
+            continue;
+        }
+        for (int64_t k = 0; k < K; k++) {
+            double s = load_real(w, wdt, t * ws0 + k * ws1);
+            if (normalize)
+                s /= sum;
+            int l = 0;
+            while (l < P && s >= thr.v[l])
+                l++;
+            if (ldt == DS_I8)
+                ((int8_t *)lv)[t * ls0 + k * ls1] = (int8_t)l;
+            else
+                ((int32_t *)lv)[t * ls0 + k * ls1] = l;
+        }
+    }
+}
+
+extern "C" ds_status ds_cuda_route_levels(int device, void *stream_, const void *topk_weights,
+                                          ds_dtype w_dtype, int64_t T, int64_t K, int64_t ws0,
+                                          int64_t ws1, const double *thresholds, int P,
+                                          int normalize, void *levels, ds_dtype l_dtype,
+                                          int64_t ls0, int64_t ls1)
+{
+    static const char fn[] = "route_levels";
+    /* The thresholds' checks come first and touch no device (as on the CPU). */
+    if (P < 1 || P > 127)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: thresholds must hold 1 to 127 values; got %d", fn, P);
+    if (thresholds == NULL)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: thresholds is NULL", fn);
+    for (int j = 0; j < P; j++) {
+        if (!isfinite(thresholds[j]))
+            return ds_cuda_error(DS_ERR_VALUE, "%s: thresholds[%d] = %g is not finite", fn, j, thresholds[j]);
+        if (j > 0 && thresholds[j] < thresholds[j - 1])
+            return ds_cuda_error(DS_ERR_VALUE,
+                                 "%s: thresholds must be ascending; thresholds[%d] = %.17g < thresholds[%d] = %.17g",
+                                 fn, j, thresholds[j], j - 1, thresholds[j - 1]);
+    }
+    if (!is_weight(w_dtype))
+        return ds_cuda_error(DS_ERR_TYPE, "%s: topk_weights must be float32, bfloat16, float16 or "
+                             "float64; got %s", fn, dt_name(w_dtype));
+    if (l_dtype != DS_I8 && l_dtype != DS_I32)
+        return ds_cuda_error(DS_ERR_TYPE, "%s: levels must be int8 or int32; got %s", fn,
+                             dt_name(l_dtype));
+    if (T < 0 || K < 1)
+        return ds_cuda_error(DS_ERR_SHAPE, "%s: need T >= 0 and K >= 1; got T=%lld K=%lld", fn,
+                             (long long)T, (long long)K);
+    if (T > 0 && (topk_weights == NULL || levels == NULL))
+        return ds_cuda_error(DS_ERR_VALUE, "%s: topk_weights and levels must not be NULL", fn);
+    if (T == 0)
+        return DS_OK;
+    DeviceGuard guard(device);
+    CU(guard.err, "route_levels: cudaSetDevice");
+    cudaStream_t stream = (cudaStream_t)stream_;
+    Thresholds thr;
+    memset(&thr, 0, sizeof thr);
+    memcpy(thr.v, thresholds, (size_t)P * sizeof(double));
+    ull *d_err = NULL;
+    CU(cudaMallocAsync((void **)&d_err, 2 * sizeof(ull), stream), "route_levels: cudaMallocAsync");
+    ull h_err[2] = {NO_ERR, NO_ERR};
+    cudaError_t e = cudaMemsetAsync(d_err, 0xFF, 2 * sizeof(ull), stream);
+    if (e == cudaSuccess) {
+        route_levels_kernel<<<grid_for(T, 256), 256, 0, stream>>>(
+            topk_weights, w_dtype, T, K, ws0, ws1, thr, P, normalize, levels, l_dtype, ls0, ls1, d_err);
+        e = cudaGetLastError();
+    }
+    if (e == cudaSuccess)
+        e = read_and_sync(stream, h_err, d_err, sizeof h_err, NULL, NULL, 0);
+    cudaFreeAsync(d_err, stream);
+    if (e != cudaSuccess)
+        return ds_cuda_rt_error("route_levels", e);
+    /* The CPU engine scans rows in order and reports the first problem. */
+    if (h_err[0] != NO_ERR && (h_err[1] == NO_ERR || h_err[0] / (ull)K <= h_err[1])) {
+        int64_t t = (int64_t)(h_err[0] / (ull)K), k = (int64_t)(h_err[0] % (ull)K);
+        char buf[8];
+        read_back(buf, (const char *)topk_weights + (t * ws0 + k * ws1) * (int64_t)dt_size(w_dtype),
+                  dt_size(w_dtype));
+        return ds_cuda_error(DS_ERR_VALUE, "%s: topk_weights[%lld, %lld] = %g is not finite", fn,
+                             (long long)t, (long long)k, load_real(buf, w_dtype, 0));
+    }
+    if (h_err[1] != NO_ERR)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: topk_weights row %lld sums to 0 and cannot be "
+                             "normalised (pass normalize=False to use the raw weights)", fn,
+                             (long long)h_err[1]);
+    return DS_OK;
+}
+
+/* ---- argument checks (no device) ------------------------------------------ */
+
+static ds_status check_common(const char *fn, const ds_cuda_moe_args *a, int need_weights)
+{
+    if (a == NULL)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: arguments are NULL", fn);
+    if (a->E < 1 || a->I < 1 || a->H < 1)
+        return ds_cuda_error(DS_ERR_SHAPE, "%s: experts need E, I, H >= 1; got E=%lld I=%lld H=%lld",
+                             fn, (long long)a->E, (long long)a->I, (long long)a->H);
+    if (!is_real(a->dtype))
+        return ds_cuda_error(DS_ERR_TYPE, "%s: weights must be float32, bfloat16 or float16; got %s",
+                             fn, dt_name(a->dtype));
+    if (a->gate_up == NULL || a->down == NULL)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: weight pointer tables are NULL", fn);
+    if (a->T < 0 || a->K < 1)
+        return ds_cuda_error(DS_ERR_SHAPE, "%s: need T >= 0 and K >= 1; got T=%lld K=%lld", fn,
+                             (long long)a->T, (long long)a->K);
+    if (a->K > a->E)
+        return ds_cuda_error(DS_ERR_SHAPE, "%s: topk_ids has K=%lld slots but there are only E=%lld "
+                             "experts (K must be <= E)", fn, (long long)a->K, (long long)a->E);
+    /* cuBLAS sizes and the plan's row indices are int. */
+    if (a->T * a->K >= INT_MAX / 2 || 2 * a->I >= INT_MAX || a->H >= INT_MAX ||
+        a->E * (int64_t)a->P >= INT_MAX / 2)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: problem too large for the CUDA path (T*K=%lld, I=%lld, "
+                             "H=%lld, E*P=%lld must stay below 2^30)", fn, (long long)(a->T * a->K),
+                             (long long)a->I, (long long)a->H, (long long)(a->E * a->P));
+    if (a->topk_ids.dtype != DS_I32 && a->topk_ids.dtype != DS_I64)
+        return ds_cuda_error(DS_ERR_TYPE, "%s: topk_ids must be int32 or int64; got %s", fn,
+                             dt_name(a->topk_ids.dtype));
+    if (a->T > 0 && a->topk_ids.data == NULL)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: topk_ids is NULL", fn);
+    if (need_weights && !is_weight(a->topk_weights.dtype))
+        return ds_cuda_error(DS_ERR_TYPE, "%s: topk_weights must be float32, bfloat16, float16 or "
+                             "float64; got %s", fn, dt_name(a->topk_weights.dtype));
+    if (a->T > 0 && a->x == NULL)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: x is NULL", fn);
+    return DS_OK;
+}
+
+extern "C" ds_status ds_cuda_moe_check(const ds_cuda_moe_args *a)
+{
+    static const char fn[] = "moe_experts";
+    if (a == NULL)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: arguments are NULL", fn);
+    if (a->P < 1 || a->P > 127 || a->P > a->I)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: num_partitions must be in [1, min(127, I=%lld)]; got %d",
+                             fn, (long long)a->I, a->P);
+    ds_status st = check_common(fn, a, 1);
+    if (st != DS_OK)
+        return st;
+    if (a->levels.data != NULL && !is_int(a->levels.dtype))
+        return ds_cuda_error(DS_ERR_TYPE, "%s: levels must be an integer array; got %s", fn,
+                             dt_name(a->levels.dtype));
+    if (a->T > 0 && (a->out == NULL || a->topk_weights.data == NULL))
+        return ds_cuda_error(DS_ERR_VALUE, "%s: x, topk_weights and out must not be NULL", fn);
+    if (a->ldx < a->H || a->ldo < a->H)
+        return ds_cuda_error(DS_ERR_SHAPE, "%s: row strides of x (%lld) and out (%lld) must be >= H=%lld",
+                             fn, (long long)a->ldx, (long long)a->ldo, (long long)a->H);
+    return DS_OK;
+}
+
+extern "C" ds_status ds_cuda_importance_check(const ds_cuda_importance_args *a)
+{
+    static const char fn[] = "importance";
+    if (a == NULL)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: arguments are NULL", fn);
+    ds_status st = check_common(fn, &a->m, a->weighted);
+    if (st != DS_OK)
+        return st;
+    if (a->accum == NULL)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: accum is NULL", fn);
+    if (a->weighted && (a->m.topk_weights.data == NULL && a->m.T > 0))
+        return ds_cuda_error(DS_ERR_TYPE, "%s: weighted importance needs float topk_weights", fn);
+    if (a->m.ldx < a->m.H)
+        return ds_cuda_error(DS_ERR_SHAPE, "%s: row stride of x (%lld) must be >= H=%lld", fn,
+                             (long long)a->m.ldx, (long long)a->m.H);
+    return DS_OK;
+}
+
+/* ---- workspace ------------------------------------------------------------- */
+
+/* Device pointer arrays of the grouped GEMMs: (A, B, C) for at most 2*E*P
+ * gate/up problems, then for at most E*P down problems. */
+#define GEMM_PTRS(EP) (3 * 2 * (size_t)(EP) + 3 * (size_t)(EP))
+
+struct Layout {
+    size_t err, keys, hist, total, off, row_tok, row_pair, row_lvl, pos, ptrs, xg, gu, act, y, end;
+};
+
+static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
+
+static Layout layout(const ds_cuda_moe_args *a, int P, int with_down)
+{
+    Layout L;
+    const size_t N = (size_t)(a->T * a->K), NB = (size_t)cdiv((int64_t)N, PLAN_BLOCK);
+    const size_t EP = (size_t)a->E * (size_t)P, esz = dt_size(a->dtype);
+    size_t o = 0;
+    L.err = o;      o += align256(4 * sizeof(ull));
+    L.keys = o;     o += align256(N * 4);
+    L.hist = o;     o += align256(NB * EP * 4);
+    L.total = o;    o += align256(EP * 4);
+    L.off = o;      o += align256((EP + 1) * 4);
+    L.row_tok = o;  o += align256(N * 4);
+    L.row_pair = o; o += align256(N * 4);
+    L.row_lvl = o;  o += align256(N * 4);
+    L.pos = o;      o += align256(N * 4);
+    L.ptrs = o;     o += align256(GEMM_PTRS(EP) * sizeof(void *));
+    L.xg = o;       o += align256(N * (size_t)a->H * esz);
+    L.gu = o;       o += align256(N * 2 * (size_t)a->I * 4);
+    L.act = o;      if (with_down) o += align256(N * (size_t)a->I * esz);
+    L.y = o;        if (with_down) o += align256(N * (size_t)a->H * 4);
+    L.end = o;
+    return L;
+}
+
+extern "C" size_t ds_cuda_moe_workspace_size(const ds_cuda_moe_args *a)
+{
+    if (a == NULL || a->T < 0 || a->K < 1 || a->E < 1 || a->P < 1)
+        return 0;
+    return layout(a, a->P, 1).end;
+}
+
+extern "C" size_t ds_cuda_importance_workspace_size(const ds_cuda_importance_args *a)
+{
+    if (a == NULL || a->m.T < 0 || a->m.K < 1 || a->m.E < 1)
+        return 0;
+    return layout(&a->m, 1, 0).end;
+}
+
+/* ---- plan kernels ------------------------------------------------------------ */
+
+/* err[0]: first pair with an id outside [0, E); err[1]: first pair with a
+ * level outside [0, P]. */
+__global__ void plan_count_kernel(ds_mat ids, ds_mat lv, int64_t T, int64_t K, int64_t E, int P,
+                                  int32_t *keys, int32_t *hist, int64_t EP, ull *err)
+{
+    int64_t i = blockIdx.x * (int64_t)PLAN_BLOCK + threadIdx.x;
+    if (i >= T * K)
+        return;
+    int64_t t = i / K, k = i % K;
+    int64_t e = load_int(ids.data, ids.dtype, t * ids.s0 + k * ids.s1);
+    int64_t l = lv.data ? load_int(lv.data, lv.dtype, t * lv.s0 + k * lv.s1) : P;
+    int32_t key = -1;
+    if (e < 0 || e >= E)
+        atomicMin(&err[0], (ull)i);
+    else if (l < 0 || l > P)
+        atomicMin(&err[1], (ull)i);
+    else if (l > 0)
+        key = (int32_t)(e * P + (P - l));
+    keys[i] = key;
+    if (key >= 0)
+        atomicAdd(&hist[blockIdx.x * EP + key], 1);
+}
+
+__global__ void plan_scan_kernel(int32_t *hist, int64_t NB, int64_t EP, int32_t *total)
+{
+    int64_t key = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (key >= EP)
+        return;
+    int32_t run = 0;
+    for (int64_t b = 0; b < NB; b++) {
+        int32_t c = hist[b * EP + key];
+        hist[b * EP + key] = run;
+        run += c;
+    }
+    total[key] = run;
+}
+
+__global__ void plan_offsets_kernel(const int32_t *total, int64_t EP, int32_t *off)
+{
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        int32_t run = 0;
+        for (int64_t key = 0; key < EP; key++) {
+            off[key] = run;
+            run += total[key];
+        }
+        off[EP] = run;
+    }
+}
+
+__global__ void plan_place_kernel(const int32_t *keys, const int32_t *hist, const int32_t *off,
+                                  int64_t N, int64_t K, int64_t EP, int P, int32_t *row_tok,
+                                  int32_t *row_pair, int32_t *row_lvl, int32_t *pos)
+{
+    __shared__ int32_t sk[PLAN_BLOCK];
+    int64_t i = blockIdx.x * (int64_t)PLAN_BLOCK + threadIdx.x;
+    int32_t key = i < N ? keys[i] : -1;
+    sk[threadIdx.x] = key;
+    __syncthreads();
+    if (i >= N)
+        return;
+    if (key < 0) {
+        pos[i] = -1;
+        return;
+    }
+    int32_t rank = 0;
+    for (unsigned j = 0; j < threadIdx.x; j++)
+        rank += sk[j] == key;
+    int32_t r = off[key] + hist[blockIdx.x * EP + key] + rank;
+    row_tok[r] = (int32_t)(i / K);
+    row_pair[r] = (int32_t)i;
+    row_lvl[r] = P - (key % P);
+    pos[i] = r;
+}
+
+template <typename T>
+__global__ void gather_kernel(const T *x, int64_t ldx, const int32_t *row_tok, int64_t R, int64_t H,
+                              T *xg)
+{
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < R * H;
+         idx += (int64_t)gridDim.x * blockDim.x) {
+        int64_t r = idx / H, h = idx % H;
+        xg[idx] = x[(int64_t)row_tok[r] * ldx + h];
+    }
+}
+
+/* A[r, j] = silu(G[r, j]) * U[r, j] for j < (level_r * I) / P, rounded to dt. */
+__global__ void swiglu_kernel(const float *gu, const int32_t *row_lvl, int64_t R, int64_t I, int P,
+                              void *act, ds_dtype dt)
+{
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < R * I;
+         idx += (int64_t)gridDim.x * blockDim.x) {
+        int64_t r = idx / I, j = idx % I;
+        int64_t n = ((int64_t)row_lvl[r] * I) / P;
+        if (j >= n)
+            continue;
+        float g = gu[r * 2 * I + j], u = gu[r * 2 * I + I + j];
+        float a = g / (1.0f + expf(-g)) * u;
+        store_act(act, dt, idx, a);
+    }
+}
+
+/* out[t, h] = sum_k w[t, k] * Y[pos[t, k], h], k in order, float32. */
+__global__ void combine_kernel(const float *y, const int32_t *pos, ds_mat w, int64_t T, int64_t K,
+                               int64_t H, void *out, int64_t ldo, ds_dtype dt)
+{
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < T * H;
+         idx += (int64_t)gridDim.x * blockDim.x) {
+        int64_t t = idx / H, h = idx % H;
+        float acc = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            int32_t r = pos[t * K + k];
+            if (r < 0)
+                continue;
+            float c = (float)load_real(w.data, w.dtype, t * w.s0 + k * w.s1);
+            acc += c * y[(int64_t)r * H + h];
+        }
+        store_act(out, dt, t * ldo + h, acc);
+    }
+}
+
+__global__ void zero_rows_kernel(void *out, int64_t ldo, int64_t T, int64_t H, ds_dtype dt)
+{
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < T * H;
+         idx += (int64_t)gridDim.x * blockDim.x)
+        store_act(out, dt, (idx / H) * ldo + idx % H, 0.0f);
+}
+
+/* One thread per (e, n): sums over the expert's rows in row order. */
+__global__ void importance_kernel(const float *gu, const int32_t *off, const int32_t *row_pair,
+                                  ds_mat w, int weighted, int64_t K, int64_t E, int64_t I,
+                                  double *accum, double *counts)
+{
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < E * I;
+         idx += (int64_t)gridDim.x * blockDim.x) {
+        int64_t e = idx / I, n = idx % I;
+        double s0 = 0, s1 = 0, s2 = 0, s3 = 0, cnt = 0;
+        for (int32_t r = off[e]; r < off[e + 1]; r++) {
+            double c = 1.0;
+            if (weighted) {
+                int64_t p = row_pair[r];
+                c = load_real(w.data, w.dtype, (p / K) * w.s0 + (p % K) * w.s1);
+            }
+            double a = (double)gu[(int64_t)r * 2 * I + n], b = (double)gu[(int64_t)r * 2 * I + I + n];
+            double sa = a / (1.0 + exp(-a));
+            s0 += c * sa;
+            s1 += c * fabs(sa);
+            s2 += c * sa * b;
+            s3 += c * fabs(sa * b);
+            cnt += c;
+        }
+        accum[0 * E * I + idx] += s0;
+        accum[1 * E * I + idx] += s1;
+        accum[2 * E * I + idx] += s2;
+        accum[3 * E * I + idx] += s3;
+        if (counts && n == 0)
+            counts[e] += cnt;
+    }
+}
+
+/* ---- the shared front half: plan, read-back, gather, gate/up ---------------- */
+
+struct Plan {
+    std::vector<int32_t> total; /* E*P rows per key */
+    std::vector<int64_t> off;   /* E*P+1 */
+    int64_t R = 0;
+};
+
+/* One GEMM, cuBLAS column-major terms: C (m x n, ldc) = op_T(A) (m x k) *
+ * B (k x n): row-major "C[rows, out] = X[rows, :k] . W[out, :k]" with
+ * A = W (lda = W's row stride), B = X (ldb = X's row stride), m = out
+ * features, n = rows. */
+struct Gemm {
+    int m, n, k;
+    const void *A;
+    int lda;
+    const void *B;
+    int ldb;
+    float *C;
+    int ldc;
+};
+
+/* A list of GEMMs in groups (the problems of a group share m, n, k and the
+ * leading dimensions), run as one cublasGemmGroupedBatchedEx when the
+ * loaded cuBLAS has it, else (or when it refuses the problem) as a loop of
+ * cublasGemmEx on the stream.  dev_ptrs: room for 3 * problems pointers. */
+struct GemmBatch {
+    std::vector<Gemm> p;
+    std::vector<int> group_size;
+    void add(const Gemm &g, int new_group)
+    {
+        p.push_back(g);
+        if (new_group || group_size.empty())
+            group_size.push_back(1);
+        else
+            group_size.back()++;
+    }
+};
+
+static thread_local int last_gemm_grouped;
+
+extern "C" int ds_cuda_last_gemm_grouped(void) { return last_gemm_grouped; }
+
+static int grouped_wanted(const ds_blas_api *api)
+{
+    const char *env = getenv("DUALSPARSE_CUDA_GEMM");
+    if (env != NULL && strcmp(env, "loop") == 0)
+        return 0;
+    return api->gemm_grouped != NULL;
+}
+
+static ds_status run_gemms(const ds_blas_api *api, ds_blas_handle h, cudaStream_t stream,
+                           const GemmBatch &b, cudaDataType bt, void **dev_ptrs, const char *what)
+{
+    const size_t np = b.p.size();
+    last_gemm_grouped = 0;
+    if (np == 0)
+        return DS_OK;
+    if (grouped_wanted(api)) {
+        const size_t G = b.group_size.size();
+        std::vector<int> ta(G, DS_BLAS_OP_T), tb(G, DS_BLAS_OP_N), m(G), n(G), k(G), lda(G), ldb(G), ldc(G);
+        std::vector<float> alpha(G, 1.0f), beta(G, 0.0f);
+        std::vector<const void *> ptrs(3 * np);
+        size_t i = 0;
+        for (size_t g = 0; g < G; g++) {
+            const Gemm &q = b.p[i];
+            m[g] = q.m; n[g] = q.n; k[g] = q.k; lda[g] = q.lda; ldb[g] = q.ldb; ldc[g] = q.ldc;
+            i += (size_t)b.group_size[g];
+        }
+        for (size_t j = 0; j < np; j++) {
+            ptrs[j] = b.p[j].A;
+            ptrs[np + j] = b.p[j].B;
+            ptrs[2 * np + j] = b.p[j].C;
+        }
+        /* From pageable memory: cudaMemcpyAsync stages the bytes and returns
+         * without synchronising the device (CUDA "API synchronization
+         * behavior"), so the vector may go out of scope right after. */
+        CU(cudaMemcpyAsync(dev_ptrs, ptrs.data(), 3 * np * sizeof(void *), cudaMemcpyHostToDevice, stream),
+           what);
+        int st = api->gemm_grouped(h, ta.data(), tb.data(), m.data(), n.data(), k.data(), alpha.data(),
+                                   (const void *const *)dev_ptrs, bt, lda.data(),
+                                   (const void *const *)(dev_ptrs + np), bt, ldb.data(), beta.data(),
+                                   (void *const *)(dev_ptrs + 2 * np), CUDA_R_32F, ldc.data(), (int)G,
+                                   b.group_size.data(), DS_BLAS_COMPUTE_32F);
+        if (st == 0) {
+            last_gemm_grouped = 1;
+            return DS_OK;
+        }
+        /* Refused (e.g. a type combination this version does not group):
+         * cuBLAS checks before it launches anything, so the loop below
+         * computes everything. */
+    }
+    const float one = 1.0f, zero = 0.0f;
+    for (const Gemm &q : b.p) {
+        int st = api->gemm_ex(h, DS_BLAS_OP_T, DS_BLAS_OP_N, q.m, q.n, q.k, &one, q.A, bt, q.lda, q.B, bt,
+                              q.ldb, &zero, q.C, CUDA_R_32F, q.ldc, DS_BLAS_COMPUTE_32F,
+                              DS_BLAS_GEMM_DEFAULT);
+        if (st != 0)
+            return ds_cuda_error(DS_ERR_INTERNAL, "%s: cublasGemmEx failed with status %d (m=%d n=%d k=%d)",
+                                 what, st, q.m, q.n, q.k);
+    }
+    return DS_OK;
+}
+
+static ds_status front_half(const char *fn, int device, cudaStream_t stream,
+                            const ds_cuda_moe_args *a, int P, const ds_mat *lv, char *ws,
+                            const Layout &L, Plan &plan, ds_blas_handle *hout)
+{
+    const int64_t T = a->T, K = a->K, E = a->E, I = a->I, H = a->H, N = T * K;
+    const int64_t NB = cdiv(N, PLAN_BLOCK), EP = E * P;
+    const size_t esz = dt_size(a->dtype);
+    ull *err = (ull *)(ws + L.err);
+    int32_t *keys = (int32_t *)(ws + L.keys), *hist = (int32_t *)(ws + L.hist);
+    int32_t *total = (int32_t *)(ws + L.total), *off = (int32_t *)(ws + L.off);
+    int32_t *row_tok = (int32_t *)(ws + L.row_tok), *row_pair = (int32_t *)(ws + L.row_pair);
+    int32_t *row_lvl = (int32_t *)(ws + L.row_lvl), *pos = (int32_t *)(ws + L.pos);
+
+    ds_blas_handle h;
+    ds_status st = ds_blas_handle_for(device, stream, &h);
+    if (st != DS_OK)
+        return st;
+    *hout = h;
+    CU(cudaMemsetAsync(err, 0xFF, 4 * sizeof(ull), stream), fn);
+    CU(cudaMemsetAsync(hist, 0, (size_t)(NB * EP) * 4, stream), fn);
+    plan_count_kernel<<<(unsigned)NB, PLAN_BLOCK, 0, stream>>>(a->topk_ids, *lv, T, K, E, P, keys,
+                                                                hist, EP, err);
+    plan_scan_kernel<<<(unsigned)cdiv(EP, 256), 256, 0, stream>>>(hist, NB, EP, total);
+    plan_offsets_kernel<<<1, 1, 0, stream>>>(total, EP, off);
+    CU(cudaGetLastError(), fn);
+
+    /* The one host synchronisation: row counts for the GEMM sizes, and the
+     * validation flags. */
+    plan.total.assign((size_t)EP, 0);
+    ull h_err[2] = {NO_ERR, NO_ERR};
+    CU(read_and_sync(stream, plan.total.data(), total, (size_t)EP * 4, h_err, err, sizeof h_err), fn);
+    if (h_err[0] != NO_ERR) {
+        int64_t t = (int64_t)(h_err[0] / (ull)K), k = (int64_t)(h_err[0] % (ull)K);
+        char buf[8];
+        const ds_mat *m = &a->topk_ids;
+        read_back(buf, (const char *)m->data + (t * m->s0 + k * m->s1) * (int64_t)dt_size(m->dtype),
+                  dt_size(m->dtype));
+        return ds_cuda_error(DS_ERR_VALUE,
+                             "%s: topk_ids[%lld, %lld] = %lld is outside [0, %lld) (E = %lld experts)",
+                             fn, (long long)t, (long long)k, (long long)load_int(buf, m->dtype, 0),
+                             (long long)E, (long long)E);
+    }
+    if (h_err[1] != NO_ERR) {
+        int64_t t = (int64_t)(h_err[1] / (ull)K), k = (int64_t)(h_err[1] % (ull)K);
+        char buf[8];
+        read_back(buf, (const char *)lv->data + (t * lv->s0 + k * lv->s1) * (int64_t)dt_size(lv->dtype),
+                  dt_size(lv->dtype));
+        return ds_cuda_error(DS_ERR_VALUE, "%s: levels[%lld, %lld] = %lld is outside [0, num_partitions=%d]",
+                             fn, (long long)t, (long long)k, (long long)load_int(buf, lv->dtype, 0), P);
+    }
+    plan.off.assign((size_t)EP + 1, 0);
+    for (int64_t key = 0; key < EP; key++)
+        plan.off[key + 1] = plan.off[key] + plan.total[key];
+    plan.R = plan.off[EP];
+
+    plan_place_kernel<<<(unsigned)NB, PLAN_BLOCK, 0, stream>>>(keys, hist, off, N, K, EP, P, row_tok,
+                                                                row_pair, row_lvl, pos);
+    CU(cudaGetLastError(), fn);
+    if (plan.R == 0)
+        return DS_OK;
+
+    char *xg = ws + L.xg;
+    if (esz == 4)
+        gather_kernel<float><<<grid_for(plan.R * H, 256), 256, 0, stream>>>(
+            (const float *)a->x, a->ldx, row_tok, plan.R, H, (float *)xg);
+    else
+        gather_kernel<uint16_t><<<grid_for(plan.R * H, 256), 256, 0, stream>>>(
+            (const uint16_t *)a->x, a->ldx, row_tok, plan.R, H, (uint16_t *)xg);
+    CU(cudaGetLastError(), fn);
+
+    /* gate/up: for every expert, partition q needs the rows with level >= q
+     * (a prefix of the expert's rows); runs of partitions with the same row
+     * count become one GEMM pair.  G[r, j] at gu[r*2I + j], U at + I. */
+    const ds_blas_api *api = ds_blas();
+    const cudaDataType bt = blas_type(a->dtype);
+    float *gu = (float *)(ws + L.gu);
+    GemmBatch batch;
+    std::vector<int64_t> mq((size_t)P + 2, 0);
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t row0 = plan.off[e * P];
+        const char *gate = (const char *)a->gate_up + (size_t)e * 2 * I * H * esz;
+        const char *up = gate + (size_t)I * H * esz;
+        int64_t m_q = 0; /* rows with level >= q */
+        for (int q = P; q >= 1; q--) {
+            m_q += plan.total[e * P + (P - q)];
+            mq[q] = m_q;
+        }
+        int q = 1;
+        while (q <= P) {
+            int q1 = q;
+            while (q1 + 1 <= P && mq[q1 + 1] == mq[q])
+                q1++;
+            const int64_t j0 = ((int64_t)(q - 1) * I) / P, j1 = ((int64_t)q1 * I) / P, m = mq[q];
+            if (m > 0 && j1 > j0) {
+                const char *B = xg + (size_t)row0 * H * esz;
+                Gemm g = {(int)(j1 - j0), (int)m, (int)H, gate + (size_t)j0 * H * esz, (int)H, B, (int)H,
+                          gu + row0 * 2 * I + j0, (int)(2 * I)};
+                batch.add(g, 1);
+                g.A = up + (size_t)j0 * H * esz;
+                g.C = gu + row0 * 2 * I + I + j0;
+                batch.add(g, 0);
+            }
+            q = q1 + 1;
+        }
+    }
+    return run_gemms(api, h, stream, batch, bt, (void **)(ws + L.ptrs), "gate/up");
+}
+
+/* ---- moe_experts ------------------------------------------------------------- */
+
+extern "C" ds_status ds_cuda_moe_experts(int device, void *stream_, const ds_cuda_moe_args *a,
+                                         void *workspace, size_t workspace_size)
+{
+    static const char fn[] = "moe_experts";
+    ds_status st = ds_cuda_moe_check(a);
+    if (st != DS_OK)
+        return st;
+    if (a->T == 0)
+        return DS_OK;
+    const Layout L = layout(a, a->P, 1);
+    if (workspace == NULL || workspace_size < L.end)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: workspace of %zu bytes is too small; need %zu", fn,
+                             workspace_size, L.end);
+    DeviceGuard guard(device);
+    CU(guard.err, "moe_experts: cudaSetDevice");
+    cudaStream_t stream = (cudaStream_t)stream_;
+    const int64_t T = a->T, K = a->K, E = a->E, I = a->I, H = a->H;
+    const int P = a->P;
+    const size_t esz = dt_size(a->dtype);
+    char *ws = (char *)workspace;
+    Plan plan;
+    ds_blas_handle h;
+    st = front_half(fn, device, stream, a, P, &a->levels, ws, L, plan, &h);
+    if (st != DS_OK)
+        return st;
+    if (plan.R == 0) {
+        zero_rows_kernel<<<grid_for(T * H, 256), 256, 0, stream>>>(a->out, a->ldo, T, H, a->dtype);
+        CU(cudaGetLastError(), fn);
+        return DS_OK;
+    }
+    const int32_t *row_lvl = (const int32_t *)(ws + L.row_lvl), *pos = (const int32_t *)(ws + L.pos);
+    const float *gu = (const float *)(ws + L.gu);
+    char *act = ws + L.act;
+    float *y = (float *)(ws + L.y);
+    swiglu_kernel<<<grid_for(plan.R * I, 256), 256, 0, stream>>>(gu, row_lvl, plan.R, I, P, act, a->dtype);
+    CU(cudaGetLastError(), fn);
+
+    /* down: the rows at level l of expert e form one block and use the first
+     * (l*I)/P neurons; Y[r, h] at y[r*H + h]. */
+    const ds_blas_api *api = ds_blas();
+    const cudaDataType bt = blas_type(a->dtype);
+    GemmBatch batch;
+    for (int64_t e = 0; e < E; e++) {
+        const char *down = (const char *)a->down + (size_t)e * H * I * esz;
+        for (int l = P; l >= 1; l--) {
+            const int64_t key = e * P + (P - l), rb = plan.off[key], m = plan.total[key];
+            const int64_t kk = ((int64_t)l * I) / P;
+            if (m == 0)
+                continue;
+            if (kk == 0) {
+                CU(cudaMemsetAsync(y + rb * H, 0, (size_t)(m * H) * 4, stream), fn);
+                continue;
+            }
+            Gemm g = {(int)H, (int)m, (int)kk, down, (int)I, act + (size_t)rb * I * esz, (int)I, y + rb * H,
+                      (int)H};
+            batch.add(g, 1);
+        }
+    }
+    st = run_gemms(api, h, stream, batch, bt, (void **)(ws + L.ptrs) + 3 * 2 * E * P, "down");
+    if (st != DS_OK)
+        return st;
+    combine_kernel<<<grid_for(T * H, 256), 256, 0, stream>>>(y, pos, a->topk_weights, T, K, H, a->out,
+                                                             a->ldo, a->dtype);
+    CU(cudaGetLastError(), fn);
+    return DS_OK;
+}
+
+/* ---- importance ------------------------------------------------------------- */
+
+extern "C" ds_status ds_cuda_importance(int device, void *stream_, const ds_cuda_importance_args *a,
+                                        void *workspace, size_t workspace_size)
+{
+    static const char fn[] = "importance";
+    ds_status st = ds_cuda_importance_check(a);
+    if (st != DS_OK)
+        return st;
+    if (a->m.T == 0)
+        return DS_OK;
+    const Layout L = layout(&a->m, 1, 0);
+    if (workspace == NULL || workspace_size < L.end)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: workspace of %zu bytes is too small; need %zu", fn,
+                             workspace_size, L.end);
+    DeviceGuard guard(device);
+    CU(guard.err, "importance: cudaSetDevice");
+    cudaStream_t stream = (cudaStream_t)stream_;
+    char *ws = (char *)workspace;
+    ds_mat no_levels = {NULL, DS_I32, 0, 0};
+    Plan plan;
+    ds_blas_handle h;
+    st = front_half(fn, device, stream, &a->m, 1, &no_levels, ws, L, plan, &h);
+    if (st != DS_OK)
+        return st;
+    if (plan.R == 0)
+        return DS_OK;
+    importance_kernel<<<grid_for(a->m.E * a->m.I, 128), 128, 0, stream>>>(
+        (const float *)(ws + L.gu), (const int32_t *)(ws + L.off), (const int32_t *)(ws + L.row_pair),
+        a->m.topk_weights, a->weighted, a->m.K, a->m.E, a->m.I, a->accum, a->counts);
+    CU(cudaGetLastError(), fn);
+    return DS_OK;
+}

@@ -1,0 +1,374 @@
+"""The CUDA path of :mod:`dualsparse.ops` (``dualsparse._C_cuda``).
+
+``ops.route_levels``, ``ops.moe_experts`` and ``ops.neuron_importance`` call
+in here when their tensors are on a CUDA device.  Every call runs on the
+tensors' device and on torch's current stream of that device; each op
+synchronises that stream once (routing levels: to read 16 bytes of validation
+flags; expert computation and importance: to read the per-expert row counts
+that size the cuBLAS GEMMs, plus the flags).
+
+Arguments are checked here and in C before the device is touched, with the
+CPU engine's messages; ids, levels and weights are validated on the device
+and reported after the one synchronisation, with the same messages.
+
+cuBLAS is not linked: it is loaded at first use with ``dlopen``, from (in
+order) the copy already loaded in this process (torch's), torch's bundled
+NVIDIA wheels (``site-packages/nvidia/cublas/lib``), ``torch/lib``, then the
+system's ``libcublas.so.<N>``.  :func:`available` says why the path is not
+usable (no module, no device, driver too old for the module's runtime, no
+cuBLAS); callers that have a fallback (the patched HF models) use it.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import threading
+from typing import List, Tuple
+
+_DS_DTYPES = {"float32": 0, "bfloat16": 1, "float16": 2, "float64": 3, "int8": 4, "uint8": 5,
+              "int16": 6, "int32": 7, "int64": 8}
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _dt(t) -> int:
+    name = str(t.dtype).replace("torch.", "")
+    return _DS_DTYPES.get(name, 99)
+
+
+def _dt_name(t) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def module():
+    """``dualsparse._C_cuda`` or None (see :func:`available` for why)."""
+    try:
+        from . import _C_cuda
+    except ImportError:
+        return None
+    return _C_cuda
+
+
+def blas_candidates() -> List[str]:
+    """Where cuBLAS is looked for, in order (before the system sonames)."""
+    cands: List[str] = []
+    try:  # a copy already mapped into this process (torch's)
+        with open("/proc/self/maps") as f:
+            for line in f:
+                p = line.split()[-1] if line.strip() else ""
+                if "libcublas.so" in os.path.basename(p) and "Lt" not in os.path.basename(p) and p not in cands:
+                    cands.append(p)
+    except OSError:
+        pass
+    major = None
+    try:
+        torch = _torch()
+        if torch.version.cuda:
+            major = torch.version.cuda.split(".")[0]
+        roots = [os.path.join(os.path.dirname(torch.__file__), "lib")]
+    except Exception:  # noqa: BLE001 - torch is optional here
+        roots = []
+    try:
+        import nvidia  # torch's NVIDIA wheels (namespace package)
+
+        for base in list(getattr(nvidia, "__path__", [])):
+            roots.insert(0, os.path.join(base, "cublas", "lib"))
+            roots.insert(0, os.path.join(base, "cu13", "lib"))
+    except ImportError:
+        pass
+    for root in roots:
+        found = sorted(glob.glob(os.path.join(root, "libcublas.so*")))
+        if major:  # the soname matching torch's CUDA first
+            found.sort(key=lambda p: not p.endswith(f".so.{major}"))
+        cands += [p for p in found if p not in cands]
+    return cands
+
+
+def _load_blas(m) -> Tuple[bool, str]:
+    try:
+        path = m.blas_load(blas_candidates(), True)
+        return True, path
+    except RuntimeError as exc:
+        return False, str(exc)
+
+
+def available(device=None) -> Tuple[bool, str]:
+    """(usable, reason): whether CUDA tensors can run through ``_C_cuda``."""
+    with _lock:
+        if "ok" not in _state:
+            m = module()
+            if m is None:
+                from . import _C
+
+                _state.update(ok=False, reason=f"dualsparse._C_cuda is not available ({_C.build_info()['cuda']})")
+            else:
+                st = m.status()
+                if st["device_count"] == 0:
+                    _state.update(ok=False, reason=f"no usable CUDA device for dualsparse._C_cuda: {st['reason']}")
+                else:
+                    try:  # let torch load its cuBLAS first: then that very copy is used
+                        torch = _torch()
+                        if torch.cuda.is_available():
+                            torch.cuda.current_blas_handle()
+                    except Exception:  # noqa: BLE001 - torch is optional here
+                        pass
+                    ok, why = _load_blas(m)
+                    _state.update(ok=ok, reason="" if ok else why, blas=why if ok else "")
+        return _state["ok"], _state["reason"]
+
+
+def require(fn: str):
+    ok, reason = available()
+    if not ok:
+        raise RuntimeError(f"{fn}: CUDA tensors need the CUDA module, which is not usable: {reason}")
+    return module()
+
+
+def _stream(t) -> int:
+    return int(_torch().cuda.current_stream(t.device).cuda_stream)
+
+
+# --------------------------------------------------------------- checks
+
+def _same_device(fn, ref, **named):
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, _torch().Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch tensor on {ref.device} (CUDA path); got {type(t).__name__}")
+        if t.device != ref.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {ref.device}; all tensors must be on one device")
+
+
+def _ndim2(fn, name, t, what):
+    if t.dim() != 2:
+        raise ValueError(f"{fn}: {name} must be 2-D {what}; got shape {tuple(t.shape)}")
+
+
+def _routing(fn, name, t, T, K):
+    _ndim2(fn, name, t, "(tokens, top_k)")
+    if T >= 0 and (t.shape[0] != T or t.shape[1] != K):
+        raise ValueError(f"{fn}: {name} must have shape (T, K) = ({T}, {K}); got ({t.shape[0]}, {t.shape[1]})")
+
+
+def _weights(fn, gu, dn):
+    for name, w in (("gate_up_proj", gu), ("down_proj", dn)):
+        if w.dim() != 3:
+            raise ValueError(f"{fn}: {name} must be 3-D; got shape {tuple(w.shape)}")
+        if w.numel() == 0:
+            raise ValueError(f"{fn}: {name} is empty (shape {tuple(w.shape)}); experts need E, I, H >= 1")
+        if not w.is_contiguous():
+            raise ValueError(f"{fn}: {name} must be contiguous (the engine reads weights where they lie and "
+                             "never copies them); make it contiguous once, e.g. param.data = param.data.contiguous()")
+    E, I2, H = gu.shape
+    if I2 % 2:
+        raise ValueError(f"{fn}: gate_up_proj must have shape (E, 2*I, H) with E, I, H >= 1 and an even "
+                         f"middle dimension; got {tuple(gu.shape)}")
+    I = I2 // 2
+    if tuple(dn.shape) != (E, H, I):
+        raise ValueError(f"{fn}: down_proj must have shape (E, H, I) = ({E}, {H}, {I}) to match gate_up_proj; "
+                         f"got {tuple(dn.shape)}")
+    if dn.dtype != gu.dtype:
+        raise TypeError(f"{fn}: down_proj is {_dt_name(dn)} but gate_up_proj is {_dt_name(gu)}; they must match")
+    if _dt_name(gu) not in ("float32", "bfloat16", "float16"):
+        raise TypeError(f"{fn}: weights must be float32, bfloat16 or float16; got {_dt_name(gu)}")
+    return E, I, H
+
+
+def _x(fn, x, gu, H):
+    _ndim2(fn, "x", x, "(tokens, hidden)")
+    if x.dtype != gu.dtype:
+        raise TypeError(f"{fn}: x is {_dt_name(x)} but the expert weights are {_dt_name(gu)}; they must match")
+    if x.shape[1] != H:
+        raise ValueError(f"{fn}: x has hidden size {x.shape[1]} but the expert weights expect H={H}")
+    if x.shape[0] > 0 and H > 1 and x.stride(1) != 1:
+        raise ValueError(f"{fn}: x must have unit stride along the hidden dimension; got stride {x.stride(1)}")
+    if x.shape[0] > 1 and x.stride(0) < H:
+        raise ValueError(f"{fn}: x rows overlap (row stride {x.stride(0)} < H={H})")
+
+
+def _ids(fn, ids, T, E):
+    _ndim2(fn, "topk_ids", ids, "(tokens, top_k)")
+    if _dt_name(ids) not in ("int32", "int64"):
+        raise TypeError(f"{fn}: topk_ids must be int32 or int64; got {_dt_name(ids)}")
+    if ids.shape[0] != T:
+        raise ValueError(f"{fn}: topk_ids has {ids.shape[0]} rows but x has T={T} tokens")
+    if ids.shape[1] < 1:
+        raise ValueError(f"{fn}: topk_ids must have at least one column (K >= 1)")
+    if ids.shape[1] > E:
+        raise ValueError(f"{fn}: topk_ids has K={ids.shape[1]} columns but there are only E={E} experts (K must be <= E)")
+    return ids.shape[1]
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else int(t.data_ptr())
+
+
+def _mat(t):
+    if t is None:
+        return (0, _DS_DTYPES["int32"], 0, 0)
+    return (_ptr(t), _dt(t), int(t.stride(0)), int(t.stride(1)))
+
+
+def moe_args(x, ids, tw, gu, dn, levels, P: int, out, fn: str = "moe_experts"):
+    """The tuple the C entry points take, after the CPU binding's checks
+    (shapes, dtypes, devices).  Works on any device (meta tensors included):
+    nothing is read."""
+    _same_device(fn, x, topk_ids=ids, topk_weights=tw, gate_up_proj=gu, down_proj=dn, levels=levels, out=out)
+    E, I, H = _weights(fn, gu, dn)
+    _x(fn, x, gu, H)
+    T = x.shape[0]
+    K = _ids(fn, ids, T, E)
+    if tw is not None:
+        _routing(fn, "topk_weights", tw, T, K)
+        if _dt_name(tw) not in ("float32", "bfloat16", "float16", "float64"):
+            raise TypeError(f"{fn}: topk_weights must be float32, bfloat16, float16 or float64; got {_dt_name(tw)}")
+    if levels is not None:
+        _routing(fn, "levels", levels, T, K)
+        if levels.dtype.is_floating_point or levels.dtype.is_complex or levels.dtype == _torch().bool:
+            raise TypeError(f"{fn}: levels must be an integer array; got {_dt_name(levels)}")
+    if not 1 <= P <= min(127, I):
+        raise ValueError(f"{fn}: num_partitions must be in [1, min(127, I={I})]; got {P}")
+    ldo = H
+    if out is not None:
+        _ndim2(fn, "out", out, "(tokens, hidden)")
+        if tuple(out.shape) != (T, H):
+            raise ValueError(f"{fn}: out must have shape (T, H) = ({T}, {H}); got ({out.shape[0]}, {out.shape[1]})")
+        if out.dtype != x.dtype:
+            raise TypeError(f"{fn}: out is {_dt_name(out)} but x is {_dt_name(x)}; they must match")
+        if T > 0 and ((H > 1 and out.stride(1) != 1) or (T > 1 and out.stride(0) < H)):
+            raise ValueError(f"{fn}: out must have unit stride along H and non-overlapping rows; got strides {out.stride()}")
+        ldo = out.stride(0) if T > 1 else H
+        if T > 0 and any(t is not None and _overlap(out, t) for t in (x, ids, tw, levels)):
+            raise ValueError(f"{fn}: out shares memory with an input (x, topk_ids, topk_weights or levels); "
+                             "pass a separate output tensor")
+        if T > 0 and (_overlap(out, gu) or _overlap(out, dn)):
+            raise ValueError(f"{fn}: out shares memory with the expert weights")
+    ldx = x.stride(0) if T > 1 else H
+    return (T, K, E, I, H, int(P), _dt(gu), _ptr(x), int(ldx), *_mat(ids), *_mat(tw), *_mat(levels),
+            _ptr(gu), _ptr(dn), _ptr(out), int(ldo))
+
+
+def _extent(t):
+    """[first, last) byte addresses a strided tensor can touch."""
+    lo = hi = 0
+    for n, s in zip(t.shape, t.stride()):
+        if n == 0:
+            return 0, 0
+        if s >= 0:
+            hi += (n - 1) * s
+        else:
+            lo += (n - 1) * s
+    esz = t.element_size()
+    return t.data_ptr() + lo * esz, t.data_ptr() + (hi + 1) * esz
+
+
+def _overlap(a, b) -> bool:
+    """Byte ranges intersect (conservative for interleaved views, like the
+    CPU binding's check)."""
+    if a.device.type == "meta" or b.device.type == "meta" or a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, a1 = _extent(a)
+    b0, b1 = _extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def _workspace(nbytes: int, like):
+    return _torch().empty(max(int(nbytes), 1), dtype=_torch().uint8, device=like.device)
+
+
+def _device_index(t) -> int:
+    idx = t.device.index
+    return _torch().cuda.current_device() if idx is None else int(idx)
+
+
+# ------------------------------------------------------------------- ops
+
+def route_levels(topk_weights, thresholds, normalize: bool, levels) -> None:
+    m = require("route_levels")
+    if not 1 <= len(thresholds) <= 127:
+        raise ValueError(f"route_levels: thresholds must hold 1 to 127 values; got {len(thresholds)}")
+    if topk_weights.dim() != 2:
+        raise ValueError(f"route_levels: topk_weights must be 2-D (tokens, top_k); got shape {tuple(topk_weights.shape)}")
+    if _dt_name(topk_weights) not in ("float32", "bfloat16", "float16", "float64"):
+        raise TypeError(f"route_levels: topk_weights must be float32, bfloat16, float16 or float64; got {_dt_name(topk_weights)}")
+    T, K = topk_weights.shape
+    if K < 1:
+        raise ValueError("route_levels: topk_weights needs at least one column (K >= 1)")
+    m.route_levels(_device_index(topk_weights), _stream(topk_weights), _ptr(topk_weights), _dt(topk_weights),
+                   T, K, topk_weights.stride(0), topk_weights.stride(1), [float(t) for t in thresholds],
+                   bool(normalize), _ptr(levels), _dt(levels), levels.stride(0), levels.stride(1))
+
+
+def moe_experts(x, ids, tw, gu, dn, levels, P: int, out):
+    """out (T, H) on x's device; see ops.moe_experts."""
+    fn = "moe_experts"
+    m = require(fn)
+    if out is None:
+        out = _torch().empty(x.shape, dtype=x.dtype, device=x.device) if x.dim() == 2 else None
+    args = moe_args(x, ids, tw, gu, dn, levels, P, out, fn)
+    nbytes = m.moe_check(args)
+    if x.shape[0] == 0:
+        return out
+    ws = _workspace(nbytes, x)
+    m.moe_experts(_device_index(x), _stream(x), args, _ptr(ws), int(ws.numel()))
+    return out
+
+
+def neuron_importance(x, ids, gu, accum, tw, counts):
+    fn = "importance"
+    m = require(fn)
+    torch = _torch()
+    _same_device(fn, x, topk_ids=ids, gate_up_proj=gu, accum=accum, topk_weights=tw, counts=counts)
+    if gu.dim() != 3 or gu.shape[1] % 2:
+        raise ValueError(f"{fn}: gate_up_proj must have shape (E, 2*I, H) with E, I, H >= 1 and an even "
+                         f"middle dimension; got {tuple(gu.shape)}")
+    E, I2, H = gu.shape
+    I = I2 // 2
+    _x(fn, x, gu, H)
+    T = x.shape[0]
+    K = _ids(fn, ids, T, E)
+    if tw is not None:
+        _routing(fn, "topk_weights", tw, T, K)
+    if accum.dtype != torch.float64:
+        raise TypeError(f"{fn}: accum must be float64; got {_dt_name(accum)}")
+    if tuple(accum.shape) != (4, E, I) or not accum.is_contiguous():
+        raise ValueError(f"{fn}: accum must be a contiguous array of shape (4, E, I) = (4, {E}, {I}); got {tuple(accum.shape)}")
+    if counts is not None:
+        if counts.dtype != torch.float64:
+            raise TypeError(f"{fn}: counts must be float64; got {_dt_name(counts)}")
+        if tuple(counts.shape) != (E,) or not counts.is_contiguous():
+            raise ValueError(f"{fn}: counts must be a contiguous array of shape (E,) = ({E},); got {tuple(counts.shape)}")
+    # importance reads no down weights and no levels: gate_up stands in for
+    # the down pointer, out is unused
+    ldx = int(x.stride(0)) if T > 1 else H
+    args = (T, K, E, I, H, 1, _dt(gu), _ptr(x), ldx, *_mat(ids), *_mat(tw), *_mat(None),
+            _ptr(gu), _ptr(gu), 0, H)
+    rest = (_ptr(accum), _ptr(counts))
+    nbytes = m.importance_check(0, 0, args, tw is not None, *rest, 0, 0)
+    if T == 0:
+        return accum
+    ws = _workspace(nbytes, x)
+    m.importance(_device_index(x), _stream(x), args, tw is not None, *rest, _ptr(ws), int(ws.numel()))
+    return accum
+
+
+def moe_workspace_size(T: int, K: int, E: int, I: int, H: int, P: int = 1, dtype: str = "bfloat16") -> int:
+    """Device workspace in bytes of one moe_experts call (no device needed)."""
+    m = module()
+    if m is None:
+        raise RuntimeError("dualsparse._C_cuda is not built")
+    p = 1 << 12  # a non-null stand-in pointer: nothing is read
+    args = (T, K, E, I, H, P, _DS_DTYPES[dtype], p, H, p, 8, K, 1, p, 0, K, 1, 0, 7, 0, 0, p, p, p, H)
+    return int(m.moe_check(args))
+
+
+__all__ = ["available", "require", "module", "blas_candidates", "moe_args", "moe_workspace_size",
+           "route_levels", "moe_experts", "neuron_importance"]
