@@ -132,6 +132,8 @@ def require(fn: str):
 
 
 def _stream(t) -> int:
+    if t.device.type != "cuda":  # the tests' host emulation (tests/cuda_emu.py)
+        return 0
     return int(_torch().cuda.current_stream(t.device).cuda_stream)
 
 
@@ -281,18 +283,69 @@ def _overlap(a, b) -> bool:
 
 
 def _workspace(nbytes: int, like):
-    return _torch().empty(max(int(nbytes), 1), dtype=_torch().uint8, device=like.device)
+    """(tensor, address): at least nbytes of scratch on like's device from
+    torch's allocator (on the current stream), the address 256-byte aligned
+    (what cuBLAS wants of its workspace)."""
+    buf = _torch().empty(max(int(nbytes), 1) + 256, dtype=_torch().uint8, device=like.device)
+    return buf, (buf.data_ptr() + 255) // 256 * 256
+
+
+#: Workspace cap of one moe_experts / neuron_importance call, in bytes: longer
+#: inputs run in chunks of tokens (one synchronisation each).  The workspace
+#: grows with T*K (for Mixtral-8x7B shapes in bfloat16 about 0.34 MB per
+#: token); set DUALSPARSE_CUDA_MAX_WORKSPACE (bytes) or assign this.
+max_workspace_bytes = 4 << 30
+
+
+def _read_max_workspace():
+    v = os.environ.get("DUALSPARSE_CUDA_MAX_WORKSPACE")
+    if v is None:
+        return
+    try:
+        n = int(v)
+        if n < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"DUALSPARSE_CUDA_MAX_WORKSPACE must be a positive number of bytes; got {v!r}") from None
+    globals()["max_workspace_bytes"] = n
+
+
+_read_max_workspace()
+
+
+def _chunk_rows(T: int, size_of) -> int:
+    """The most tokens per call whose workspace (size_of(rows)) stays within
+    max_workspace_bytes; at least 1."""
+    cap = int(max_workspace_bytes)
+    if size_of(T) <= cap:
+        return T
+    lo, hi = 1, T  # size_of grows with rows
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if size_of(mid) <= cap:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _not_capturing(fn, t):
+    if t.device.type == "cuda" and _torch().cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{fn}: the CUDA path synchronises the stream once per call (to size its GEMMs) "
+                           "and cannot be captured in a CUDA graph; run it outside the capture")
 
 
 def _device_index(t) -> int:
+    if t.device.type != "cuda":
+        return 0
     idx = t.device.index
     return _torch().cuda.current_device() if idx is None else int(idx)
 
 
 # ------------------------------------------------------------------- ops
 
-def route_levels(topk_weights, thresholds, normalize: bool, levels) -> None:
-    m = require("route_levels")
+def route_levels(topk_weights, thresholds, normalize: bool, levels, *, _module=None) -> None:
+    m = _module or require("route_levels")
     if not 1 <= len(thresholds) <= 127:
         raise ValueError(f"route_levels: thresholds must hold 1 to 127 values; got {len(thresholds)}")
     if topk_weights.dim() != 2:
@@ -302,34 +355,50 @@ def route_levels(topk_weights, thresholds, normalize: bool, levels) -> None:
     T, K = topk_weights.shape
     if K < 1:
         raise ValueError("route_levels: topk_weights needs at least one column (K >= 1)")
+    if T == 0:
+        return
+    _not_capturing("route_levels", topk_weights)
+    ws, wsp = _workspace(m.route_workspace_size(), topk_weights)
     m.route_levels(_device_index(topk_weights), _stream(topk_weights), _ptr(topk_weights), _dt(topk_weights),
                    T, K, topk_weights.stride(0), topk_weights.stride(1), [float(t) for t in thresholds],
-                   bool(normalize), _ptr(levels), _dt(levels), levels.stride(0), levels.stride(1))
+                   bool(normalize), _ptr(levels), _dt(levels), levels.stride(0), levels.stride(1), wsp,
+                   int(m.route_workspace_size()))
 
 
-def moe_experts(x, ids, tw, gu, dn, levels, P: int, out):
-    """out (T, H) on x's device; see ops.moe_experts."""
+def moe_experts(x, ids, tw, gu, dn, levels, P: int, out, *, _module=None):
+    """out (T, H) on x's device; see ops.moe_experts.  (``_module``: the
+    tests pass their host emulation of the CUDA module with CPU tensors.)"""
     fn = "moe_experts"
-    m = require(fn)
+    m = _module or require(fn)
     if out is None:
         out = _torch().empty(x.shape, dtype=x.dtype, device=x.device) if x.dim() == 2 else None
     args = moe_args(x, ids, tw, gu, dn, levels, P, out, fn)
     nbytes = m.moe_check(args)
-    if x.shape[0] == 0:
+    T = x.shape[0]
+    if T == 0:
         return out
-    ws = _workspace(nbytes, x)
-    m.moe_experts(_device_index(x), _stream(x), args, _ptr(ws), int(ws.numel()))
+    _not_capturing(fn, x)
+    rows = _chunk_rows(T, lambda n: m.moe_check((n, *args[1:])))
+    for i in range(0, T, rows):
+        j = min(T, i + rows)
+        part = (args if rows == T else
+                moe_args(x[i:j], ids[i:j], None if tw is None else tw[i:j], gu, dn, None if levels is None else levels[i:j], P, out[i:j], fn))
+        ws, wsp = _workspace(nbytes if rows == T else m.moe_check(part), x)
+        m.moe_experts(_device_index(x), _stream(x), part, wsp, int(ws.numel()) - (wsp - ws.data_ptr()))
     return out
 
 
-def neuron_importance(x, ids, gu, accum, tw, counts):
+def neuron_importance(x, ids, gu, accum, tw, counts, *, _module=None):
     fn = "importance"
-    m = require(fn)
+    m = _module or require(fn)
     torch = _torch()
     _same_device(fn, x, topk_ids=ids, gate_up_proj=gu, accum=accum, topk_weights=tw, counts=counts)
     if gu.dim() != 3 or gu.shape[1] % 2:
         raise ValueError(f"{fn}: gate_up_proj must have shape (E, 2*I, H) with E, I, H >= 1 and an even "
                          f"middle dimension; got {tuple(gu.shape)}")
+    if not gu.is_contiguous():
+        raise ValueError(f"{fn}: gate_up_proj must be contiguous (the engine reads weights where they lie and "
+                         "never copies them); make it contiguous once, e.g. param.data = param.data.contiguous()")
     E, I2, H = gu.shape
     I = I2 // 2
     _x(fn, x, gu, H)
@@ -348,15 +417,27 @@ def neuron_importance(x, ids, gu, accum, tw, counts):
             raise ValueError(f"{fn}: counts must be a contiguous array of shape (E,) = ({E},); got {tuple(counts.shape)}")
     # importance reads no down weights and no levels: gate_up stands in for
     # the down pointer, out is unused
-    ldx = int(x.stride(0)) if T > 1 else H
-    args = (T, K, E, I, H, 1, _dt(gu), _ptr(x), ldx, *_mat(ids), *_mat(tw), *_mat(None),
-            _ptr(gu), _ptr(gu), 0, H)
+    weighted = tw is not None
+
+    def pack(lo, hi):
+        n = hi - lo
+        xs = x[lo:hi]
+        ldx = int(xs.stride(0)) if n > 1 else H
+        return (n, K, E, I, H, 1, _dt(gu), _ptr(xs), ldx, *_mat(ids[lo:hi]),
+                *_mat(None if tw is None else tw[lo:hi]), *_mat(None), _ptr(gu), _ptr(gu), 0, H)
+
     rest = (_ptr(accum), _ptr(counts))
-    nbytes = m.importance_check(0, 0, args, tw is not None, *rest, 0, 0)
+    args = pack(0, T)
+    m.importance_check(0, 0, args, weighted, *rest, 0, 0)
     if T == 0:
         return accum
-    ws = _workspace(nbytes, x)
-    m.importance(_device_index(x), _stream(x), args, tw is not None, *rest, _ptr(ws), int(ws.numel()))
+    _not_capturing(fn, x)
+    rows = _chunk_rows(T, lambda n: m.importance_check(0, 0, (n, *args[1:]), weighted, *rest, 0, 0))
+    for i in range(0, T, rows):
+        part = args if rows == T else pack(i, min(T, i + rows))
+        ws, wsp = _workspace(m.importance_check(0, 0, part, weighted, *rest, 0, 0), x)
+        m.importance(_device_index(x), _stream(x), part, weighted, *rest, wsp,
+                     int(ws.numel()) - (wsp - ws.data_ptr()))
     return accum
 
 

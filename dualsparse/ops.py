@@ -157,12 +157,63 @@ def route_levels(topk_weights, thresholds, *, normalize: bool = True, dtype: str
         levels = np.empty(topk_weights.shape, dtype=dtype)
     else:
         raise TypeError(f"route_levels: topk_weights must be a torch tensor or a NumPy array; got {type(topk_weights).__name__}")
-    if _is_cuda(topk_weights):
+    if _is_torch(topk_weights) and topk_weights.device.type != "cpu":
         from . import cuda
 
-        cuda.route_levels(topk_weights, thr, bool(normalize), levels)
+        if _is_cuda(topk_weights) and cuda.available()[0]:
+            cuda.route_levels(topk_weights, thr, bool(normalize), levels)
+        else:  # another device, or CUDA without a usable module: same result in torch
+            _route_levels_torch(topk_weights, thr, bool(normalize), levels)
         return levels
     _C.route_levels(topk_weights, thr, bool(normalize), levels)
+    return levels
+
+
+def _route_levels_torch(w, thr, normalize: bool, levels):
+    """route_levels in torch on w's device, with the engine's arithmetic
+    (float64, the row sum taken over k in order, so every level equals the
+    engine's) and its checks and messages.  Used where the C engine cannot
+    read the tensor."""
+    fn = "route_levels"
+    if not 1 <= len(thr) <= 127:
+        raise ValueError(f"{fn}: thresholds must hold 1 to 127 values; got {len(thr)}")
+    for j, t in enumerate(thr):
+        if not np.isfinite(t):
+            raise ValueError(f"{fn}: thresholds[{j}] = {t:g} is not finite")
+        if j and t < thr[j - 1]:
+            raise ValueError(f"{fn}: thresholds must be ascending; thresholds[{j}] = {t:.17g} < "
+                             f"thresholds[{j - 1}] = {thr[j - 1]:.17g}")
+    if w.dtype not in (_torch().float32, _torch().bfloat16, _torch().float16, _torch().float64):
+        raise TypeError(f"{fn}: topk_weights must be float32, bfloat16, float16 or float64; got "
+                        f"{str(w.dtype).replace('torch.', '')}")
+    T, K = w.shape
+    if K < 1:
+        raise ValueError(f"{fn}: topk_weights needs at least one column (K >= 1)")
+    if T == 0:
+        return levels
+    s = w.double()
+    bad_pair = (~_torch().isfinite(s)).reshape(-1).nonzero()
+    first_bad = int(bad_pair[0]) if bad_pair.numel() else None
+    if normalize:
+        tot = s[:, 0].clone()
+        for k in range(1, K):
+            tot = tot + s[:, k]
+        zero = (tot == 0).nonzero()
+        first_zero = int(zero[0]) if zero.numel() else None
+    else:
+        first_zero = None
+    if first_bad is not None and (first_zero is None or first_bad // K <= first_zero):
+        t, k = divmod(first_bad, K)
+        raise ValueError(f"{fn}: topk_weights[{t}, {k}] = {float(s[t, k]):g} is not finite")
+    if first_zero is not None:
+        raise ValueError(f"{fn}: topk_weights row {first_zero} sums to 0 and cannot be normalised "
+                         "(pass normalize=False to use the raw weights)")
+    if normalize:
+        s = s / tot[:, None]
+    lv = _torch().zeros(s.shape, dtype=_torch().int32, device=s.device)
+    for t in thr:
+        lv += (s >= t).to(_torch().int32)
+    levels.copy_(lv)
     return levels
 
 

@@ -234,3 +234,15 @@ def assert_same_bits(a, b, what: str = ""):
     raise AssertionError(f"{what}: not bitwise equal: {n} of {x.size} elements differ, max |diff| "
                          f"{diff.max() if diff.size else 0:.3g} at {tuple(int(v) for v in i)} "
                          f"({x[i]!r} vs {y[i]!r})")
+
+
+def assert_same_error(fn_a, fn_b):
+    """fn_a and fn_b both raise, the same exception type with the same
+    message (e.g. the CPU engine and the CUDA path on the same bad input)."""
+    import pytest
+
+    with pytest.raises(Exception) as a:
+        fn_a()
+    with pytest.raises(Exception) as b:
+        fn_b()
+    assert type(b.value) is type(a.value) and str(b.value) == str(a.value), (str(a.value), str(b.value))

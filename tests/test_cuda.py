@@ -137,7 +137,8 @@ from dualsparse import cuda as dcuda  # noqa: E402
 from dualsparse import ops  # noqa: E402
 
 import reference as R  # noqa: E402
-from cases import CASE_IDS, CASES_BY_ID, SMALL_CASE_IDS, assert_moe_close, assert_same_bits, build  # noqa: E402
+from cases import (CASE_IDS, CASES_BY_ID, SMALL_CASE_IDS, assert_moe_close, assert_same_bits,  # noqa: E402
+                   assert_same_error, build)  # noqa: E402
 
 
 def test_cuda_import_needs_no_cuda_libraries(cuda_module):
@@ -335,32 +336,24 @@ def test_cuda_index_dtypes(gpu, ids_dtype, levels_dtype):
     assert_moe_close(out.cpu(), inp, "cuda index dtypes")
 
 
-def _errors(fn_cpu, fn_gpu):
-    with pytest.raises(Exception) as a:
-        fn_cpu()
-    with pytest.raises(Exception) as b:
-        fn_gpu()
-    assert type(b.value) is type(a.value) and str(b.value) == str(a.value), (str(a.value), str(b.value))
-
-
 def test_cuda_value_errors_match_cpu(gpu):
     inp = build(CASES_BY_ID["odd_H67_I77_P2"], "float32", "torch")
     d = _to(inp, gpu)
     ids = inp.ids.clone()
     ids[5, 1] = inp.case.E
     ids[9, 0] = -1
-    _errors(lambda: ops.moe_experts(inp.x, ids, inp.tw, inp.gate_up, inp.down, levels=inp.levels, num_partitions=2),
+    assert_same_error(lambda: ops.moe_experts(inp.x, ids, inp.tw, inp.gate_up, inp.down, levels=inp.levels, num_partitions=2),
             lambda: ops.moe_experts(d.x, ids.to(gpu), d.tw, d.gate_up, d.down, levels=d.levels, num_partitions=2))
     lv = inp.levels.clone()
     lv[3, 2] = 3
-    _errors(lambda: ops.moe_experts(inp.x, inp.ids, inp.tw, inp.gate_up, inp.down, levels=lv, num_partitions=2),
+    assert_same_error(lambda: ops.moe_experts(inp.x, inp.ids, inp.tw, inp.gate_up, inp.down, levels=lv, num_partitions=2),
             lambda: ops.moe_experts(d.x, d.ids, d.tw, d.gate_up, d.down, levels=lv.to(gpu), num_partitions=2))
     w = torch.rand(6, 3)
     w[4, 1] = float("nan")
     w[5] = 0
-    _errors(lambda: ops.route_levels(w, [0.2]), lambda: ops.route_levels(w.to(gpu), [0.2]))
+    assert_same_error(lambda: ops.route_levels(w, [0.2]), lambda: ops.route_levels(w.to(gpu), [0.2]))
     w[4, 1] = 0.5
-    _errors(lambda: ops.route_levels(w, [0.2]), lambda: ops.route_levels(w.to(gpu), [0.2]))
+    assert_same_error(lambda: ops.route_levels(w, [0.2]), lambda: ops.route_levels(w.to(gpu), [0.2]))
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -422,3 +415,56 @@ def test_cuda_patched_model_uses_cuda_ops(gpu, monkeypatch, family):
     scale = float(want.abs().max())
     assert float((got - want).abs().max()) <= 1e-4 * scale
     assert ds.drop_stats(gpu_model).overall == pytest.approx(st_cpu.overall)
+
+
+# ============ route_levels in torch (other devices, CUDA without the module)
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
+def test_route_levels_torch_fallback_equals_engine(normalize, dtype):
+    """The torch implementation that runs where the C engine cannot read the
+    tensor gives the engine's levels bit for bit (run here on CPU tensors)."""
+    g = torch.Generator().manual_seed(11)
+    w = (torch.rand(301, 8, generator=g) + 1e-3).to(getattr(torch, dtype))
+    w[0] = 1.0  # exact boundaries
+    w[1, :4] = 0.25
+    for thr in ([0.125], [0.1, 0.125], list(np.linspace(0, 1, 127)), [0.25, 0.25]):
+        for out_dtype in ("int8", "int32"):
+            want = ops.route_levels(w, thr, normalize=normalize, dtype=out_dtype)
+            got = torch.full(w.shape, -3, dtype=getattr(torch, out_dtype))
+            ops._route_levels_torch(w, [float(t) for t in thr], normalize, got)
+            assert torch.equal(got, want), (thr, out_dtype)
+
+
+@pytest.mark.parametrize("case", ["nan", "inf_after_zero_row", "zero_row", "zero_row_raw", "thr_nan",
+                                  "thr_descending", "thr_many", "int_weights"])
+def test_route_levels_torch_fallback_errors_match_engine(case):
+    w = torch.rand(6, 3)
+    thr = [0.2]
+    normalize = True
+    if case == "nan":
+        w[4, 1] = float("nan")
+        w[5] = 0
+    elif case == "inf_after_zero_row":
+        w[2] = 0
+        w[3, 2] = float("-inf")
+    elif case == "zero_row":
+        w[5] = 0
+    elif case == "zero_row_raw":
+        w[5] = 0
+        w[5, 1] = float("inf")
+        normalize = False
+    elif case == "thr_nan":
+        thr = [0.1, float("nan")]
+    elif case == "thr_descending":
+        thr = [0.3, 0.1]
+    elif case == "thr_many":
+        thr = list(np.linspace(0, 1, 128))
+    elif case == "int_weights":
+        w = torch.ones(6, 3, dtype=torch.int32)
+    with pytest.raises((ValueError, TypeError)) as engine:
+        ops.route_levels(w, thr, normalize=normalize)
+    with pytest.raises((ValueError, TypeError)) as fallback:
+        ops._route_levels_torch(w, [float(t) for t in thr], normalize, torch.empty(w.shape, dtype=torch.int8))
+    assert type(fallback.value) is type(engine.value)
+    assert str(fallback.value) == str(engine.value)

@@ -25,9 +25,16 @@ ds_status ds_cuda_error(ds_status code, const char *fmt, ...)
 
 ds_status ds_cuda_rt_error(const char *what, cudaError_t err)
 {
+    (void)cudaGetLastError(); /* reported here: not again by the next call */
     return ds_cuda_error(DS_ERR_INTERNAL, "%s: %s (%s)", what, cudaGetErrorString(err),
                          cudaGetErrorName(err));
 }
+
+extern "C" const char *ds_cuda_last_error(void) { return ds_cuda_msg; }
+
+/* Everything below needs the real runtime and driver; the host emulation of
+ * the tests (csrc/cuda/emu) supplies its own. */
+#ifndef DS_CUDA_EMULATE
 
 static int ds_cuda_fail(const char *what, cudaError_t err)
 {
@@ -71,6 +78,7 @@ static int blas_resolve(void *lib, ds_blas_api *api, const char **missing)
     DS_SYM(gemm_ex, "cublasGemmEx");
 #undef DS_SYM
     *(void **)&api->gemm_grouped = dlsym(lib, "cublasGemmGroupedBatchedEx"); /* optional */
+    *(void **)&api->set_workspace = dlsym(lib, "cublasSetWorkspace_v2");      /* optional */
     return 0;
 }
 
@@ -145,7 +153,8 @@ const ds_blas_api *ds_blas(void)
  * which is not safe to share between threads. */
 static thread_local ds_blas_handle blas_handles[128];
 
-ds_status ds_blas_handle_for(int device, cudaStream_t stream, ds_blas_handle *out)
+ds_status ds_blas_handle_for(int device, cudaStream_t stream, void *blas_ws, size_t blas_ws_size,
+                             ds_blas_handle *out)
 {
     const ds_blas_api *api = ds_blas();
     if (api == NULL)
@@ -166,13 +175,16 @@ ds_status ds_blas_handle_for(int device, cudaStream_t stream, ds_blas_handle *ou
     int st = api->set_stream(blas_handles[device], stream);
     if (st != 0)
         return ds_cuda_error(DS_ERR_INTERNAL, "cublasSetStream failed with status %d", st);
+    if (blas_ws != NULL && api->set_workspace != NULL) {
+        st = api->set_workspace(blas_handles[device], blas_ws, blas_ws_size);
+        if (st != 0)
+            return ds_cuda_error(DS_ERR_INTERNAL, "cublasSetWorkspace failed with status %d", st);
+    }
     *out = blas_handles[device];
     return DS_OK;
 }
 
 extern "C" {
-
-const char *ds_cuda_last_error(void) { return ds_cuda_msg; }
 
 int ds_cuda_device_count(void)
 {
@@ -206,10 +218,11 @@ const char *ds_cuda_arch_list(void) { return DS_CUDA_ARCHS; }
 int ds_cuda_selftest(int device, int32_t *host, int n)
 {
     int32_t *dev = NULL;
-    cudaError_t err = cudaSetDevice(device);
+    DeviceGuard guard(device);
+    if (guard.err != cudaSuccess)
+        return ds_cuda_fail("cudaSetDevice", guard.err);
+    cudaError_t err = cudaMalloc((void **)&dev, (size_t)n * sizeof(int32_t));
     if (err != cudaSuccess)
-        return ds_cuda_fail("cudaSetDevice", err);
-    if ((err = cudaMalloc((void **)&dev, (size_t)n * sizeof(int32_t))) != cudaSuccess)
         return ds_cuda_fail("cudaMalloc", err);
     ds_iota_kernel<<<(n + 255) / 256, 256>>>(dev, n);
     err = cudaGetLastError();
@@ -234,3 +247,5 @@ int ds_cuda_blas_version(void) { return blas_version; }
 int ds_cuda_blas_has_grouped(void) { return blas_loaded && blas_api.gemm_grouped != NULL; }
 
 }  // extern "C"
+
+#endif /* DS_CUDA_EMULATE */

@@ -60,6 +60,13 @@ int ds_cuda_blas_version(void);
  * as a loop of cublasGemmEx calls on the one stream. */
 int ds_cuda_blas_has_grouped(void);
 
+/* The cuBLAS status with which cublasGemmGroupedBatchedEx refused problems
+ * of `dtype` (float32, bfloat16 or float16), 0 when it has not: after a
+ * refusal that dtype runs as the cublasGemmEx loop without asking again
+ * (until ds_cuda_blas_forget_refusals()). */
+int ds_cuda_blas_grouped_refusal(ds_dtype dtype);
+void ds_cuda_blas_forget_refusals(void);
+
 /* Seconds the calling thread waited in the last op's stream synchronisation
  * (the measured cost of the one host synchronisation). */
 double ds_cuda_last_sync_seconds(void);
@@ -70,13 +77,16 @@ int ds_cuda_last_gemm_grouped(void);
  * topk_weights: T x K (f32, bf16, f16 or f64; element strides ws0, ws1), device
  * thresholds:   P ascending finite values, host
  * levels:       T x K (i8 or i32; element strides ls0, ls1), device
+ * workspace:    DS_CUDA_ROUTE_WORKSPACE bytes of 8-byte aligned device memory
  * Same semantics and errors as ds_route_levels.  Synchronises `stream` once
  * (a 16-byte read-back of the validation flags); on a validation error
  * levels may have been written. */
+#define DS_CUDA_ROUTE_WORKSPACE 16
 ds_status ds_cuda_route_levels(int device, void *stream, const void *topk_weights,
                                ds_dtype w_dtype, int64_t T, int64_t K, int64_t ws0,
                                int64_t ws1, const double *thresholds, int P, int normalize,
-                               void *levels, ds_dtype l_dtype, int64_t ls0, int64_t ls1);
+                               void *levels, ds_dtype l_dtype, int64_t ls0, int64_t ls1,
+                               void *workspace, size_t workspace_size);
 
 /* ---- expert computation --------------------------------------------------
  * Fused transformers 5.x layout on the device:
@@ -105,7 +115,9 @@ typedef struct {
  * messages of the CPU engine.  ds_cuda_moe_experts runs them first. */
 ds_status ds_cuda_moe_check(const ds_cuda_moe_args *a);
 
-/* Device workspace in bytes (pure arithmetic, no device needed). */
+/* Device workspace in bytes (pure arithmetic, no device needed), to be
+ * passed 256-byte aligned; it includes DS_BLAS_WORKSPACE (32 MiB) that the
+ * op hands to cuBLAS. */
 size_t ds_cuda_moe_workspace_size(const ds_cuda_moe_args *a);
 
 /* Synchronises `stream` once, after the routing plan: to read back the

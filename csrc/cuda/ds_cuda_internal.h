@@ -2,8 +2,18 @@
 #ifndef DS_CUDA_INTERNAL_H
 #define DS_CUDA_INTERNAL_H
 
+#ifdef DS_CUDA_EMULATE
+/* The tests' host build of the same sources (see emu/cuda_emu.h). */
+#include "emu/cuda_emu.h"
+#else
 #include <cuda_runtime.h>
 #include <library_types.h>
+/* kernel launches: DS_LAUNCH(kernel, grid, block, stream)(args...);
+ * DS_LAUNCH_SYNC for kernels that call __syncthreads() (the same launch on
+ * the device; the host emulation runs such blocks as real threads). */
+#define DS_LAUNCH(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
+#define DS_LAUNCH_SYNC(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
+#endif
 
 #include "ds_cuda.h"
 
@@ -15,6 +25,32 @@ ds_status ds_cuda_error(ds_status code, const char *fmt, ...)
     ;
 /* code DS_ERR_INTERNAL with "what: <cuda error string> (<name>)". */
 ds_status ds_cuda_rt_error(const char *what, cudaError_t err);
+
+/* Entered by every entry point that touches a device: clears the calling
+ * thread's last-error slot (cudaGetLastError() reports the last failure of
+ * ANY earlier runtime call on the thread, so a stale error from elsewhere
+ * would otherwise fail this op's first launch check), saves the current
+ * device, switches to `device`, and restores the previous one on exit. */
+struct DeviceGuard {
+    int prev = -1;
+    cudaError_t err = cudaSuccess;
+    explicit DeviceGuard(int device)
+    {
+        (void)cudaGetLastError();
+        err = cudaGetDevice(&prev);
+        if (err == cudaSuccess && prev != device)
+            err = cudaSetDevice(device);
+        if (err != cudaSuccess)
+            (void)cudaGetLastError();
+    }
+    ~DeviceGuard()
+    {
+        int cur = -1;
+        if (prev >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev)
+            cudaSetDevice(prev);
+        (void)cudaGetLastError();
+    }
+};
 
 /* The few cuBLAS declarations used here (no cuBLAS headers are needed to
  * build: the values are the ABI of cublas_api.h, stable since CUDA 11). */
@@ -28,6 +64,11 @@ typedef struct {
     int (*destroy)(ds_blas_handle);
     int (*set_stream)(ds_blas_handle, cudaStream_t);
     int (*get_version)(ds_blas_handle, int *);
+    /* cublasSetWorkspace_v2: each op gives cuBLAS a slice of its own
+     * workspace, so a handle used on several streams never shares cuBLAS'
+     * default workspace between them (cublasSetStream resets it); NULL when
+     * absent. */
+    int (*set_workspace)(ds_blas_handle, void *, size_t);
     int (*gemm_ex)(ds_blas_handle, int transa, int transb, int m, int n, int k,
                    const void *alpha, const void *A, cudaDataType Atype, int lda, const void *B,
                    cudaDataType Btype, int ldb, const void *beta, void *C, cudaDataType Ctype,
@@ -45,7 +86,13 @@ typedef struct {
  * nothing was loaded yet). */
 const ds_blas_api *ds_blas(void);
 /* A cuBLAS handle for `device` (current device must be `device`), created
- * once per device and kept; bound to `stream` on return. */
-ds_status ds_blas_handle_for(int device, cudaStream_t stream, ds_blas_handle *out);
+ * once per (thread, device) and kept; bound to `stream` and, when
+ * blas_ws != NULL, to the workspace blas_ws[0, blas_ws_size) on return. */
+ds_status ds_blas_handle_for(int device, cudaStream_t stream, void *blas_ws, size_t blas_ws_size,
+                             ds_blas_handle *out);
+
+/* Bytes of cuBLAS workspace each expert op reserves in its own workspace
+ * (what cuBLAS asks for on Hopper; 4 MiB suffices before). */
+#define DS_BLAS_WORKSPACE ((size_t)32 << 20)
 
 #endif

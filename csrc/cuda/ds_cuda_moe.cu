@@ -18,8 +18,10 @@
 // and a combine over k in order.
 #include "ds_cuda_internal.h"
 
+#ifndef DS_CUDA_EMULATE
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 #include <limits.h>
 #include <math.h>
 #include <stdlib.h>
@@ -97,24 +99,6 @@ __device__ static inline void store_act(void *p, ds_dtype dt, int64_t i, float v
     default: ((__half *)p)[i] = __float2half_rn(v); break;
     }
 }
-
-/* Saves the current device, switches to `device`, restores on scope exit. */
-struct DeviceGuard {
-    int prev = -1;
-    cudaError_t err = cudaSuccess;
-    explicit DeviceGuard(int device)
-    {
-        err = cudaGetDevice(&prev);
-        if (err == cudaSuccess && prev != device)
-            err = cudaSetDevice(device);
-    }
-    ~DeviceGuard()
-    {
-        int cur = -1;
-        if (prev >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev)
-            cudaSetDevice(prev);
-    }
-};
 
 /* Reads `size` bytes at device address p (error paths only: synchronous). */
 static void read_back(void *host, const void *dev, size_t size)
@@ -209,7 +193,8 @@ extern "C" ds_status ds_cuda_route_levels(int device, void *stream_, const void 
                                           ds_dtype w_dtype, int64_t T, int64_t K, int64_t ws0,
                                           int64_t ws1, const double *thresholds, int P,
                                           int normalize, void *levels, ds_dtype l_dtype,
-                                          int64_t ls0, int64_t ls1)
+                                          int64_t ls0, int64_t ls1, void *workspace,
+                                          size_t workspace_size)
 {
     static const char fn[] = "route_levels";
     /* The thresholds' checks come first and touch no device (as on the CPU). */
@@ -238,26 +223,22 @@ extern "C" ds_status ds_cuda_route_levels(int device, void *stream_, const void 
         return ds_cuda_error(DS_ERR_VALUE, "%s: topk_weights and levels must not be NULL", fn);
     if (T == 0)
         return DS_OK;
+    if (workspace == NULL || workspace_size < DS_CUDA_ROUTE_WORKSPACE || ((uintptr_t)workspace & 7))
+        return ds_cuda_error(DS_ERR_VALUE, "%s: workspace must be %d bytes of 8-byte aligned device memory; "
+                             "got %zu bytes at %p", fn, DS_CUDA_ROUTE_WORKSPACE, workspace_size, workspace);
     DeviceGuard guard(device);
     CU(guard.err, "route_levels: cudaSetDevice");
     cudaStream_t stream = (cudaStream_t)stream_;
     Thresholds thr;
     memset(&thr, 0, sizeof thr);
     memcpy(thr.v, thresholds, (size_t)P * sizeof(double));
-    ull *d_err = NULL;
-    CU(cudaMallocAsync((void **)&d_err, 2 * sizeof(ull), stream), "route_levels: cudaMallocAsync");
+    ull *d_err = (ull *)workspace;
     ull h_err[2] = {NO_ERR, NO_ERR};
-    cudaError_t e = cudaMemsetAsync(d_err, 0xFF, 2 * sizeof(ull), stream);
-    if (e == cudaSuccess) {
-        route_levels_kernel<<<grid_for(T, 256), 256, 0, stream>>>(
-            topk_weights, w_dtype, T, K, ws0, ws1, thr, P, normalize, levels, l_dtype, ls0, ls1, d_err);
-        e = cudaGetLastError();
-    }
-    if (e == cudaSuccess)
-        e = read_and_sync(stream, h_err, d_err, sizeof h_err, NULL, NULL, 0);
-    cudaFreeAsync(d_err, stream);
-    if (e != cudaSuccess)
-        return ds_cuda_rt_error("route_levels", e);
+    CU(cudaMemsetAsync(d_err, 0xFF, 2 * sizeof(ull), stream), fn);
+    DS_LAUNCH(route_levels_kernel, grid_for(T, 256), 256, stream)(
+        topk_weights, w_dtype, T, K, ws0, ws1, thr, P, normalize, levels, l_dtype, ls0, ls1, d_err);
+    CU(cudaGetLastError(), fn);
+    CU(read_and_sync(stream, h_err, d_err, sizeof h_err, NULL, NULL, 0), fn);
     /* The CPU engine scans rows in order and reports the first problem. */
     if (h_err[0] != NO_ERR && (h_err[1] == NO_ERR || h_err[0] / (ull)K <= h_err[1])) {
         int64_t t = (int64_t)(h_err[0] / (ull)K), k = (int64_t)(h_err[0] % (ull)K);
@@ -360,7 +341,7 @@ extern "C" ds_status ds_cuda_importance_check(const ds_cuda_importance_args *a)
 #define GEMM_PTRS(EP) (3 * 2 * (size_t)(EP) + 3 * (size_t)(EP))
 
 struct Layout {
-    size_t err, keys, hist, total, off, row_tok, row_pair, row_lvl, pos, ptrs, xg, gu, act, y, end;
+    size_t err, keys, hist, total, off, row_tok, row_pair, row_lvl, pos, ptrs, blas, xg, gu, act, y, end;
 };
 
 static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
@@ -381,6 +362,7 @@ static Layout layout(const ds_cuda_moe_args *a, int P, int with_down)
     L.row_lvl = o;  o += align256(N * 4);
     L.pos = o;      o += align256(N * 4);
     L.ptrs = o;     o += align256(GEMM_PTRS(EP) * sizeof(void *));
+    L.blas = o;     o += DS_BLAS_WORKSPACE;
     L.xg = o;       o += align256(N * (size_t)a->H * esz);
     L.gu = o;       o += align256(N * 2 * (size_t)a->I * 4);
     L.act = o;      if (with_down) o += align256(N * (size_t)a->I * esz);
@@ -564,7 +546,7 @@ __global__ void importance_kernel(const float *gu, const int32_t *off, const int
     }
 }
 
-/* ---- the shared front half: plan, read-back, gather, gate/up ---------------- */
+/* ---- the shared front half: plan, read-back, gather ------------------------- */
 
 struct Plan {
     std::vector<int32_t> total; /* E*P rows per key */
@@ -587,9 +569,7 @@ struct Gemm {
 };
 
 /* A list of GEMMs in groups (the problems of a group share m, n, k and the
- * leading dimensions), run as one cublasGemmGroupedBatchedEx when the
- * loaded cuBLAS has it, else (or when it refuses the problem) as a loop of
- * cublasGemmEx on the stream.  dev_ptrs: room for 3 * problems pointers. */
+ * leading dimensions). */
 struct GemmBatch {
     std::vector<Gemm> p;
     std::vector<int> group_size;
@@ -607,54 +587,90 @@ static thread_local int last_gemm_grouped;
 
 extern "C" int ds_cuda_last_gemm_grouped(void) { return last_gemm_grouped; }
 
-static int grouped_wanted(const ds_blas_api *api)
+/* cuBLAS status of the grouped call's refusal per dtype (float32, bfloat16,
+ * float16), 0 while it has not refused: a refused type is not tried again
+ * (the refusal costs a failed call per phase). */
+static int grouped_refusal[3];
+
+extern "C" int ds_cuda_blas_grouped_refusal(ds_dtype dt)
+{
+    return (unsigned)dt < 3 ? __atomic_load_n(&grouped_refusal[dt], __ATOMIC_RELAXED) : 0;
+}
+
+extern "C" void ds_cuda_blas_forget_refusals(void)
+{
+    for (int i = 0; i < 3; i++)
+        __atomic_store_n(&grouped_refusal[i], 0, __ATOMIC_RELAXED);
+}
+
+static int grouped_wanted(const ds_blas_api *api, ds_dtype dt)
 {
     const char *env = getenv("DUALSPARSE_CUDA_GEMM");
     if (env != NULL && strcmp(env, "loop") == 0)
         return 0;
-    return api->gemm_grouped != NULL;
+    return api->gemm_grouped != NULL && ds_cuda_blas_grouped_refusal(dt) == 0;
 }
 
-static ds_status run_gemms(const ds_blas_api *api, ds_blas_handle h, cudaStream_t stream,
-                           const GemmBatch &b, cudaDataType bt, void **dev_ptrs, const char *what)
+/* Copies the (A, B, C) device pointers of every batch into dev_ptrs in one
+ * host-to-device copy (batch b's at offset 3 * (problems before b)).  From
+ * pageable memory the copy returns once the bytes are staged, so `host` may
+ * be reused after; it may wait for work already queued on the stream, which
+ * is why it is made once per op, right after the plan, before the GEMMs are
+ * queued. */
+static cudaError_t upload_ptrs(const GemmBatch *const *batches, int nb, void **dev_ptrs,
+                               std::vector<const void *> &host, cudaStream_t stream)
+{
+    host.clear();
+    for (int b = 0; b < nb; b++) {
+        const std::vector<Gemm> &p = batches[b]->p;
+        for (const Gemm &q : p)
+            host.push_back(q.A);
+        for (const Gemm &q : p)
+            host.push_back(q.B);
+        for (const Gemm &q : p)
+            host.push_back(q.C);
+    }
+    if (host.empty())
+        return cudaSuccess;
+    return cudaMemcpyAsync(dev_ptrs, host.data(), host.size() * sizeof(void *), cudaMemcpyHostToDevice, stream);
+}
+
+/* Runs a batch as one cublasGemmGroupedBatchedEx (dev_ptrs: its uploaded
+ * pointers, NULL when none were uploaded) or, when the loaded cuBLAS lacks
+ * it, refuses the problem, or DUALSPARSE_CUDA_GEMM=loop, as a loop of
+ * cublasGemmEx on the stream. */
+static ds_status run_gemms(const ds_blas_api *api, ds_blas_handle h, const GemmBatch &b, ds_dtype dt,
+                           void *const *dev_ptrs, const char *what)
 {
     const size_t np = b.p.size();
+    const cudaDataType bt = blas_type(dt);
     last_gemm_grouped = 0;
     if (np == 0)
         return DS_OK;
-    if (grouped_wanted(api)) {
+    if (dev_ptrs != NULL) {
         const size_t G = b.group_size.size();
         std::vector<int> ta(G, DS_BLAS_OP_T), tb(G, DS_BLAS_OP_N), m(G), n(G), k(G), lda(G), ldb(G), ldc(G);
         std::vector<float> alpha(G, 1.0f), beta(G, 0.0f);
-        std::vector<const void *> ptrs(3 * np);
         size_t i = 0;
         for (size_t g = 0; g < G; g++) {
             const Gemm &q = b.p[i];
             m[g] = q.m; n[g] = q.n; k[g] = q.k; lda[g] = q.lda; ldb[g] = q.ldb; ldc[g] = q.ldc;
             i += (size_t)b.group_size[g];
         }
-        for (size_t j = 0; j < np; j++) {
-            ptrs[j] = b.p[j].A;
-            ptrs[np + j] = b.p[j].B;
-            ptrs[2 * np + j] = b.p[j].C;
-        }
-        /* From pageable memory: cudaMemcpyAsync stages the bytes and returns
-         * without synchronising the device (CUDA "API synchronization
-         * behavior"), so the vector may go out of scope right after. */
-        CU(cudaMemcpyAsync(dev_ptrs, ptrs.data(), 3 * np * sizeof(void *), cudaMemcpyHostToDevice, stream),
-           what);
         int st = api->gemm_grouped(h, ta.data(), tb.data(), m.data(), n.data(), k.data(), alpha.data(),
                                    (const void *const *)dev_ptrs, bt, lda.data(),
                                    (const void *const *)(dev_ptrs + np), bt, ldb.data(), beta.data(),
-                                   (void *const *)(dev_ptrs + 2 * np), CUDA_R_32F, ldc.data(), (int)G,
-                                   b.group_size.data(), DS_BLAS_COMPUTE_32F);
+                                   dev_ptrs + 2 * np, CUDA_R_32F, ldc.data(), (int)G, b.group_size.data(),
+                                   DS_BLAS_COMPUTE_32F);
         if (st == 0) {
             last_gemm_grouped = 1;
             return DS_OK;
         }
-        /* Refused (e.g. a type combination this version does not group):
-         * cuBLAS checks before it launches anything, so the loop below
-         * computes everything. */
+        /* Refused (a type combination or shape this version does not group):
+         * remembered, and the loop below computes everything (beta = 0: C is
+         * never read, so whatever a refused call did is overwritten). */
+        if ((unsigned)dt < 3)
+            __atomic_store_n(&grouped_refusal[dt], st, __ATOMIC_RELAXED);
     }
     const float one = 1.0f, zero = 0.0f;
     for (const Gemm &q : b.p) {
@@ -668,11 +684,12 @@ static ds_status run_gemms(const ds_blas_api *api, ds_blas_handle h, cudaStream_
     return DS_OK;
 }
 
-static ds_status front_half(const char *fn, int device, cudaStream_t stream,
-                            const ds_cuda_moe_args *a, int P, const ds_mat *lv, char *ws,
-                            const Layout &L, Plan &plan, ds_blas_handle *hout)
+/* Plan (count, scan, offsets; the op's one synchronisation; place), then the
+ * gather of the routed rows.  On return plan holds the row counts. */
+static ds_status plan_and_gather(const char *fn, cudaStream_t stream, const ds_cuda_moe_args *a, int P,
+                                 const ds_mat *lv, char *ws, const Layout &L, Plan &plan)
 {
-    const int64_t T = a->T, K = a->K, E = a->E, I = a->I, H = a->H, N = T * K;
+    const int64_t T = a->T, K = a->K, E = a->E, H = a->H, N = T * K;
     const int64_t NB = cdiv(N, PLAN_BLOCK), EP = E * P;
     const size_t esz = dt_size(a->dtype);
     ull *err = (ull *)(ws + L.err);
@@ -681,17 +698,14 @@ static ds_status front_half(const char *fn, int device, cudaStream_t stream,
     int32_t *row_tok = (int32_t *)(ws + L.row_tok), *row_pair = (int32_t *)(ws + L.row_pair);
     int32_t *row_lvl = (int32_t *)(ws + L.row_lvl), *pos = (int32_t *)(ws + L.pos);
 
-    ds_blas_handle h;
-    ds_status st = ds_blas_handle_for(device, stream, &h);
-    if (st != DS_OK)
-        return st;
-    *hout = h;
     CU(cudaMemsetAsync(err, 0xFF, 4 * sizeof(ull), stream), fn);
     CU(cudaMemsetAsync(hist, 0, (size_t)(NB * EP) * 4, stream), fn);
-    plan_count_kernel<<<(unsigned)NB, PLAN_BLOCK, 0, stream>>>(a->topk_ids, *lv, T, K, E, P, keys,
-                                                                hist, EP, err);
-    plan_scan_kernel<<<(unsigned)cdiv(EP, 256), 256, 0, stream>>>(hist, NB, EP, total);
-    plan_offsets_kernel<<<1, 1, 0, stream>>>(total, EP, off);
+    DS_LAUNCH(plan_count_kernel, (unsigned)NB, PLAN_BLOCK, stream)(a->topk_ids, *lv, T, K, E, P, keys,
+                                                                    hist, EP, err);
+    CU(cudaGetLastError(), fn);
+    DS_LAUNCH(plan_scan_kernel, (unsigned)cdiv(EP, 256), 256, stream)(hist, NB, EP, total);
+    CU(cudaGetLastError(), fn);
+    DS_LAUNCH(plan_offsets_kernel, 1, 1, stream)(total, EP, off);
     CU(cudaGetLastError(), fn);
 
     /* The one host synchronisation: row counts for the GEMM sizes, and the
@@ -723,28 +737,33 @@ static ds_status front_half(const char *fn, int device, cudaStream_t stream,
         plan.off[key + 1] = plan.off[key] + plan.total[key];
     plan.R = plan.off[EP];
 
-    plan_place_kernel<<<(unsigned)NB, PLAN_BLOCK, 0, stream>>>(keys, hist, off, N, K, EP, P, row_tok,
-                                                                row_pair, row_lvl, pos);
+    DS_LAUNCH_SYNC(plan_place_kernel, (unsigned)NB, PLAN_BLOCK, stream)(keys, hist, off, N, K, EP, P, row_tok,
+                                                                         row_pair, row_lvl, pos);
     CU(cudaGetLastError(), fn);
     if (plan.R == 0)
         return DS_OK;
-
     char *xg = ws + L.xg;
     if (esz == 4)
-        gather_kernel<float><<<grid_for(plan.R * H, 256), 256, 0, stream>>>(
+        DS_LAUNCH(gather_kernel<float>, grid_for(plan.R * H, 256), 256, stream)(
             (const float *)a->x, a->ldx, row_tok, plan.R, H, (float *)xg);
     else
-        gather_kernel<uint16_t><<<grid_for(plan.R * H, 256), 256, 0, stream>>>(
+        DS_LAUNCH(gather_kernel<uint16_t>, grid_for(plan.R * H, 256), 256, stream)(
             (const uint16_t *)a->x, a->ldx, row_tok, plan.R, H, (uint16_t *)xg);
     CU(cudaGetLastError(), fn);
+    return DS_OK;
+}
 
-    /* gate/up: for every expert, partition q needs the rows with level >= q
-     * (a prefix of the expert's rows); runs of partitions with the same row
-     * count become one GEMM pair.  G[r, j] at gu[r*2I + j], U at + I. */
-    const ds_blas_api *api = ds_blas();
-    const cudaDataType bt = blas_type(a->dtype);
+/* gate/up: for every expert, partition q needs the rows with level >= q (a
+ * prefix of the expert's rows, levels being sorted descending); runs of
+ * partitions with the same row count become one GEMM pair.  G[r, j] at
+ * gu[r*2I + j], U at + I. */
+static void gate_up_gemms(const ds_cuda_moe_args *a, int P, const Plan &plan, char *ws, const Layout &L,
+                          GemmBatch &batch)
+{
+    const int64_t E = a->E, I = a->I, H = a->H;
+    const size_t esz = dt_size(a->dtype);
+    const char *xg = ws + L.xg;
     float *gu = (float *)(ws + L.gu);
-    GemmBatch batch;
     std::vector<int64_t> mq((size_t)P + 2, 0);
     for (int64_t e = 0; e < E; e++) {
         const int64_t row0 = plan.off[e * P];
@@ -773,7 +792,29 @@ static ds_status front_half(const char *fn, int device, cudaStream_t stream,
             q = q1 + 1;
         }
     }
-    return run_gemms(api, h, stream, batch, bt, (void **)(ws + L.ptrs), "gate/up");
+}
+
+/* down: the rows at level l of expert e form one block and use the first
+ * (l*I)/P >= 1 neurons (P <= I); Y[r, h] at y[r*H + h]. */
+static void down_gemms(const ds_cuda_moe_args *a, const Plan &plan, char *ws, const Layout &L, GemmBatch &batch)
+{
+    const int64_t E = a->E, I = a->I, H = a->H;
+    const int P = a->P;
+    const size_t esz = dt_size(a->dtype);
+    const char *act = ws + L.act;
+    float *y = (float *)(ws + L.y);
+    for (int64_t e = 0; e < E; e++) {
+        const char *down = (const char *)a->down + (size_t)e * H * I * esz;
+        for (int l = P; l >= 1; l--) {
+            const int64_t key = e * P + (P - l), rb = plan.off[key], m = plan.total[key];
+            const int64_t kk = ((int64_t)l * I) / P;
+            if (m == 0)
+                continue;
+            Gemm g = {(int)H, (int)m, (int)kk, down, (int)I, act + (size_t)rb * I * esz, (int)I, y + rb * H,
+                      (int)H};
+            batch.add(g, 1);
+        }
+    }
 }
 
 /* ---- moe_experts ------------------------------------------------------------- */
@@ -782,65 +823,60 @@ extern "C" ds_status ds_cuda_moe_experts(int device, void *stream_, const ds_cud
                                          void *workspace, size_t workspace_size)
 {
     static const char fn[] = "moe_experts";
+    last_gemm_grouped = 0;
     ds_status st = ds_cuda_moe_check(a);
     if (st != DS_OK)
         return st;
     if (a->T == 0)
         return DS_OK;
     const Layout L = layout(a, a->P, 1);
-    if (workspace == NULL || workspace_size < L.end)
-        return ds_cuda_error(DS_ERR_VALUE, "%s: workspace of %zu bytes is too small; need %zu", fn,
-                             workspace_size, L.end);
+    if (workspace == NULL || workspace_size < L.end || ((uintptr_t)workspace & 255))
+        return ds_cuda_error(DS_ERR_VALUE, "%s: workspace must be %zu bytes of 256-byte aligned device memory; "
+                             "got %zu bytes at %p", fn, L.end, workspace_size, workspace);
     DeviceGuard guard(device);
     CU(guard.err, "moe_experts: cudaSetDevice");
     cudaStream_t stream = (cudaStream_t)stream_;
-    const int64_t T = a->T, K = a->K, E = a->E, I = a->I, H = a->H;
+    const int64_t T = a->T, K = a->K, I = a->I, H = a->H;
     const int P = a->P;
-    const size_t esz = dt_size(a->dtype);
     char *ws = (char *)workspace;
-    Plan plan;
     ds_blas_handle h;
-    st = front_half(fn, device, stream, a, P, &a->levels, ws, L, plan, &h);
+    st = ds_blas_handle_for(device, stream, ws + L.blas, DS_BLAS_WORKSPACE, &h);
+    if (st != DS_OK)
+        return st;
+    Plan plan;
+    st = plan_and_gather(fn, stream, a, P, &a->levels, ws, L, plan);
     if (st != DS_OK)
         return st;
     if (plan.R == 0) {
-        zero_rows_kernel<<<grid_for(T * H, 256), 256, 0, stream>>>(a->out, a->ldo, T, H, a->dtype);
+        DS_LAUNCH(zero_rows_kernel, grid_for(T * H, 256), 256, stream)(a->out, a->ldo, T, H, a->dtype);
         CU(cudaGetLastError(), fn);
         return DS_OK;
     }
-    const int32_t *row_lvl = (const int32_t *)(ws + L.row_lvl), *pos = (const int32_t *)(ws + L.pos);
-    const float *gu = (const float *)(ws + L.gu);
-    char *act = ws + L.act;
-    float *y = (float *)(ws + L.y);
-    swiglu_kernel<<<grid_for(plan.R * I, 256), 256, 0, stream>>>(gu, row_lvl, plan.R, I, P, act, a->dtype);
-    CU(cudaGetLastError(), fn);
-
-    /* down: the rows at level l of expert e form one block and use the first
-     * (l*I)/P neurons; Y[r, h] at y[r*H + h]. */
     const ds_blas_api *api = ds_blas();
-    const cudaDataType bt = blas_type(a->dtype);
-    GemmBatch batch;
-    for (int64_t e = 0; e < E; e++) {
-        const char *down = (const char *)a->down + (size_t)e * H * I * esz;
-        for (int l = P; l >= 1; l--) {
-            const int64_t key = e * P + (P - l), rb = plan.off[key], m = plan.total[key];
-            const int64_t kk = ((int64_t)l * I) / P;
-            if (m == 0)
-                continue;
-            if (kk == 0) {
-                CU(cudaMemsetAsync(y + rb * H, 0, (size_t)(m * H) * 4, stream), fn);
-                continue;
-            }
-            Gemm g = {(int)H, (int)m, (int)kk, down, (int)I, act + (size_t)rb * I * esz, (int)I, y + rb * H,
-                      (int)H};
-            batch.add(g, 1);
-        }
+    GemmBatch gub, dnb;
+    gate_up_gemms(a, P, plan, ws, L, gub);
+    down_gemms(a, plan, ws, L, dnb);
+    void **dev_ptrs = (void **)(ws + L.ptrs);
+    std::vector<const void *> host_ptrs;
+    const int grouped = grouped_wanted(api, a->dtype);
+    if (grouped) {
+        const GemmBatch *both[2] = {&gub, &dnb};
+        CU(upload_ptrs(both, 2, dev_ptrs, host_ptrs, stream), fn);
     }
-    st = run_gemms(api, h, stream, batch, bt, (void **)(ws + L.ptrs) + 3 * 2 * E * P, "down");
+    st = run_gemms(api, h, gub, a->dtype, grouped ? dev_ptrs : NULL, "gate/up");
     if (st != DS_OK)
         return st;
-    combine_kernel<<<grid_for(T * H, 256), 256, 0, stream>>>(y, pos, a->topk_weights, T, K, H, a->out,
-                                                             a->ldo, a->dtype);
+    const int gu_grouped = last_gemm_grouped;
+    const int32_t *row_lvl = (const int32_t *)(ws + L.row_lvl), *pos = (const int32_t *)(ws + L.pos);
+    DS_LAUNCH(swiglu_kernel, grid_for(plan.R * I, 256), 256, stream)((const float *)(ws + L.gu), row_lvl, plan.R,
+                                                                       I, P, ws + L.act, a->dtype);
+    CU(cudaGetLastError(), fn);
+    st = run_gemms(api, h, dnb, a->dtype, grouped && gu_grouped ? dev_ptrs + 3 * gub.p.size() : NULL, "down");
+    if (st != DS_OK)
+        return st;
+    last_gemm_grouped = last_gemm_grouped && gu_grouped;
+    DS_LAUNCH(combine_kernel, grid_for(T * H, 256), 256, stream)((const float *)(ws + L.y), pos, a->topk_weights,
+                                                                  T, K, H, a->out, a->ldo, a->dtype);
     CU(cudaGetLastError(), fn);
     return DS_OK;
 }
@@ -851,28 +887,45 @@ extern "C" ds_status ds_cuda_importance(int device, void *stream_, const ds_cuda
                                         void *workspace, size_t workspace_size)
 {
     static const char fn[] = "importance";
+    last_gemm_grouped = 0;
     ds_status st = ds_cuda_importance_check(a);
     if (st != DS_OK)
         return st;
     if (a->m.T == 0)
         return DS_OK;
     const Layout L = layout(&a->m, 1, 0);
-    if (workspace == NULL || workspace_size < L.end)
-        return ds_cuda_error(DS_ERR_VALUE, "%s: workspace of %zu bytes is too small; need %zu", fn,
-                             workspace_size, L.end);
+    if (workspace == NULL || workspace_size < L.end || ((uintptr_t)workspace & 255))
+        return ds_cuda_error(DS_ERR_VALUE, "%s: workspace must be %zu bytes of 256-byte aligned device memory; "
+                             "got %zu bytes at %p", fn, L.end, workspace_size, workspace);
     DeviceGuard guard(device);
     CU(guard.err, "importance: cudaSetDevice");
     cudaStream_t stream = (cudaStream_t)stream_;
     char *ws = (char *)workspace;
+    ds_blas_handle h;
+    st = ds_blas_handle_for(device, stream, ws + L.blas, DS_BLAS_WORKSPACE, &h);
+    if (st != DS_OK)
+        return st;
     ds_mat no_levels = {NULL, DS_I32, 0, 0};
     Plan plan;
-    ds_blas_handle h;
-    st = front_half(fn, device, stream, &a->m, 1, &no_levels, ws, L, plan, &h);
+    st = plan_and_gather(fn, stream, &a->m, 1, &no_levels, ws, L, plan);
     if (st != DS_OK)
         return st;
     if (plan.R == 0)
         return DS_OK;
-    importance_kernel<<<grid_for(a->m.E * a->m.I, 128), 128, 0, stream>>>(
+    const ds_blas_api *api = ds_blas();
+    GemmBatch gub;
+    gate_up_gemms(&a->m, 1, plan, ws, L, gub);
+    void **dev_ptrs = (void **)(ws + L.ptrs);
+    std::vector<const void *> host_ptrs;
+    const int grouped = grouped_wanted(api, a->m.dtype);
+    if (grouped) {
+        const GemmBatch *one[1] = {&gub};
+        CU(upload_ptrs(one, 1, dev_ptrs, host_ptrs, stream), fn);
+    }
+    st = run_gemms(api, h, gub, a->m.dtype, grouped ? dev_ptrs : NULL, "gate/up");
+    if (st != DS_OK)
+        return st;
+    DS_LAUNCH(importance_kernel, grid_for(a->m.E * a->m.I, 128), 128, stream)(
         (const float *)(ws + L.gu), (const int32_t *)(ws + L.off), (const int32_t *)(ws + L.row_pair),
         a->m.topk_weights, a->weighted, a->m.K, a->m.E, a->m.I, a->accum, a->counts);
     CU(cudaGetLastError(), fn);

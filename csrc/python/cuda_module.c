@@ -122,8 +122,25 @@ static PyObject *py_blas_load(PyObject *self, PyObject *args)
 static PyObject *py_blas_info(PyObject *self, PyObject *args)
 {
     (void)self; (void)args;
-    return Py_BuildValue("{s:s,s:i,s:O}", "path", ds_cuda_blas_path(), "version", ds_cuda_blas_version(),
-                         "grouped_gemm", ds_cuda_blas_has_grouped() ? Py_True : Py_False);
+    /* grouped_refused: dtype -> the cuBLAS status of the grouped call's
+     * refusal (those dtypes run as the cublasGemmEx loop) */
+    return Py_BuildValue("{s:s,s:i,s:O,s:{s:i,s:i,s:i}}", "path", ds_cuda_blas_path(), "version",
+                         ds_cuda_blas_version(), "grouped_gemm", ds_cuda_blas_has_grouped() ? Py_True : Py_False,
+                         "grouped_refused", "float32", ds_cuda_blas_grouped_refusal(DS_F32), "bfloat16",
+                         ds_cuda_blas_grouped_refusal(DS_BF16), "float16", ds_cuda_blas_grouped_refusal(DS_F16));
+}
+
+static PyObject *py_blas_forget_refusals(PyObject *self, PyObject *args)
+{
+    (void)self; (void)args;
+    ds_cuda_blas_forget_refusals();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_route_workspace_size(PyObject *self, PyObject *args)
+{
+    (void)self; (void)args;
+    return PyLong_FromLong(DS_CUDA_ROUTE_WORKSPACE);
 }
 
 static PyObject *py_last_sync_seconds(PyObject *self, PyObject *args)
@@ -141,15 +158,17 @@ static PyObject *py_last_gemm_grouped(PyObject *self, PyObject *args)
 static void *ptr_of(long long v) { return (void *)(intptr_t)v; }
 
 /* route_levels(device, stream, w_ptr, w_dtype, T, K, ws0, ws1, thresholds,
- *              normalize, lv_ptr, l_dtype, ls0, ls1); thresholds: list of float */
+ *              normalize, lv_ptr, l_dtype, ls0, ls1[, ws_ptr, ws_size]);
+ * thresholds: list of float; the workspace (route_workspace_size() bytes of
+ * device memory) is needed when T > 0. */
 static PyObject *py_route_levels(PyObject *self, PyObject *args)
 {
     (void)self;
     int device, wdt, ldt, normalize;
-    long long stream, w, T, K, ws0, ws1, lv, ls0, ls1;
+    long long stream, w, T, K, ws0, ws1, lv, ls0, ls1, wsp = 0, wsn = 0;
     PyObject *thr;
-    if (!PyArg_ParseTuple(args, "iLLiLLLLOpLiLL", &device, &stream, &w, &wdt, &T, &K, &ws0, &ws1,
-                          &thr, &normalize, &lv, &ldt, &ls0, &ls1))
+    if (!PyArg_ParseTuple(args, "iLLiLLLLOpLiLL|LL", &device, &stream, &w, &wdt, &T, &K, &ws0, &ws1,
+                          &thr, &normalize, &lv, &ldt, &ls0, &ls1, &wsp, &wsn))
         return NULL;
     PyObject *fast = PySequence_Fast(thr, "route_levels: thresholds must be a sequence of numbers");
     if (fast == NULL)
@@ -169,7 +188,8 @@ static PyObject *py_route_levels(PyObject *self, PyObject *args)
     ds_status st;
     Py_BEGIN_ALLOW_THREADS
     st = ds_cuda_route_levels(device, ptr_of(stream), ptr_of(w), (ds_dtype)wdt, T, K, ws0, ws1, vals,
-                              (int)P, normalize, ptr_of(lv), (ds_dtype)ldt, ls0, ls1);
+                              (int)P, normalize, ptr_of(lv), (ds_dtype)ldt, ls0, ls1, ptr_of(wsp),
+                              (size_t)wsn);
     Py_END_ALLOW_THREADS
     if (st != DS_OK)
         return raise_status(st);
@@ -301,10 +321,24 @@ static PyMethodDef methods[] = {
      "importance_check(device, stream, args, weighted, accum, counts, 0, 0) -> workspace bytes"},
     {"importance", py_importance, METH_VARARGS,
      "importance(device, stream, args, weighted, accum, counts, ws, ws_size)"},
+    {"blas_forget_refusals", py_blas_forget_refusals, METH_NOARGS,
+     "blas_forget_refusals(): try the grouped cuBLAS call again for dtypes it refused"},
+    {"route_workspace_size", py_route_workspace_size, METH_NOARGS,
+     "route_workspace_size() -> bytes of device workspace route_levels needs"},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "dualsparse._C_cuda",
+/* The tests build the same binding over the host emulation of csrc/cuda
+ * (csrc/cuda/emu) as the module _C_cuda_emu. */
+#ifdef DS_CUDA_EMULATE
+#define DS_CUDA_MODULE_NAME "_C_cuda_emu"
+#define DS_CUDA_MODULE_INIT PyInit__C_cuda_emu
+#else
+#define DS_CUDA_MODULE_NAME "dualsparse._C_cuda"
+#define DS_CUDA_MODULE_INIT PyInit__C_cuda
+#endif
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, DS_CUDA_MODULE_NAME,
                                        "dualsparse CUDA module", -1, methods,
                                        NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__C_cuda(void) { return PyModule_Create(&moduledef); }
+PyMODINIT_FUNC DS_CUDA_MODULE_INIT(void) { return PyModule_Create(&moduledef); }

@@ -23,10 +23,12 @@ _ENGINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _cuda_usable() -> bool:
     """CUDA tensors run in dualsparse._C_cuda when it is built, sees a device
-    and found cuBLAS; otherwise the torch fallback (torch_experts) runs."""
+    and found cuBLAS, and no CUDA graph is being captured (its ops
+    synchronise once per call); otherwise the torch fallback (torch_experts)
+    runs."""
     from .. import cuda
 
-    return cuda.available()[0]
+    return cuda.available()[0] and not torch.cuda.is_current_stream_capturing()
 
 
 def _patched_class(orig: type, impl, kind: str) -> type:
