@@ -157,7 +157,7 @@ def route_levels(topk_weights, thresholds, *, normalize: bool = True, dtype: str
         levels = np.empty(topk_weights.shape, dtype=dtype)
     else:
         raise TypeError(f"route_levels: topk_weights must be a torch tensor or a NumPy array; got {type(topk_weights).__name__}")
-    if _is_torch(topk_weights) and topk_weights.device.type != "cpu":
+    if _is_torch(topk_weights) and topk_weights.device.type not in ("cpu", "meta"):  # meta: the binding's error
         from . import cuda
 
         if _is_cuda(topk_weights) and cuda.available()[0]:
