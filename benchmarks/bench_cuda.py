@@ -99,7 +99,9 @@ def main():
         hf = {}
         if not a.no_hf:
             try:
-                hf = hf5_impls(torch, spec, gu, dn)
+                from bench_experts import hf5_impls  # the same construction as the CPU benchmark
+
+                hf = hf5_impls(torch, spec, dtype, gu, dn, cuda=True)[1]
             except Exception as exc:  # noqa: BLE001 - reported, the rest still runs
                 meta.setdefault("hf_errors", {})[name] = f"{type(exc).__name__}: {exc}"[:300]
                 print(f"# {name}: transformers experts unavailable: {meta['hf_errors'][name]}")
@@ -229,39 +231,6 @@ def torch_grouped_mm_impl(torch, gu, dn):
         return out.to(x.dtype)
 
     return run
-
-
-def hf5_impls(torch, spec, gu, dn):
-    """The transformers 5.x Experts module of the shape (parameters pointed at
-    the same tensors) and its ExpertsInterface implementations."""
-    try:
-        from transformers.integrations import moe as hfmoe
-    except ImportError:
-        return {}
-    H, I, E, K = spec["H"], spec["I"], spec["E"], spec["K"]
-    if spec["model"].startswith("Mixtral"):
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralExperts as Cls
-
-        cfg = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K,
-                            hidden_act="silu")
-    else:
-        from transformers import OlmoeConfig
-        from transformers.models.olmoe.modeling_olmoe import OlmoeExperts as Cls
-
-        cfg = OlmoeConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=K,
-                          hidden_act="silu", norm_topk_prob=False)
-    with torch.device("meta"):
-        mod = Cls(cfg)
-    mod.gate_up_proj = torch.nn.Parameter(gu, requires_grad=False)
-    mod.down_proj = torch.nn.Parameter(dn, requires_grad=False)
-    mod.eval()
-    eager = getattr(Cls.forward, "__wrapped__", None) or Cls.forward
-    impls = {"hf5_eager": lambda x, ids, w: eager(mod, x, ids, w)}
-    for n in hfmoe.ALL_EXPERTS_FUNCTIONS.keys():
-        fn = hfmoe.ALL_EXPERTS_FUNCTIONS.get_interface(n, eager)
-        impls[f"hf5_{n}"] = (lambda f: (lambda x, ids, w: f(mod, x, ids, w)))(fn)
-    return impls
 
 
 if __name__ == "__main__":

@@ -474,10 +474,11 @@ class Impl:
         return total
 
 
-def hf5_impls(torch, spec, dtype, gu, dn):
+def hf5_impls(torch, spec, dtype, gu, dn, cuda: bool = False):
     """transformers 5.x: the model's Experts module (built on the meta device
     from a config with the real sizes, its parameters then pointed at the
-    engine's tensors) and its ExpertsInterface implementations."""
+    engine's tensors) and its ExpertsInterface implementations (those that
+    need CUDA only when `cuda`; bench_cuda.py uses this too)."""
     from transformers.integrations import moe as hfmoe
 
     H, I, E, K = spec["H"], spec["I"], spec["E"], spec["K"]
@@ -504,11 +505,12 @@ def hf5_impls(torch, spec, dtype, gu, dn):
         cfg._experts_implementation = "eager"
         eager = Cls.forward
     impls = {"hf5_eager": lambda x, ids, w: eager(mod, x, ids, w)}
-    names = [n for n in hfmoe.ALL_EXPERTS_FUNCTIONS.keys() if n not in HF_CUDA_ONLY]
+    names = [n for n in hfmoe.ALL_EXPERTS_FUNCTIONS.keys() if cuda or n not in HF_CUDA_ONLY]
     for n in names:
         fn = hfmoe.ALL_EXPERTS_FUNCTIONS.get_interface(n, eager)
         impls[f"hf5_{n}"] = (lambda f: (lambda x, ids, w: f(mod, x, ids, w)))(fn)
-    return mod, impls, {"cuda_only_not_run": [n for n in hfmoe.ALL_EXPERTS_FUNCTIONS.keys() if n in HF_CUDA_ONLY],
+    return mod, impls, {"cuda_only_not_run": [n for n in hfmoe.ALL_EXPERTS_FUNCTIONS.keys()
+                                              if n in HF_CUDA_ONLY and not cuda],
                         "experts_class": f"{Cls.__module__}.{Cls.__name__}"}
 
 
