@@ -71,14 +71,19 @@ def main():
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits
     err = (out - ref).abs().max().item()
+    # each rank writes its lines in one write (atomic on a pipe below 4 KiB),
+    # so the ranks' outputs never interleave mid-line
+    lines = []
     if rank == 0:
-        print(f"{world} ranks, sub_experts={args.sub_experts}, T_max={args.t_max}")
+        lines.append(f"{world} ranks, sub_experts={args.sub_experts}, T_max={args.t_max}")
         for name, st in (("uniform", uniform), ("ratio", aware), ("fill", fill)):
             if st is None:
                 continue
-            print(f"  {name:10s}: drop {st.drop_rate:.1%}, load after per rank {st.load_after.sum(0).round(1)}, "
-                  f"max/mean per layer {st.max_load_ratio_after.round(3)}")
-    print(f"  rank {rank}: max |EP logits - single-process logits| = {err:.2e}", flush=True)
+            lines.append(f"  {name:10s}: drop {st.drop_rate:.1%}, load after per rank "
+                         f"{st.load_after.sum(0).round(1)}, max/mean per layer {st.max_load_ratio_after.round(3)}")
+    lines.append(f"  rank {rank}: max |EP logits - single-process logits| = {err:.2e}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
     dist.destroy_process_group()
 
 
