@@ -358,11 +358,11 @@ def route_levels(topk_weights, thresholds, normalize: bool, levels, *, _module=N
     if T == 0:
         return
     _not_capturing("route_levels", topk_weights)
-    ws, wsp = _workspace(m.route_workspace_size(), topk_weights)
+    nbytes = int(m.route_workspace_size())
+    ws, wsp = _workspace(nbytes, topk_weights)
     m.route_levels(_device_index(topk_weights), _stream(topk_weights), _ptr(topk_weights), _dt(topk_weights),
                    T, K, topk_weights.stride(0), topk_weights.stride(1), [float(t) for t in thresholds],
-                   bool(normalize), _ptr(levels), _dt(levels), levels.stride(0), levels.stride(1), wsp,
-                   int(m.route_workspace_size()))
+                   bool(normalize), _ptr(levels), _dt(levels), levels.stride(0), levels.stride(1), wsp, nbytes)
 
 
 def moe_experts(x, ids, tw, gu, dn, levels, P: int, out, *, _module=None):
@@ -428,14 +428,14 @@ def neuron_importance(x, ids, gu, accum, tw, counts, *, _module=None):
 
     rest = (_ptr(accum), _ptr(counts))
     args = pack(0, T)
-    m.importance_check(0, 0, args, weighted, *rest, 0, 0)
+    nbytes = m.importance_check(0, 0, args, weighted, *rest, 0, 0)
     if T == 0:
         return accum
     _not_capturing(fn, x)
     rows = _chunk_rows(T, lambda n: m.importance_check(0, 0, (n, *args[1:]), weighted, *rest, 0, 0))
     for i in range(0, T, rows):
         part = args if rows == T else pack(i, min(T, i + rows))
-        ws, wsp = _workspace(m.importance_check(0, 0, part, weighted, *rest, 0, 0), x)
+        ws, wsp = _workspace(nbytes if rows == T else m.importance_check(0, 0, part, weighted, *rest, 0, 0), x)
         m.importance(_device_index(x), _stream(x), part, weighted, *rest, wsp,
                      int(ws.numel()) - (wsp - ws.data_ptr()))
     return accum

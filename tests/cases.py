@@ -246,3 +246,16 @@ def assert_same_error(fn_a, fn_b):
     with pytest.raises(Exception) as b:
         fn_b()
     assert type(b.value) is type(a.value) and str(b.value) == str(a.value), (str(a.value), str(b.value))
+
+
+#: Threshold sets of the route_levels comparisons (1T, 2T, 127 partitions).
+ROUTE_THRESHOLDS = ([0.125], [0.1, 0.125], list(np.linspace(0, 1, 127)))
+
+
+def route_weights(dtype: str, seed: int = 3) -> torch.Tensor:
+    """(301, 8) positive routing weights in `dtype`; row 0 all ones, so that
+    normalised scores fall exactly on the 0.125 threshold."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.rand(301, 8, generator=g) + 1e-3).to(getattr(torch, dtype))
+    w[0] = 1.0
+    return w

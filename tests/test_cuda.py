@@ -138,7 +138,7 @@ from dualsparse import ops  # noqa: E402
 
 import reference as R  # noqa: E402
 from cases import (CASE_IDS, CASES_BY_ID, SMALL_CASE_IDS, assert_moe_close, assert_same_bits,  # noqa: E402
-                   assert_same_error, build)  # noqa: E402
+                   ROUTE_THRESHOLDS, assert_same_error, build, route_weights)  # noqa: E402
 
 
 def test_cuda_import_needs_no_cuda_libraries(cuda_module):
@@ -360,10 +360,8 @@ def test_cuda_value_errors_match_cpu(gpu):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
 @pytest.mark.parametrize("out_dtype", ["int8", "int32"])
 def test_cuda_route_levels_equal_cpu(gpu, normalize, dtype, out_dtype):
-    g = torch.Generator().manual_seed(3)
-    w = (torch.rand(301, 8, generator=g) + 1e-3).to(getattr(torch, dtype))
-    w[0] = 1.0  # exact boundaries
-    for thr in ([0.125], [0.1, 0.125], list(np.linspace(0, 1, 127))):
+    w = route_weights(dtype)
+    for thr in ROUTE_THRESHOLDS:
         cpu = ops.route_levels(w, thr, normalize=normalize, dtype=out_dtype)
         dev = ops.route_levels(w.to(gpu), thr, normalize=normalize, dtype=out_dtype)
         assert dev.device == gpu
@@ -424,11 +422,9 @@ def test_cuda_patched_model_uses_cuda_ops(gpu, monkeypatch, family):
 def test_route_levels_torch_fallback_equals_engine(normalize, dtype):
     """The torch implementation that runs where the C engine cannot read the
     tensor gives the engine's levels bit for bit (run here on CPU tensors)."""
-    g = torch.Generator().manual_seed(11)
-    w = (torch.rand(301, 8, generator=g) + 1e-3).to(getattr(torch, dtype))
-    w[0] = 1.0  # exact boundaries
+    w = route_weights(dtype, seed=11)
     w[1, :4] = 0.25
-    for thr in ([0.125], [0.1, 0.125], list(np.linspace(0, 1, 127)), [0.25, 0.25]):
+    for thr in (*ROUTE_THRESHOLDS, [0.25, 0.25]):
         for out_dtype in ("int8", "int32"):
             want = ops.route_levels(w, thr, normalize=normalize, dtype=out_dtype)
             got = torch.full(w.shape, -3, dtype=getattr(torch, out_dtype))

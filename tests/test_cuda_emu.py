@@ -20,7 +20,7 @@ from dualsparse import ops
 import cuda_emu
 import reference as R
 from cases import (CASE_IDS, CASES_BY_ID, SMALL_CASE_IDS, assert_moe_close, assert_same_bits,
-                   assert_same_error, build)
+                   ROUTE_THRESHOLDS, assert_same_error, build, route_weights)
 
 HERE = Path(__file__).resolve().parent
 
@@ -276,10 +276,8 @@ def _route(emu, w, thr, normalize=True, dtype="int8"):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
 @pytest.mark.parametrize("out_dtype", ["int8", "int32"])
 def test_emu_route_levels_equal_cpu(emu, normalize, dtype, out_dtype):
-    g = torch.Generator().manual_seed(3)
-    w = (torch.rand(301, 8, generator=g) + 1e-3).to(getattr(torch, dtype))
-    w[0] = 1.0  # exact boundaries
-    for thr in ([0.125], [0.1, 0.125], list(np.linspace(0, 1, 127))):
+    w = route_weights(dtype)
+    for thr in ROUTE_THRESHOLDS:
         want = ops.route_levels(w, thr, normalize=normalize, dtype=out_dtype)
         assert torch.equal(_route(emu, w, thr, normalize, out_dtype), want), thr
     assert torch.equal(_route(emu, w.t(), [0.1]), ops.route_levels(w.t(), [0.1]))

@@ -817,6 +817,16 @@ static void down_gemms(const ds_cuda_moe_args *a, const Plan &plan, char *ws, co
     }
 }
 
+/* The expert ops' workspace: `need` bytes, 256-byte aligned (cuBLAS' slice
+ * of it must be). */
+static ds_status check_workspace(const char *fn, const void *workspace, size_t size, size_t need)
+{
+    if (workspace == NULL || size < need || ((uintptr_t)workspace & 255))
+        return ds_cuda_error(DS_ERR_VALUE, "%s: workspace must be %zu bytes of 256-byte aligned device memory; "
+                             "got %zu bytes at %p", fn, need, size, workspace);
+    return DS_OK;
+}
+
 /* ---- moe_experts ------------------------------------------------------------- */
 
 extern "C" ds_status ds_cuda_moe_experts(int device, void *stream_, const ds_cuda_moe_args *a,
@@ -830,9 +840,8 @@ extern "C" ds_status ds_cuda_moe_experts(int device, void *stream_, const ds_cud
     if (a->T == 0)
         return DS_OK;
     const Layout L = layout(a, a->P, 1);
-    if (workspace == NULL || workspace_size < L.end || ((uintptr_t)workspace & 255))
-        return ds_cuda_error(DS_ERR_VALUE, "%s: workspace must be %zu bytes of 256-byte aligned device memory; "
-                             "got %zu bytes at %p", fn, L.end, workspace_size, workspace);
+    if ((st = check_workspace(fn, workspace, workspace_size, L.end)) != DS_OK)
+        return st;
     DeviceGuard guard(device);
     CU(guard.err, "moe_experts: cudaSetDevice");
     cudaStream_t stream = (cudaStream_t)stream_;
@@ -894,9 +903,8 @@ extern "C" ds_status ds_cuda_importance(int device, void *stream_, const ds_cuda
     if (a->m.T == 0)
         return DS_OK;
     const Layout L = layout(&a->m, 1, 0);
-    if (workspace == NULL || workspace_size < L.end || ((uintptr_t)workspace & 255))
-        return ds_cuda_error(DS_ERR_VALUE, "%s: workspace must be %zu bytes of 256-byte aligned device memory; "
-                             "got %zu bytes at %p", fn, L.end, workspace_size, workspace);
+    if ((st = check_workspace(fn, workspace, workspace_size, L.end)) != DS_OK)
+        return st;
     DeviceGuard guard(device);
     CU(guard.err, "importance: cudaSetDevice");
     cudaStream_t stream = (cudaStream_t)stream_;
