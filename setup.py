@@ -1,11 +1,17 @@
 """Build of dualsparse's C extensions.
 
 dualsparse._C       always: csrc/core (C11) + csrc/python, NumPy C API.
-dualsparse._C_cuda  when nvcc is found: csrc/cuda (nvcc) + its binding.
+dualsparse._C_cuda  when nvcc and an NVIDIA driver are found: csrc/cuda (nvcc)
+                    + its binding, linked to the shared CUDA runtime.
 
 Environment switches:
-  DUALSPARSE_CUDA=auto|0|1     build the CUDA module when nvcc is found (auto,
-                               default), never (0), or fail without it (1)
+  DUALSPARSE_CUDA=auto|0|1     auto (default): build the CUDA module when nvcc is
+                               found AND the machine has an NVIDIA driver
+                               (/proc/driver/nvidia/version exists or
+                               libcuda.so.1 loads), and, when torch is
+                               importable with CUDA, nvcc's CUDA major version
+                               is torch's; 0: never; 1: always (fails without
+                               nvcc or with a CUDA major other than torch's)
   DUALSPARSE_CUDA_ARCHS="80 90"  compute capabilities (PTX of the last is added)
   DUALSPARSE_DEBUG=1           -O0 -g and the core's debug asserts
   DUALSPARSE_SANITIZE=address,undefined   sanitizer build (load the sanitizer
@@ -13,7 +19,9 @@ Environment switches:
   DUALSPARSE_CFLAGS="..."      extra compiler flags (e.g. -march=native; never
                                the default: SIMD paths are chosen at run time)
 """
+import ctypes
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -60,16 +68,51 @@ def _find_nvcc():
 
 
 def _cuda_libdir(nvcc):
-    """The folder holding libcudart_static.a (nvcc may be a wrapper script
-    outside the toolkit, so several homes are tried)."""
+    """The folder holding the toolkit's libcudart.so (nvcc may be a wrapper
+    script outside the toolkit, so several homes are tried)."""
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
              str(Path(nvcc).resolve().parent.parent), "/usr/local/cuda"]
     for home in filter(None, homes):
         for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
             cand = Path(home) / sub
-            if (cand / "libcudart_static.a").exists():
+            if (cand / "libcudart.so").exists():
                 return cand
-    raise RuntimeError(f"libcudart_static.a not found under {homes}; set CUDA_HOME")
+    raise RuntimeError(f"libcudart.so not found under {homes}; set CUDA_HOME")
+
+
+def _nvcc_version(nvcc):
+    """(major, minor) of nvcc's CUDA release, e.g. (13, 0)."""
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    if not found:
+        raise RuntimeError(f"cannot read the CUDA release from `{nvcc} --version`: {out.strip()[-200:]}")
+    return int(found.group(1)), int(found.group(2))
+
+
+def _torch_cuda():
+    """torch.version.cuda of the torch importable here, None without torch
+    or for a CPU build (in an isolated pip build torch is usually absent:
+    dualsparse.cuda then checks the match when the module is loaded)."""
+    try:
+        res = subprocess.run([sys.executable, "-c", "import torch; print(torch.version.cuda or '')"],
+                             capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    v = res.stdout.strip().splitlines()[-1:] if res.returncode == 0 else []
+    return v[0] if v and v[0] else None
+
+
+def _nvidia_driver():
+    """Where an NVIDIA driver was found ("" when none): its /proc entry (a
+    loaded kernel module) or a loadable libcuda.so.1 (the user-space driver,
+    e.g. in containers and WSL, which have no /proc entry)."""
+    if os.path.exists("/proc/driver/nvidia/version"):
+        return "/proc/driver/nvidia/version"
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return "libcuda.so.1"
+    except OSError:
+        return ""
 
 
 def _c_string(s):
@@ -87,7 +130,8 @@ class BuildExt(build_ext):
             raise SystemExit(f"DUALSPARSE_CUDA must be auto, 0 or 1; got {mode!r}")
         cuda_exts = [e for e in self.extensions if e.name.endswith("_C_cuda")]
         core_exts = [e for e in self.extensions if not e.name.endswith("_C_cuda")]
-        nvcc = _find_nvcc()
+        nvcc = _find_nvcc() if mode != "0" else None
+        driver = _nvidia_driver() if mode == "auto" and nvcc else ""
         if mode == "0":
             status = "not built: disabled by DUALSPARSE_CUDA=0"
             cuda_exts = []
@@ -96,8 +140,32 @@ class BuildExt(build_ext):
                 raise SystemExit("DUALSPARSE_CUDA=1 but nvcc was not found (set NVCC or CUDA_HOME)")
             status = "not built: nvcc not found at build time (DUALSPARSE_CUDA=auto)"
             cuda_exts = []
+        elif mode == "auto" and not driver:
+            status = ("not built: no NVIDIA driver on the build machine (no /proc/driver/nvidia/version, "
+                      "libcuda.so.1 does not load; DUALSPARSE_CUDA=auto; DUALSPARSE_CUDA=1 builds it anyway)")
+            cuda_exts = []
         else:
-            status = f"built with {nvcc}"
+            status = ""
+        if cuda_exts:
+            try:
+                major, minor = _nvcc_version(nvcc)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                if mode == "1":
+                    raise SystemExit(f"DUALSPARSE_CUDA=1: {exc}")
+                status, cuda_exts = f"not built: {exc}", []
+        if cuda_exts:
+            torch_cuda = _torch_cuda()
+            if torch_cuda and int(torch_cuda.split(".")[0]) != major:
+                msg = (f"nvcc ({nvcc}) is CUDA {major}.{minor} but torch uses CUDA {torch_cuda}: the module must "
+                       f"use torch's CUDA runtime; set CUDA_HOME (or NVCC) to a CUDA {torch_cuda.split('.')[0]} "
+                       "toolkit")
+                if mode == "1":
+                    raise SystemExit(f"DUALSPARSE_CUDA=1: {msg}")
+                status, cuda_exts = f"not built: {msg}", []
+        if cuda_exts:
+            archs = os.environ.get("DUALSPARSE_CUDA_ARCHS", "80 90").split()
+            status = (f"built with {nvcc} (CUDA {major}.{minor}, runtime libcudart.so.{major}, archs "
+                      f"{' '.join(f'sm_{a}' for a in archs)} compute_{archs[-1]})")
         built_cuda = []
         for ext in cuda_exts:
             try:
@@ -149,9 +217,11 @@ class BuildExt(build_ext):
         ext.extra_objects = objs + ext.extra_objects
         ext.depends = list(ext.depends) + cu  # a changed .cu relinks the module
         ext.library_dirs.append(str(_cuda_libdir(nvcc)))
-        # cudart is linked statically: importing the module needs no CUDA
-        # libraries on the machine, and a missing driver is reported at call time.
-        ext.libraries += ["cudart_static", "rt", "dl", "pthread", "stdc++"]
+        # The shared CUDA runtime (libcudart.so.<major>), no rpath: dualsparse.cuda
+        # loads torch's copy of it before importing the module, so the process
+        # has one CUDA runtime (a static one would be a second, and would need
+        # a driver as new as the toolkit that built it).
+        ext.libraries += ["cudart", "dl", "pthread", "stdc++"]
         self.build_extension(ext)
 
 

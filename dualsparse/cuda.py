@@ -14,16 +14,28 @@ and reported after the one synchronisation, with the same messages.
 cuBLAS is not linked: it is loaded at first use with ``dlopen``, from (in
 order) the copy already loaded in this process (torch's), torch's bundled
 NVIDIA wheels (``site-packages/nvidia/cublas/lib``), ``torch/lib``, then the
-system's ``libcublas.so.<N>``.  :func:`available` says why the path is not
-usable (no module, no device, driver too old for the module's runtime, no
-cuBLAS); callers that have a fallback (the patched HF models) use it.
+system's ``libcublas.so.<N>``.  The GEMMs run on torch's cuBLAS handle of the
+calling thread (``torch.cuda.current_blas_handle()``, bound to torch's current
+stream, with the workspace torch gave it) and the module's scratch comes from
+torch's caching allocator: nothing is created or kept per thread or per call.
+
+The module links the CUDA runtime dynamically (``libcudart.so.<major>`` of the
+toolkit that built it).  :func:`module` loads torch's copy of that runtime
+first, so the process has one CUDA runtime, and refuses a module built for
+another CUDA major version than torch's.  :func:`available` says why the path
+is not usable (no module, a module for another CUDA version, no driver, a
+driver too old for the runtime, no device, a GPU the module has no code for,
+no cuBLAS); callers that have a fallback (the patched HF models) use it.
 """
 from __future__ import annotations
 
+import ctypes
 import glob
+import importlib.util
 import os
+import re
 import threading
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 _DS_DTYPES = {"float32": 0, "bfloat16": 1, "float16": 2, "float64": 3, "int8": 4, "uint8": 5,
               "int16": 6, "int32": 7, "int64": 8}
@@ -47,13 +59,159 @@ def _dt_name(t) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-def module():
-    """``dualsparse._C_cuda`` or None (see :func:`available` for why)."""
+def _module_file() -> Optional[str]:
+    try:
+        spec = importlib.util.find_spec(f"{__package__}._C_cuda")
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.origin and os.path.exists(spec.origin) else None
+
+
+def runtime_major(path: str) -> Optional[int]:
+    """The CUDA major version whose runtime (``libcudart.so.<N>``) the module
+    file at ``path`` needs, None when it names none (a static runtime)."""
+    with open(path, "rb") as f:
+        found = re.search(rb"libcudart\.so\.(\d+)", f.read())
+    return int(found.group(1)) if found else None
+
+
+def _torch_cuda_major() -> Optional[int]:
+    try:
+        v = _torch().version.cuda
+    except Exception:  # noqa: BLE001 - torch is optional here
+        return None
+    return int(v.split(".")[0]) if v else None
+
+
+def runtime_candidates(major: int) -> List[str]:
+    """Where ``libcudart.so.<major>`` is looked for, in order: a copy already
+    mapped into this process (torch's), torch's NVIDIA wheels, ``torch/lib``,
+    the toolkit (CUDA_HOME, /usr/local/cuda), then the bare soname (the
+    system's loader)."""
+    name = f"libcudart.so.{major}"
+    cands: List[str] = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                p = line.split()[-1] if line.strip() else ""
+                if os.path.basename(p) == name and p not in cands:
+                    cands.append(p)
+    except OSError:
+        pass
+    roots = []
+    try:
+        import nvidia  # torch's NVIDIA wheels (namespace package)
+
+        for base in list(getattr(nvidia, "__path__", [])):
+            roots += [os.path.join(base, "cuda_runtime", "lib"), os.path.join(base, f"cu{major}", "lib")]
+    except ImportError:
+        pass
+    try:
+        roots.append(os.path.join(os.path.dirname(_torch().__file__), "lib"))
+    except Exception:  # noqa: BLE001 - torch is optional here
+        pass
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            roots += [os.path.join(home, "lib64"), os.path.join(home, "lib"),
+                      os.path.join(home, "targets", "x86_64-linux", "lib"),
+                      os.path.join(home, "targets", "sbsa-linux", "lib")]
+    for root in roots:
+        p = os.path.join(root, name)
+        if os.path.exists(p) and p not in cands:
+            cands.append(p)
+    cands.append(name)
+    return cands
+
+
+def _load_runtime(major: int) -> None:
+    """Loads the first loadable ``libcudart.so.<major>`` of
+    :func:`runtime_candidates` (a no-op for one already loaded), so that the
+    module's dependency on that soname resolves to it."""
+    errors = []
+    for cand in runtime_candidates(major):
+        try:
+            ctypes.CDLL(cand, mode=getattr(os, "RTLD_GLOBAL", 0))
+            return
+        except OSError as exc:
+            errors.append(f"{cand} ({exc})")
+    raise ImportError(f"the CUDA {major} runtime libcudart.so.{major} was not found: tried " + "; ".join(errors)
+                      + f". Install torch with its CUDA {major} wheels or put the CUDA {major} toolkit's lib64 on "
+                      "LD_LIBRARY_PATH")
+
+
+def _import_module():
+    """(module or None, why not)."""
+    path = _module_file()
+    if path is None:
+        return None, ""
+    try:
+        major = runtime_major(path)
+    except OSError as exc:
+        return None, f"cannot read {path}: {exc}"
+    if major is not None:
+        torch_major = _torch_cuda_major()  # imports torch first: its runtime is then the one loaded
+        if torch_major is not None and torch_major != major:
+            return None, (f"dualsparse._C_cuda was built with CUDA {major} but torch uses CUDA "
+                          f"{_torch().version.cuda}; two CUDA runtimes cannot share the process: rebuild "
+                          f"dualsparse with a CUDA {torch_major} toolkit (CUDA_HOME=..., DUALSPARSE_CUDA=1)")
+        try:
+            _load_runtime(major)
+        except ImportError as exc:
+            return None, str(exc)
     try:
         from . import _C_cuda
-    except ImportError:
-        return None
-    return _C_cuda
+    except ImportError as exc:
+        return None, f"importing dualsparse._C_cuda failed: {exc}"
+    return _C_cuda, ""
+
+
+_module_state: dict = {}
+
+
+def module():
+    """``dualsparse._C_cuda`` or None (see :func:`available` for why)."""
+    with _lock:
+        if "module" not in _module_state:
+            m, why = _import_module()
+            _module_state.update(module=m, why=why)
+        return _module_state["module"]
+
+
+def module_error() -> str:
+    """Why :func:`module` returned None ("" when it did not, or when the
+    module was not built: then ``_C.build_info()['cuda']`` says why)."""
+    module()
+    return _module_state.get("why", "")
+
+
+_ARCH = re.compile(r"^(sm|compute)_(\d+)([af]?)$")
+
+
+def arch_supported(archs: str, capability) -> Tuple[bool, str]:
+    """Whether code built for ``archs`` (e.g. "sm_80 sm_90 compute_90") runs
+    on a GPU of compute capability ``capability`` = (major, minor): a cubin
+    sm_XY runs on GPUs X.y with y >= Y; PTX compute_XY is compiled by the
+    driver for any GPU of capability >= X.Y; the arch-specific sm_XYa /
+    compute_XYa only on X.Y.  Archs that are not CUDA's (the tests'
+    emulation) are not checked."""
+    major, minor = int(capability[0]), int(capability[1])
+    cc = major * 10 + minor
+    parsed = [_ARCH.match(a) for a in archs.split()]
+    if not parsed or not all(parsed):
+        return True, ""
+    for mt in parsed:
+        kind, v, suffix = mt.group(1), int(mt.group(2)), mt.group(3)
+        if suffix:
+            ok = v == cc
+        elif kind == "sm":
+            ok = v // 10 == major and v <= cc
+        else:
+            ok = v <= cc
+        if ok:
+            return True, ""
+    return False, (f"the GPU has compute capability {major}.{minor}, for which dualsparse._C_cuda carries no code "
+                   f"(built for {archs}: a cubin sm_XY runs on GPUs X.Y and newer of the same major version, PTX "
+                   f"compute_XY on any GPU from X.Y up); rebuild it with DUALSPARSE_CUDA_ARCHS=\"{major}{minor}\"")
 
 
 def blas_candidates() -> List[str]:
@@ -100,14 +258,16 @@ def _load_blas(m) -> Tuple[bool, str]:
 
 
 def available(device=None) -> Tuple[bool, str]:
-    """(usable, reason): whether CUDA tensors can run through ``_C_cuda``."""
+    """(usable, reason): whether CUDA tensors on ``device`` (default: torch's
+    current CUDA device) can run through ``_C_cuda``."""
+    m = module()
     with _lock:
         if "ok" not in _state:
-            m = module()
             if m is None:
                 from . import _C
 
-                _state.update(ok=False, reason=f"dualsparse._C_cuda is not available ({_C.build_info()['cuda']})")
+                why = _module_state.get("why") or _C.build_info()["cuda"]
+                _state.update(ok=False, reason=f"dualsparse._C_cuda is not available ({why})")
             else:
                 st = m.status()
                 if st["device_count"] == 0:
@@ -121,14 +281,53 @@ def available(device=None) -> Tuple[bool, str]:
                         pass
                     ok, why = _load_blas(m)
                     _state.update(ok=ok, reason="" if ok else why, blas=why if ok else "")
-        return _state["ok"], _state["reason"]
+        if not _state["ok"]:
+            return False, _state["reason"]
+    return _device_supported(m, device)
 
 
-def require(fn: str):
-    ok, reason = available()
+def _device_supported(m, device) -> Tuple[bool, str]:
+    """The GPU's compute capability against the module's code (cached per
+    device)."""
+    try:
+        torch = _torch()
+        if not torch.cuda.is_available():
+            return True, ""  # nothing to check against; the module's device count said yes
+        if device is None:
+            idx = torch.cuda.current_device()
+        else:
+            d = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+            if d.type != "cuda":
+                return True, ""
+            idx = torch.cuda.current_device() if d.index is None else d.index
+        key = ("arch", idx)
+        if key not in _state:
+            cap = torch.cuda.get_device_capability(idx)
+            ok, why = arch_supported(m.status()["archs"], cap)
+            if not ok:
+                why = f"cuda:{idx} ({torch.cuda.get_device_name(idx)}): {why}"
+            _state[key] = (ok, why)
+        return _state[key]
+    except Exception as exc:  # noqa: BLE001 - a failing query is a reason, not a crash
+        return False, f"cannot read the GPU's compute capability: {exc}"
+
+
+def require(fn: str, device=None):
+    ok, reason = available(device)
     if not ok:
         raise RuntimeError(f"{fn}: CUDA tensors need the CUDA module, which is not usable: {reason}")
     return module()
+
+
+def _blas_handle(m, t) -> int:
+    """torch's cuBLAS handle of t's device for the calling thread, bound to
+    torch's current stream of that device (what _stream(t) passes); for the
+    tests' CPU tensors, the host emulation's stand-in."""
+    if t.device.type == "cuda":
+        torch = _torch()
+        with torch.cuda.device(t.device):
+            return int(torch.cuda.current_blas_handle())
+    return int(m.emu_blas_handle(0))
 
 
 def _stream(t) -> int:
@@ -345,7 +544,7 @@ def _device_index(t) -> int:
 # ------------------------------------------------------------------- ops
 
 def route_levels(topk_weights, thresholds, normalize: bool, levels, *, _module=None) -> None:
-    m = _module or require("route_levels")
+    m = _module or require("route_levels", topk_weights.device)
     if not 1 <= len(thresholds) <= 127:
         raise ValueError(f"route_levels: thresholds must hold 1 to 127 values; got {len(thresholds)}")
     if topk_weights.dim() != 2:
@@ -369,7 +568,7 @@ def moe_experts(x, ids, tw, gu, dn, levels, P: int, out, *, _module=None):
     """out (T, H) on x's device; see ops.moe_experts.  (``_module``: the
     tests pass their host emulation of the CUDA module with CPU tensors.)"""
     fn = "moe_experts"
-    m = _module or require(fn)
+    m = _module or require(fn, x.device)
     if out is None:
         out = _torch().empty(x.shape, dtype=x.dtype, device=x.device) if x.dim() == 2 else None
     args = moe_args(x, ids, tw, gu, dn, levels, P, out, fn)
@@ -384,13 +583,14 @@ def moe_experts(x, ids, tw, gu, dn, levels, P: int, out, *, _module=None):
         part = (args if rows == T else
                 moe_args(x[i:j], ids[i:j], None if tw is None else tw[i:j], gu, dn, None if levels is None else levels[i:j], P, out[i:j], fn))
         ws, wsp = _workspace(nbytes if rows == T else m.moe_check(part), x)
-        m.moe_experts(_device_index(x), _stream(x), part, wsp, int(ws.numel()) - (wsp - ws.data_ptr()))
+        m.moe_experts(_device_index(x), _stream(x), _blas_handle(m, x), part, wsp,
+                      int(ws.numel()) - (wsp - ws.data_ptr()))
     return out
 
 
 def neuron_importance(x, ids, gu, accum, tw, counts, *, _module=None):
     fn = "importance"
-    m = _module or require(fn)
+    m = _module or require(fn, x.device)
     torch = _torch()
     _same_device(fn, x, topk_ids=ids, gate_up_proj=gu, accum=accum, topk_weights=tw, counts=counts)
     if gu.dim() != 3 or gu.shape[1] % 2:
@@ -436,7 +636,7 @@ def neuron_importance(x, ids, gu, accum, tw, counts, *, _module=None):
     for i in range(0, T, rows):
         part = args if rows == T else pack(i, min(T, i + rows))
         ws, wsp = _workspace(nbytes if rows == T else m.importance_check(0, 0, part, weighted, *rest, 0, 0), x)
-        m.importance(_device_index(x), _stream(x), part, weighted, *rest, wsp,
+        m.importance(_device_index(x), _stream(x), _blas_handle(m, x), part, weighted, *rest, wsp,
                      int(ws.numel()) - (wsp - ws.data_ptr()))
     return accum
 
@@ -451,5 +651,5 @@ def moe_workspace_size(T: int, K: int, E: int, I: int, H: int, P: int = 1, dtype
     return int(m.moe_check(args))
 
 
-__all__ = ["available", "require", "module", "blas_candidates", "moe_args", "moe_workspace_size",
-           "route_levels", "moe_experts", "neuron_importance"]
+__all__ = ["available", "require", "module", "module_error", "blas_candidates", "runtime_candidates", "runtime_major",
+           "arch_supported", "moe_args", "moe_workspace_size", "route_levels", "moe_experts", "neuron_importance"]

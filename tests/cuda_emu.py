@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 SOURCES = [CSRC / "cuda" / "ds_cuda.cu", CSRC / "cuda" / "ds_cuda_moe.cu", CSRC / "cuda" / "emu" / "cuda_emu.cpp"]
 C_SOURCES = [CSRC / "python" / "cuda_module.c"]
-HEADERS = [CSRC / "cuda" / "ds_cuda.h", CSRC / "cuda" / "ds_cuda_internal.h", CSRC / "cuda" / "emu" / "cuda_emu.h",
+HEADERS = [CSRC / "cuda" / "ds_cuda.h", CSRC / "cuda" / "ds_cuda_internal.h", CSRC / "cuda" / "emu" / "cuda_emu.h", CSRC / "cuda" / "emu" / "cuda_emu_hooks.h",
            CSRC / "core" / "ds_core.h"]
 
 SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]

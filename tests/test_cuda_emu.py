@@ -41,7 +41,7 @@ def env(monkeypatch):
                 monkeypatch.delenv(k, raising=False)
             else:
                 monkeypatch.setenv(k, str(v))
-    set_(DS_CUDA_EMU_SEED=None, DS_CUDA_EMU_GROUPED=None, DUALSPARSE_CUDA_GEMM=None)
+    set_(DS_CUDA_EMU_SEED=None, DS_CUDA_EMU_GROUPED=None, DUALSPARSE_CUDA_GEMM=None, DS_CUDA_EMU_DRIVER=None)
     return set_
 
 
@@ -60,7 +60,9 @@ def test_emu_moe_experts_case_table(emu, env, case_id, dtype):
     tolerance, within twice it of the CPU engine, and the same bits whatever
     the order in which blocks and threads run."""
     inp = build(CASES_BY_ID[case_id], dtype, "torch")
+    faults = emu.emu_faults()
     got = run(emu, inp)
+    assert emu.emu_faults() == faults, "a grouped call was given a misaligned matrix"
     assert got.dtype == inp.x.dtype and tuple(got.shape) == tuple(inp.x.shape)
     assert_moe_close(got, inp, "cuda emulation")
     r, scale = R.ref_moe(inp.x, inp.ids, inp.tw, inp.gate_up, inp.down, inp.levels, inp.P,
@@ -71,22 +73,34 @@ def test_emu_moe_experts_case_table(emu, env, case_id, dtype):
     assert_same_bits(run(emu, inp), got, "shuffled block and thread order")
 
 
+def _gemm_counts(emu):
+    c = emu.last_gemm_counts()
+    return c["grouped"], c["loop"]
+
+
 @pytest.mark.parametrize("case_id", [c for c in SMALL_CASE_IDS if CASES_BY_ID[c].T > 0])
 def test_emu_gemm_paths_agree(emu, env, case_id):
-    """One grouped cuBLAS call per phase, the cublasGemmEx loop (forced, for a
-    cuBLAS without grouped GEMMs, and after a refusal) give the same bits;
-    the module says which path ran."""
+    """The grouped cuBLAS call, the cublasGemmEx loop (forced, for a cuBLAS
+    without grouped GEMMs, and after a refusal) give the same bits; the
+    module says how many problems ran on which path, and the grouped call is
+    never refused for the types the module asks of it."""
     inp = build(CASES_BY_ID[case_id], "bfloat16", "torch")
     emu.blas_forget_refusals()
+    faults = emu.emu_faults()
     want = run(emu, inp)
     gemms = inp.levels is None or bool((inp.levels > 0).any())
-    assert emu.last_gemm_grouped() is gemms
+    grouped, loop = _gemm_counts(emu)
+    assert (grouped + loop > 0) is gemms
+    assert emu.blas_info()["grouped_refused"]["bfloat16"] == 0, "the module asked for an undocumented combination"
+    assert emu.emu_faults() == faults, "a grouped call was given a misaligned matrix"
+    assert emu.last_gemm_grouped() is (gemms and loop == 0)
     for kv in (dict(DUALSPARSE_CUDA_GEMM="loop"), dict(DS_CUDA_EMU_GROUPED=0), dict(DS_CUDA_EMU_GROUPED="refuse")):
         env(**kv)
         assert_same_bits(run(emu, inp), want, str(kv))
         assert emu.last_gemm_grouped() is False
+        assert _gemm_counts(emu) == (0, grouped + loop), kv
         env(DUALSPARSE_CUDA_GEMM=None, DS_CUDA_EMU_GROUPED=None)
-    if not gemms:
+    if not grouped:
         return
     # a refusal is remembered per dtype: no second try until forgotten
     assert emu.blas_info()["grouped_refused"] == {"float32": 0, "bfloat16": 15, "float16": 0}
@@ -95,7 +109,138 @@ def test_emu_gemm_paths_agree(emu, env, case_id):
     emu.blas_forget_refusals()
     assert emu.blas_info()["grouped_refused"]["bfloat16"] == 0
     run(emu, inp)
+    assert _gemm_counts(emu) == (grouped, loop)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_emu_16bit_models_run_grouped(emu, env, dtype):
+    """Expert shapes of real models (multiples of 8): every GEMM runs in the
+    grouped call, for 16-bit weights too (the module once asked the grouped
+    call for 16-bit inputs with float32 outputs, which cuBLAS refuses, so
+    bfloat16 and float16 always fell back to the loop)."""
+    from cases import Case
+
+    case = Case("aligned", T=24, H=32, I=64, E=4, K=2, P=2, levels="random")
+    inp = build(case, dtype, "torch")
+    emu.blas_forget_refusals()
+    got = run(emu, inp)
+    assert_moe_close(got, inp, "aligned shapes")
+    grouped, loop = _gemm_counts(emu)
+    assert grouped > 0 and loop == 0, (grouped, loop)
     assert emu.last_gemm_grouped() is True
+    assert emu.blas_info()["grouped_refused"][dtype] == 0
+
+
+def test_emu_misaligned_problems_run_in_the_loop(emu):
+    """Odd sizes put 16-bit matrices at addresses that are not 16-byte
+    aligned: those problems run in the cublasGemmEx loop, the rest grouped,
+    and the emulated device never faults."""
+    inp = build(CASES_BY_ID["odd_I131_P4"], "float16", "torch")
+    faults = emu.emu_faults()
+    got = run(emu, inp)
+    assert_moe_close(got, inp, "odd sizes")
+    grouped, loop = _gemm_counts(emu)
+    assert loop > 0 and grouped > 0, (grouped, loop)
+    assert emu.emu_faults() == faults
+
+
+# cudaDataType and cublasComputeType_t values (library_types.h, cublas_api.h)
+R32F, R16F, R16BF = 0, 2, 14
+C32F, C32F_FAST_TF32, C64F = 68, 77, 70
+# cuBLAS documentation: cublasGemmGroupedBatchedEx supports (A = B type, C type, compute type)
+GROUPED_DOCUMENTED = {(R16BF, R16BF, C32F), (R16F, R16F, C32F), (R32F, R32F, C32F), (R32F, R32F, C32F_FAST_TF32)}
+# cublasGemmEx, among these types
+GEMM_EX_DOCUMENTED = {(R16BF, R16BF, C32F), (R16BF, R32F, C32F), (R16F, R16F, C32F), (R16F, R32F, C32F),
+                      (R32F, R32F, C32F), (R32F, R32F, C32F_FAST_TF32)}
+
+
+@pytest.mark.parametrize("compute", [C32F, C32F_FAST_TF32, C64F])
+def test_emu_blas_type_combinations_are_the_documented_ones(emu, compute):
+    """The emulated cuBLAS accepts exactly the documented type combinations
+    and refuses the others with CUBLAS_STATUS_NOT_SUPPORTED (15), so a module
+    that asks for anything else fails the emulation's tests as it would fail
+    on a GPU."""
+    types = (R32F, R16F, R16BF)
+    for a in types:
+        for b in types:
+            for c in types:
+                want = 0 if a == b and (a, c, compute) in GROUPED_DOCUMENTED else 15
+                st, faulted = emu.emu_grouped_probe(a, b, c, compute, 64, 0)
+                assert (st, faulted) == (want, False), ("grouped", a, b, c, compute, st)
+                want = 0 if a == b and (a, c, compute) in GEMM_EX_DOCUMENTED else 15
+                assert emu.emu_gemm_ex_probe(a, b, c, compute) == want, ("gemm_ex", a, b, c, compute)
+
+
+@pytest.mark.parametrize("atype,compute,k,offset,faults", [
+    (R16BF, C32F, 64, 16, False), (R16BF, C32F, 64, 8, True), (R16BF, C32F, 64, 4, True),
+    (R16F, C32F, 6, 4, False), (R16F, C32F, 6, 2, True), (R16F, C32F, 7, 2, False),
+    (R32F, C32F, 64, 4, False), (R32F, C32F_FAST_TF32, 64, 4, True), (R32F, C32F_FAST_TF32, 64, 16, False),
+])
+def test_emu_grouped_alignment_rule(emu, atype, compute, k, offset, faults):
+    """The documented pointer rule of the grouped call for 16-bit types and
+    FAST compute types (16-byte aligned matrices when k % 8 == 0, 4-byte when
+    k % 2 == 0): a violation returns success and faults on the device
+    (misaligned address), as on a GPU."""
+    st, faulted = emu.emu_grouped_probe(atype, atype, atype, compute, k, offset)
+    assert st == 0 and faulted is faults
+
+
+def test_emu_runs_on_the_callers_blas_handle(emu):
+    """The expert ops use the handle they are given (torch's), bound to their
+    stream; a NULL handle or one bound to another stream is an error naming
+    it, before anything runs."""
+    inp = build(CASES_BY_ID["K_eq_E"], "float32", "torch")
+    out = torch.full_like(inp.x, 3.0)
+    args = dcuda.moe_args(inp.x, inp.ids, inp.tw, inp.gate_up, inp.down, inp.levels, inp.P, out)
+    need = emu.moe_check(args)
+    ws, wsp = dcuda._workspace(need, inp.x)
+    with pytest.raises(ValueError, match=r"moe_experts: the cuBLAS handle is NULL \(pass torch.cuda.current_blas_handle"):
+        emu.moe_experts(0, 0, 0, args, wsp, need)
+    # (the stand-in, like torch's handle, is rebound by each request for it)
+    other = emu.emu_blas_handle(0x1234)  # bound to another stream
+    with pytest.raises(ValueError, match="moe_experts: the cuBLAS handle is bound to stream 0x1234, not to the op's"):
+        emu.moe_experts(0, 0, other, args, wsp, need)
+    assert (out == 3.0).all()
+    h = emu.emu_blas_handle(0)
+    before = emu.emu_blas_handle_calls(h)
+    emu.moe_experts(0, 0, h, args, wsp, need)
+    assert emu.emu_blas_handle_calls(h) > before
+    assert_moe_close(out, inp, "on the caller's handle")
+    acc = torch.zeros((4, inp.case.E, inp.case.I), dtype=torch.float64)
+    pack = (inp.case.T, inp.case.K, inp.case.E, inp.case.I, inp.case.H, 1, 0, inp.x.data_ptr(), inp.case.H,
+            *dcuda._mat(inp.ids), *dcuda._mat(None), *dcuda._mat(None), inp.gate_up.data_ptr(),
+            inp.gate_up.data_ptr(), 0, inp.case.H)
+    need = emu.importance_check(0, 0, pack, False, acc.data_ptr(), 0, 0, 0)
+    ws, wsp = dcuda._workspace(need, inp.x)
+    other = emu.emu_blas_handle(0x1234)
+    with pytest.raises(ValueError, match="importance: the cuBLAS handle is bound to stream"):
+        emu.importance(0, 0, other, pack, False, acc.data_ptr(), 0, wsp, need)
+    assert (acc == 0).all()
+    h = emu.emu_blas_handle(0)
+    emu.importance(0, 0, h, pack, False, acc.data_ptr(), 0, wsp, need)
+    ref_acc, _ = R.ref_importance(inp.x, inp.ids, None, inp.gate_up)
+    np.testing.assert_allclose(acc.numpy(), ref_acc, rtol=1e-4, atol=1e-4 * np.abs(ref_acc).max())
+
+
+@pytest.mark.parametrize("driver,words", [
+    ("none", ["no NVIDIA driver", "libcuda.so.1 cannot be loaded"]),
+    ("old:12040", ["the NVIDIA driver supports CUDA up to 12.4", "the CUDA 13.0 runtime"]),
+    ("nodevice", ["no CUDA device", "sees no GPU"]),
+])
+def test_emu_no_device_reasons(emu, env, driver, words):
+    """cudart answers cudaErrorInsufficientDriver both without a driver and
+    with an old one: the module tells them apart (and says "no CUDA device"
+    when the driver sees none)."""
+    env(DS_CUDA_EMU_DRIVER=driver)
+    st = emu.status()
+    assert st["device_count"] == 0
+    for w in words:
+        assert w in st["reason"], st["reason"]
+    if driver == "none":
+        assert "insufficient" not in st["reason"].lower()
+    env(DS_CUDA_EMU_DRIVER=None)
+    st = emu.status()
+    assert st["device_count"] == 1 and st["reason"] == ""
 
 
 def test_emu_failed_call_does_not_fail_the_next(emu):
@@ -105,9 +250,10 @@ def test_emu_failed_call_does_not_fail_the_next(emu):
     out = torch.empty_like(inp.x)
     args = dcuda.moe_args(inp.x, inp.ids, inp.tw, inp.gate_up, inp.down, inp.levels, inp.P, out)
     ws, wsp = dcuda._workspace(emu.moe_check(args), inp.x)
+    h = emu.emu_blas_handle(0)
     with pytest.raises(RuntimeError, match="invalid device ordinal"):
-        emu.moe_experts(1, 0, args, wsp, emu.moe_check(args))
-    emu.moe_experts(0, 0, args, wsp, emu.moe_check(args))
+        emu.moe_experts(1, 0, h, args, wsp, emu.moe_check(args))
+    emu.moe_experts(0, 0, h, args, wsp, emu.moe_check(args))
     assert_moe_close(out, inp, "after a failed call")
     lv = torch.empty(inp.tw.shape, dtype=torch.int8)
     with pytest.raises(RuntimeError, match="invalid device ordinal"):
@@ -126,7 +272,7 @@ def test_emu_workspace_errors(emu):
     ws, wsp = dcuda._workspace(need, inp.x)
     for ptr, size in ((0, need), (wsp, need - 1), (wsp + 8, need)):
         with pytest.raises(ValueError, match=f"moe_experts: workspace must be {need} bytes of 256-byte aligned"):
-            emu.moe_experts(0, 0, args, ptr, size)
+            emu.moe_experts(0, 0, emu.emu_blas_handle(0), args, ptr, size)
     assert (out == 3.0).all()
     lv = torch.full(inp.tw.shape, 9, dtype=torch.int8)
     with pytest.raises(ValueError, match="route_levels: workspace must be 16 bytes"):
@@ -154,7 +300,7 @@ def test_emu_long_inputs_run_in_chunks(emu, monkeypatch):
             return getattr(emu, name)
 
         def moe_experts(self, *a):
-            calls.append(a[2][0])
+            calls.append(a[3][0])
             return real(*a)
 
     got = dcuda.moe_experts(inp.x, inp.ids, inp.tw, inp.gate_up, inp.down, inp.levels, inp.P, None,

@@ -32,6 +32,67 @@ ds_status ds_cuda_rt_error(const char *what, cudaError_t err)
 
 extern "C" const char *ds_cuda_last_error(void) { return ds_cuda_msg; }
 
+void ds_cuda_explain_no_device(cudaError_t err)
+{
+    int runtime = 0;
+    cudaRuntimeGetVersion(&runtime);
+    if (err == cudaErrorNoDevice) {
+        ds_cuda_error(DS_ERR_UNSUPPORTED, "no CUDA device: the NVIDIA driver is loaded but sees no GPU "
+                      "(check CUDA_VISIBLE_DEVICES) (%s)", cudaGetErrorName(err));
+        return;
+    }
+    if (err == cudaErrorInsufficientDriver) {
+        /* The runtime says this both when there is no driver at all and when
+         * the driver is older than the runtime: tell the two apart. */
+        char why[512] = "";
+        int driver = 0;
+        if (!ds_cuda_probe_driver(&driver, why, sizeof why)) {
+            ds_cuda_error(DS_ERR_UNSUPPORTED, "no NVIDIA driver: the driver library libcuda.so.1 cannot be "
+                          "loaded (%s)", why);
+            return;
+        }
+        ds_cuda_error(DS_ERR_UNSUPPORTED, "the NVIDIA driver supports CUDA up to %d.%d, but this module was "
+                      "built with the CUDA %d.%d runtime: update the driver, or rebuild dualsparse with the "
+                      "CUDA toolkit of torch.version.cuda (%s)", driver / 1000, driver % 1000 / 10,
+                      runtime / 1000, runtime % 1000 / 10, cudaGetErrorName(err));
+        return;
+    }
+    ds_cuda_error(DS_ERR_UNSUPPORTED, "cudaGetDeviceCount: %s (%s)", cudaGetErrorString(err), cudaGetErrorName(err));
+}
+
+extern "C" int ds_cuda_device_count(void)
+{
+    int n = 0;
+    cudaError_t err = cudaGetDeviceCount(&n);
+    if (err != cudaSuccess) {
+        ds_cuda_explain_no_device(err);
+        cudaGetLastError();
+        return 0;
+    }
+    if (n == 0)
+        ds_cuda_explain_no_device(cudaErrorNoDevice);
+    return n;
+}
+
+ds_status ds_blas_check_handle(const char *fn, void *handle, cudaStream_t stream, ds_blas_handle *out)
+{
+    const ds_blas_api *api = ds_blas();
+    if (api == NULL)
+        return DS_ERR_UNSUPPORTED;
+    if (handle == NULL)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: the cuBLAS handle is NULL (pass torch.cuda.current_blas_handle())", fn);
+    cudaStream_t bound = NULL;
+    int st = api->get_stream((ds_blas_handle)handle, &bound);
+    if (st != 0)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: cublasGetStream on the given handle failed with status %d", fn, st);
+    if (bound != stream)
+        return ds_cuda_error(DS_ERR_VALUE, "%s: the cuBLAS handle is bound to stream %p, not to the op's stream "
+                             "%p (take the handle with torch.cuda.current_blas_handle() on the op's stream)",
+                             fn, (void *)bound, (void *)stream);
+    *out = (ds_blas_handle)handle;
+    return DS_OK;
+}
+
 /* Everything below needs the real runtime and driver; the host emulation of
  * the tests (csrc/cuda/emu) supplies its own. */
 #ifndef DS_CUDA_EMULATE
@@ -40,6 +101,23 @@ static int ds_cuda_fail(const char *what, cudaError_t err)
 {
     ds_cuda_rt_error(what, err);
     return (int)err;
+}
+
+int ds_cuda_probe_driver(int *driver_version, char *why, size_t cap)
+{
+    *driver_version = 0;
+    void *lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+    if (lib == NULL) {
+        const char *e = dlerror();
+        snprintf(why, cap, "%s", e ? e : "dlopen failed");
+        return 0;
+    }
+    int (*get_version)(int *) = NULL;
+    *(void **)&get_version = dlsym(lib, "cuDriverGetVersion");
+    if (get_version == NULL || get_version(driver_version) != 0)
+        *driver_version = 0;
+    dlclose(lib);
+    return 1;
 }
 
 __global__ void ds_iota_kernel(int32_t *out, int n)
@@ -71,14 +149,11 @@ static int blas_resolve(void *lib, ds_blas_api *api, const char **missing)
             return -1;                                                         \
         }                                                                      \
     } while (0)
-    DS_SYM(create, "cublasCreate_v2");
-    DS_SYM(destroy, "cublasDestroy_v2");
-    DS_SYM(set_stream, "cublasSetStream_v2");
-    DS_SYM(get_version, "cublasGetVersion_v2");
+    DS_SYM(get_property, "cublasGetProperty");
+    DS_SYM(get_stream, "cublasGetStream_v2");
     DS_SYM(gemm_ex, "cublasGemmEx");
 #undef DS_SYM
     *(void **)&api->gemm_grouped = dlsym(lib, "cublasGemmGroupedBatchedEx"); /* optional */
-    *(void **)&api->set_workspace = dlsym(lib, "cublasSetWorkspace_v2");      /* optional */
     return 0;
 }
 
@@ -111,6 +186,9 @@ static int blas_try(const char *name, int flags, char *report, size_t cap)
     }
     blas_api = api;
     snprintf(blas_path, sizeof blas_path, "%s", name);
+    int major = 0, minor = 0, patch = 0;
+    if (api.get_property(0, &major) == 0 && api.get_property(1, &minor) == 0 && api.get_property(2, &patch) == 0)
+        blas_version = major * 10000 + minor * 100 + patch; /* CUBLAS_VERSION's encoding */
     blas_loaded = 1;
     return 1;
 }
@@ -149,54 +227,7 @@ const ds_blas_api *ds_blas(void)
     return &blas_api;
 }
 
-/* One handle per (thread, device): a handle is bound to a stream per call,
- * which is not safe to share between threads. */
-static thread_local ds_blas_handle blas_handles[128];
-
-ds_status ds_blas_handle_for(int device, cudaStream_t stream, void *blas_ws, size_t blas_ws_size,
-                             ds_blas_handle *out)
-{
-    const ds_blas_api *api = ds_blas();
-    if (api == NULL)
-        return DS_ERR_UNSUPPORTED;
-    if (device < 0 || device >= 128)
-        return ds_cuda_error(DS_ERR_VALUE, "device %d is outside [0, 128)", device);
-    if (blas_handles[device] == NULL) {
-        int st = api->create(&blas_handles[device]);
-        if (st != 0) {
-            blas_handles[device] = NULL;
-            return ds_cuda_error(DS_ERR_INTERNAL, "cublasCreate on device %d failed with status %d",
-                                 device, st);
-        }
-        std::lock_guard<std::mutex> lock(blas_mutex);
-        if (blas_version == 0)
-            api->get_version(blas_handles[device], &blas_version);
-    }
-    int st = api->set_stream(blas_handles[device], stream);
-    if (st != 0)
-        return ds_cuda_error(DS_ERR_INTERNAL, "cublasSetStream failed with status %d", st);
-    if (blas_ws != NULL && api->set_workspace != NULL) {
-        st = api->set_workspace(blas_handles[device], blas_ws, blas_ws_size);
-        if (st != 0)
-            return ds_cuda_error(DS_ERR_INTERNAL, "cublasSetWorkspace failed with status %d", st);
-    }
-    *out = blas_handles[device];
-    return DS_OK;
-}
-
 extern "C" {
-
-int ds_cuda_device_count(void)
-{
-    int n = 0;
-    cudaError_t err = cudaGetDeviceCount(&n);
-    if (err != cudaSuccess) {
-        ds_cuda_fail("cudaGetDeviceCount", err);
-        cudaGetLastError();
-        return 0;
-    }
-    return n;
-}
 
 int ds_cuda_runtime_version(void)
 {

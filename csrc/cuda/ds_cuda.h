@@ -11,7 +11,16 @@
  * the expert ops, the per-expert row counts that size the cuBLAS GEMMs).
  *
  * cuBLAS is never linked: ds_cuda_blas_load() dlopen()s libcublas at run time
- * (the Python layer passes the copy that torch uses first). */
+ * (the Python layer passes the copy that torch uses first), and the expert
+ * ops run on the caller's cuBLAS handle (torch's, from
+ * torch.cuda.current_blas_handle(), bound to the op's stream, with the
+ * workspace torch gave it): the module creates no handle and allocates
+ * nothing per thread or per call (its device scratch is the caller's
+ * workspace argument, from torch's caching allocator).
+ *
+ * The CUDA runtime is linked dynamically (libcudart.so.<major> of the
+ * toolkit that built the module): the Python layer loads torch's copy
+ * first, so one runtime serves the process. */
 #ifndef DS_CUDA_H
 #define DS_CUDA_H
 
@@ -27,10 +36,11 @@ extern "C" {
 const char *ds_cuda_last_error(void);
 
 /* Number of visible devices; 0 with a reason in ds_cuda_last_error() when
- * there is no driver or no device. */
+ * there is no driver ("no NVIDIA driver ..."), the driver is older than the
+ * runtime (both versions named) or it sees no device ("no CUDA device"). */
 int ds_cuda_device_count(void);
 
-/* CUDA runtime version this module was linked with (e.g. 13000). */
+/* Version of the CUDA runtime loaded in the process (e.g. 12040). */
 int ds_cuda_runtime_version(void);
 
 /* Driver version, 0 when no driver is loaded. */
@@ -70,8 +80,11 @@ void ds_cuda_blas_forget_refusals(void);
 /* Seconds the calling thread waited in the last op's stream synchronisation
  * (the measured cost of the one host synchronisation). */
 double ds_cuda_last_sync_seconds(void);
-/* 1 when the calling thread's last GEMM phase ran as one grouped cuBLAS call. */
+/* 1 when every GEMM of the calling thread's last expert op ran in grouped
+ * cuBLAS calls; *grouped / *loop: how many problems ran grouped and in the
+ * cublasGemmEx loop. */
 int ds_cuda_last_gemm_grouped(void);
+void ds_cuda_last_gemm_counts(long long *grouped, long long *loop);
 
 /* ---- routing levels ------------------------------------------------------
  * topk_weights: T x K (f32, bf16, f16 or f64; element strides ws0, ws1), device
@@ -96,8 +109,11 @@ ds_status ds_cuda_route_levels(int device, void *stream, const void *topk_weight
  *   levels: T x K integers in [0, P] or levels.data == NULL for all P.
  * The semantics are ds_moe_experts': a pair at level p computes the first
  * (p*I)/P neurons; out[t] = sum_k w[t,k] * y_{t,k} in k order in float32;
- * gate/up and down run as cuBLAS GEMMs with float32 accumulation and float32
- * outputs, the SwiGLU activation is rounded to dtype before the down GEMM. */
+ * gate/up and down run as cuBLAS GEMMs with float32 accumulation and
+ * outputs in dtype (the types cublasGemmGroupedBatchedEx supports: for
+ * 16-bit weights the gate/up outputs and the down outputs y are rounded to
+ * dtype, as the model's own matmuls round them), SwiGLU is computed in
+ * float32 and rounded to dtype before the down GEMM. */
 typedef struct {
     int64_t T, K, E, I, H;
     int P;
@@ -116,13 +132,14 @@ typedef struct {
 ds_status ds_cuda_moe_check(const ds_cuda_moe_args *a);
 
 /* Device workspace in bytes (pure arithmetic, no device needed), to be
- * passed 256-byte aligned; it includes DS_BLAS_WORKSPACE (32 MiB) that the
- * op hands to cuBLAS. */
+ * passed 256-byte aligned.  cuBLAS uses the workspace of the handle. */
 size_t ds_cuda_moe_workspace_size(const ds_cuda_moe_args *a);
 
-/* Synchronises `stream` once, after the routing plan: to read back the
- * E*P row counts (host-side GEMM sizes) and the validation flags. */
-ds_status ds_cuda_moe_experts(int device, void *stream, const ds_cuda_moe_args *a,
+/* blas_handle: a cublasHandle_t of `device` bound to `stream` (torch's;
+ * checked with cublasGetStream, never changed).  Synchronises `stream`
+ * once, after the routing plan: to read back the E*P row counts (host-side
+ * GEMM sizes) and the validation flags. */
+ds_status ds_cuda_moe_experts(int device, void *stream, void *blas_handle, const ds_cuda_moe_args *a,
                               void *workspace, size_t workspace_size);
 
 /* ---- neuron importance ---------------------------------------------------
@@ -130,7 +147,8 @@ ds_status ds_cuda_moe_experts(int device, void *stream, const ds_cuda_moe_args *
  * NULL when !weighted).  accum: 4 x E x I float64 on the device, counts: E
  * float64 on the device or NULL.  Same sums as ds_importance_accumulate
  * (a, b from float32 GEMM outputs, sums over rows in float64, in row order:
- * deterministic). */
+ * deterministic); for 16-bit weights the gate/up GEMMs therefore run in the
+ * cublasGemmEx loop (16-bit -> float32 is not a grouped combination). */
 typedef struct {
     ds_cuda_moe_args m;
     int weighted;
@@ -141,7 +159,7 @@ typedef struct {
 ds_status ds_cuda_importance_check(const ds_cuda_importance_args *a);
 size_t ds_cuda_importance_workspace_size(const ds_cuda_importance_args *a);
 /* Synchronises `stream` once (row counts and validation flags). */
-ds_status ds_cuda_importance(int device, void *stream, const ds_cuda_importance_args *a,
+ds_status ds_cuda_importance(int device, void *stream, void *blas_handle, const ds_cuda_importance_args *a,
                              void *workspace, size_t workspace_size);
 
 #ifdef __cplusplus

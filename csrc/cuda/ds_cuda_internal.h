@@ -26,6 +26,18 @@ ds_status ds_cuda_error(ds_status code, const char *fmt, ...)
 /* code DS_ERR_INTERNAL with "what: <cuda error string> (<name>)". */
 ds_status ds_cuda_rt_error(const char *what, cudaError_t err);
 
+/* Puts into the message why no device is usable after cudaGetDeviceCount
+ * failed with `err`: "no NVIDIA driver" where the driver library
+ * (libcuda.so.1) cannot be loaded, the driver's and the module's CUDA
+ * versions where the driver is too old, "no CUDA device" where the driver
+ * sees none; the runtime's own words otherwise. */
+void ds_cuda_explain_no_device(cudaError_t err);
+
+/* Whether the NVIDIA driver library can be loaded: 1 with its CUDA version
+ * in *driver_version (e.g. 12040, 0 when unknown), 0 with the loader's
+ * reason in why[0, cap). */
+int ds_cuda_probe_driver(int *driver_version, char *why, size_t cap);
+
 /* Entered by every entry point that touches a device: clears the calling
  * thread's last-error slot (cudaGetLastError() reports the last failure of
  * ANY earlier runtime call on the thread, so a stale error from elsewhere
@@ -53,28 +65,29 @@ struct DeviceGuard {
 };
 
 /* The few cuBLAS declarations used here (no cuBLAS headers are needed to
- * build: the values are the ABI of cublas_api.h, stable since CUDA 11). */
+ * build: the values are the ABI of cublas_api.h / library_types.h, stable
+ * since CUDA 11). */
 typedef struct cublasContext *ds_blas_handle;
 enum { DS_BLAS_OP_N = 0, DS_BLAS_OP_T = 1 };
-enum { DS_BLAS_COMPUTE_32F = 68 };
+enum { DS_BLAS_COMPUTE_32F = 68, DS_BLAS_COMPUTE_32F_FAST_TF32 = 77 };
 enum { DS_BLAS_GEMM_DEFAULT = -1 };
+/* cublasStatus_t values the module tells apart */
+enum { DS_BLAS_STATUS_SUCCESS = 0, DS_BLAS_STATUS_NOT_INITIALIZED = 1, DS_BLAS_STATUS_INVALID_VALUE = 7,
+       DS_BLAS_STATUS_EXECUTION_FAILED = 13, DS_BLAS_STATUS_NOT_SUPPORTED = 15 };
 
 typedef struct {
-    int (*create)(ds_blas_handle *);
-    int (*destroy)(ds_blas_handle);
-    int (*set_stream)(ds_blas_handle, cudaStream_t);
-    int (*get_version)(ds_blas_handle, int *);
-    /* cublasSetWorkspace_v2: each op gives cuBLAS a slice of its own
-     * workspace, so a handle used on several streams never shares cuBLAS'
-     * default workspace between them (cublasSetStream resets it); NULL when
-     * absent. */
-    int (*set_workspace)(ds_blas_handle, void *, size_t);
+    int (*get_property)(int type, int *value); /* cublasGetProperty: 0 major, 1 minor, 2 patch */
+    int (*get_stream)(ds_blas_handle, cudaStream_t *);
     int (*gemm_ex)(ds_blas_handle, int transa, int transb, int m, int n, int k,
                    const void *alpha, const void *A, cudaDataType Atype, int lda, const void *B,
                    cudaDataType Btype, int ldb, const void *beta, void *C, cudaDataType Ctype,
                    int ldc, int compute_type, int algo);
     /* cublasGemmGroupedBatchedEx (cuBLAS >= 12.5); NULL when absent.  Host
-     * arrays of group_count parameters, device arrays of the matrices. */
+     * arrays of group_count parameters, device arrays of the matrices.
+     * Documented type combinations (A = B type -> C type): 16BF -> 16BF,
+     * 16F -> 16F, 32F -> 32F under CUBLAS_COMPUTE_32F, and 32F -> 32F under
+     * CUBLAS_COMPUTE_32F_FAST_TF32; anything else is
+     * CUBLAS_STATUS_NOT_SUPPORTED. */
     int (*gemm_grouped)(ds_blas_handle, const int *transa, const int *transb, const int *m,
                         const int *n, const int *k, const void *alpha, const void *const *A,
                         cudaDataType Atype, const int *lda, const void *const *B, cudaDataType Btype,
@@ -85,14 +98,12 @@ typedef struct {
 /* The loaded API, or NULL with a message (tries the default search when
  * nothing was loaded yet). */
 const ds_blas_api *ds_blas(void);
-/* A cuBLAS handle for `device` (current device must be `device`), created
- * once per (thread, device) and kept; bound to `stream` and, when
- * blas_ws != NULL, to the workspace blas_ws[0, blas_ws_size) on return. */
-ds_status ds_blas_handle_for(int device, cudaStream_t stream, void *blas_ws, size_t blas_ws_size,
-                             ds_blas_handle *out);
 
-/* Bytes of cuBLAS workspace each expert op reserves in its own workspace
- * (what cuBLAS asks for on Hopper; 4 MiB suffices before). */
-#define DS_BLAS_WORKSPACE ((size_t)32 << 20)
+/* Checks the caller's cuBLAS handle (torch's, from
+ * torch.cuda.current_blas_handle()) before an op uses it: not NULL, and
+ * bound to `stream`.  The handle's stream and workspace are never changed
+ * (cublasSetStream would reset the workspace torch gave it), and no handle
+ * is ever created here: nothing is allocated per thread or per call. */
+ds_status ds_blas_check_handle(const char *fn, void *handle, cudaStream_t stream, ds_blas_handle *out);
 
 #endif

@@ -16,6 +16,15 @@
 // Then gather x rows, gate/up GEMMs per (expert, run of partitions with the
 // same row count), SwiGLU on level prefixes, down GEMMs per (expert, level),
 // and a combine over k in order.
+//
+// GEMM types: every GEMM reads A and B in the weights' dtype, accumulates in
+// float32 (CUBLAS_COMPUTE_32F) and writes C in that same dtype: the only
+// combinations cublasGemmGroupedBatchedEx is documented for (16BF -> 16BF,
+// 16F -> 16F, 32F -> 32F), and ones cublasGemmEx supports too, so the
+// grouped call and the cublasGemmEx loop give the same results.  For 16-bit
+// weights the gate/up outputs are thus rounded to the dtype before SwiGLU
+// (as the model's own bfloat16/float16 matmuls round them) and the down
+// outputs before the float32 combine over k.
 #include "ds_cuda_internal.h"
 
 #ifndef DS_CUDA_EMULATE
@@ -341,7 +350,7 @@ extern "C" ds_status ds_cuda_importance_check(const ds_cuda_importance_args *a)
 #define GEMM_PTRS(EP) (3 * 2 * (size_t)(EP) + 3 * (size_t)(EP))
 
 struct Layout {
-    size_t err, keys, hist, total, off, row_tok, row_pair, row_lvl, pos, ptrs, blas, xg, gu, act, y, end;
+    size_t err, keys, hist, total, off, row_tok, row_pair, row_lvl, pos, ptrs, xg, gu, act, y, end;
 };
 
 static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
@@ -362,11 +371,10 @@ static Layout layout(const ds_cuda_moe_args *a, int P, int with_down)
     L.row_lvl = o;  o += align256(N * 4);
     L.pos = o;      o += align256(N * 4);
     L.ptrs = o;     o += align256(GEMM_PTRS(EP) * sizeof(void *));
-    L.blas = o;     o += DS_BLAS_WORKSPACE;
     L.xg = o;       o += align256(N * (size_t)a->H * esz);
-    L.gu = o;       o += align256(N * 2 * (size_t)a->I * 4);
+    L.gu = o;       o += align256(N * 2 * (size_t)a->I * (with_down ? esz : 4));
     L.act = o;      if (with_down) o += align256(N * (size_t)a->I * esz);
-    L.y = o;        if (with_down) o += align256(N * (size_t)a->H * 4);
+    L.y = o;        if (with_down) o += align256(N * (size_t)a->H * esz);
     L.end = o;
     return L;
 }
@@ -472,8 +480,9 @@ __global__ void gather_kernel(const T *x, int64_t ldx, const int32_t *row_tok, i
     }
 }
 
-/* A[r, j] = silu(G[r, j]) * U[r, j] for j < (level_r * I) / P, rounded to dt. */
-__global__ void swiglu_kernel(const float *gu, const int32_t *row_lvl, int64_t R, int64_t I, int P,
+/* A[r, j] = silu(G[r, j]) * U[r, j] for j < (level_r * I) / P, in float32
+ * from G and U in dt, rounded to dt. */
+__global__ void swiglu_kernel(const void *gu, const int32_t *row_lvl, int64_t R, int64_t I, int P,
                               void *act, ds_dtype dt)
 {
     for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < R * I;
@@ -482,14 +491,14 @@ __global__ void swiglu_kernel(const float *gu, const int32_t *row_lvl, int64_t R
         int64_t n = ((int64_t)row_lvl[r] * I) / P;
         if (j >= n)
             continue;
-        float g = gu[r * 2 * I + j], u = gu[r * 2 * I + I + j];
+        float g = (float)load_real(gu, dt, r * 2 * I + j), u = (float)load_real(gu, dt, r * 2 * I + I + j);
         float a = g / (1.0f + expf(-g)) * u;
         store_act(act, dt, idx, a);
     }
 }
 
-/* out[t, h] = sum_k w[t, k] * Y[pos[t, k], h], k in order, float32. */
-__global__ void combine_kernel(const float *y, const int32_t *pos, ds_mat w, int64_t T, int64_t K,
+/* out[t, h] = sum_k w[t, k] * Y[pos[t, k], h], k in order, float32 (Y in dt). */
+__global__ void combine_kernel(const void *y, const int32_t *pos, ds_mat w, int64_t T, int64_t K,
                                int64_t H, void *out, int64_t ldo, ds_dtype dt)
 {
     for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < T * H;
@@ -501,7 +510,7 @@ __global__ void combine_kernel(const float *y, const int32_t *pos, ds_mat w, int
             if (r < 0)
                 continue;
             float c = (float)load_real(w.data, w.dtype, t * w.s0 + k * w.s1);
-            acc += c * y[(int64_t)r * H + h];
+            acc += c * (float)load_real(y, dt, (int64_t)r * H + h);
         }
         store_act(out, dt, t * ldo + h, acc);
     }
@@ -515,7 +524,7 @@ __global__ void zero_rows_kernel(void *out, int64_t ldo, int64_t T, int64_t H, d
 }
 
 /* One thread per (e, n): sums over the expert's rows in row order. */
-__global__ void importance_kernel(const float *gu, const int32_t *off, const int32_t *row_pair,
+__global__ void importance_kernel(const void *gu, ds_dtype dt, const int32_t *off, const int32_t *row_pair,
                                   ds_mat w, int weighted, int64_t K, int64_t E, int64_t I,
                                   double *accum, double *counts)
 {
@@ -529,7 +538,7 @@ __global__ void importance_kernel(const float *gu, const int32_t *off, const int
                 int64_t p = row_pair[r];
                 c = load_real(w.data, w.dtype, (p / K) * w.s0 + (p % K) * w.s1);
             }
-            double a = (double)gu[(int64_t)r * 2 * I + n], b = (double)gu[(int64_t)r * 2 * I + I + n];
+            double a = load_real(gu, dt, (int64_t)r * 2 * I + n), b = load_real(gu, dt, (int64_t)r * 2 * I + I + n);
             double sa = a / (1.0 + exp(-a));
             s0 += c * sa;
             s1 += c * fabs(sa);
@@ -557,35 +566,70 @@ struct Plan {
 /* One GEMM, cuBLAS column-major terms: C (m x n, ldc) = op_T(A) (m x k) *
  * B (k x n): row-major "C[rows, out] = X[rows, :k] . W[out, :k]" with
  * A = W (lda = W's row stride), B = X (ldb = X's row stride), m = out
- * features, n = rows. */
+ * features, n = rows.  A, B and C all hold the op's dtype. */
 struct Gemm {
     int m, n, k;
     const void *A;
     int lda;
     const void *B;
     int ldb;
-    float *C;
+    void *C;
     int ldc;
 };
 
+/* Whether a problem's matrices meet what cublasGemmGroupedBatchedEx needs of
+ * pointers it reads from device memory (where cuBLAS cannot inspect them
+ * when it picks a kernel): for 16-bit types (and the FAST compute types)
+ * the documentation asks for 16-byte aligned A, B and C (else, depending on
+ * k, 4-byte alignment), and a misaligned one is a misaligned-address fault
+ * on the device, not a status.  Problems that are not 16-byte aligned run
+ * in the cublasGemmEx loop, which reads its pointers on the host. */
+static int grouped_aligned(const Gemm &g, ds_dtype dt)
+{
+    if (dt == DS_F32)
+        return 1; /* 32F under CUBLAS_COMPUTE_32F: no documented requirement */
+    return (((uintptr_t)g.A | (uintptr_t)g.B | (uintptr_t)g.C) & 15) == 0;
+}
+
 /* A list of GEMMs in groups (the problems of a group share m, n, k and the
- * leading dimensions). */
+ * leading dimensions) for the grouped call, and the problems that must run
+ * in the cublasGemmEx loop (misaligned for the grouped call). */
 struct GemmBatch {
+    ds_dtype dt, ct; /* A and B type, C type */
     std::vector<Gemm> p;
     std::vector<int> group_size;
+    std::vector<Gemm> loop;
+    bool open_new = true;
+    GemmBatch(ds_dtype dt_, ds_dtype ct_) : dt(dt_), ct(ct_) {}
     void add(const Gemm &g, int new_group)
     {
+        if (new_group)
+            open_new = true;
+        /* the grouped call has no 16-bit -> float32 combination */
+        if (ct != dt || !grouped_aligned(g, dt)) {
+            loop.push_back(g);
+            return;
+        }
         p.push_back(g);
-        if (new_group || group_size.empty())
+        if (open_new || group_size.empty())
             group_size.push_back(1);
         else
             group_size.back()++;
+        open_new = false;
     }
+    size_t size() const { return p.size() + loop.size(); }
 };
 
-static thread_local int last_gemm_grouped;
+/* How the calling thread's last op ran its GEMMs: problems computed by
+ * grouped calls and by the cublasGemmEx loop. */
+static thread_local long long last_grouped_n, last_loop_n;
 
-extern "C" int ds_cuda_last_gemm_grouped(void) { return last_gemm_grouped; }
+extern "C" int ds_cuda_last_gemm_grouped(void) { return last_grouped_n > 0 && last_loop_n == 0; }
+extern "C" void ds_cuda_last_gemm_counts(long long *grouped, long long *loop)
+{
+    *grouped = last_grouped_n;
+    *loop = last_loop_n;
+}
 
 /* cuBLAS status of the grouped call's refusal per dtype (float32, bfloat16,
  * float16), 0 while it has not refused: a refused type is not tried again
@@ -611,12 +655,12 @@ static int grouped_wanted(const ds_blas_api *api, ds_dtype dt)
     return api->gemm_grouped != NULL && ds_cuda_blas_grouped_refusal(dt) == 0;
 }
 
-/* Copies the (A, B, C) device pointers of every batch into dev_ptrs in one
- * host-to-device copy (batch b's at offset 3 * (problems before b)).  From
- * pageable memory the copy returns once the bytes are staged, so `host` may
- * be reused after; it may wait for work already queued on the stream, which
- * is why it is made once per op, right after the plan, before the GEMMs are
- * queued. */
+/* Copies the (A, B, C) device pointers of every batch's grouped problems
+ * into dev_ptrs in one host-to-device copy (batch b's at offset 3 *
+ * (grouped problems before b)).  From pageable memory the copy returns once
+ * the bytes are staged, so `host` may be reused after; it may wait for work
+ * already queued on the stream, which is why it is made once per op, right
+ * after the plan, before the GEMMs are queued. */
 static cudaError_t upload_ptrs(const GemmBatch *const *batches, int nb, void **dev_ptrs,
                                std::vector<const void *> &host, cudaStream_t stream)
 {
@@ -635,19 +679,34 @@ static cudaError_t upload_ptrs(const GemmBatch *const *batches, int nb, void **d
     return cudaMemcpyAsync(dev_ptrs, host.data(), host.size() * sizeof(void *), cudaMemcpyHostToDevice, stream);
 }
 
-/* Runs a batch as one cublasGemmGroupedBatchedEx (dev_ptrs: its uploaded
- * pointers, NULL when none were uploaded) or, when the loaded cuBLAS lacks
- * it, refuses the problem, or DUALSPARSE_CUDA_GEMM=loop, as a loop of
- * cublasGemmEx on the stream. */
-static ds_status run_gemms(const ds_blas_api *api, ds_blas_handle h, const GemmBatch &b, ds_dtype dt,
-                           void *const *dev_ptrs, const char *what)
+static ds_status gemm_loop(const ds_blas_api *api, ds_blas_handle h, const std::vector<Gemm> &ps,
+                           cudaDataType bt, cudaDataType ct, const char *what)
+{
+    const float one = 1.0f, zero = 0.0f;
+    for (const Gemm &q : ps) {
+        int st = api->gemm_ex(h, DS_BLAS_OP_T, DS_BLAS_OP_N, q.m, q.n, q.k, &one, q.A, bt, q.lda, q.B, bt,
+                              q.ldb, &zero, q.C, ct, q.ldc, DS_BLAS_COMPUTE_32F, DS_BLAS_GEMM_DEFAULT);
+        if (st != 0)
+            return ds_cuda_error(DS_ERR_INTERNAL, "%s: cublasGemmEx failed with status %d (m=%d n=%d k=%d)",
+                                 what, st, q.m, q.n, q.k);
+    }
+    last_loop_n += (long long)ps.size();
+    return DS_OK;
+}
+
+/* Runs a batch: its aligned problems as one cublasGemmGroupedBatchedEx
+ * (dev_ptrs: their uploaded pointers, NULL when none were uploaded), the
+ * rest, and everything when the loaded cuBLAS lacks the grouped call,
+ * refuses the problem or DUALSPARSE_CUDA_GEMM=loop, as a loop of
+ * cublasGemmEx on the stream.  Both compute C in the dtype from float32
+ * sums, so the results do not depend on the path. */
+static ds_status run_gemms(const ds_blas_api *api, ds_blas_handle h, const GemmBatch &b, void *const *dev_ptrs,
+                           const char *what)
 {
     const size_t np = b.p.size();
-    const cudaDataType bt = blas_type(dt);
-    last_gemm_grouped = 0;
-    if (np == 0)
-        return DS_OK;
-    if (dev_ptrs != NULL) {
+    const ds_dtype dt = b.dt;
+    const cudaDataType bt = blas_type(dt), ct = blas_type(b.ct);
+    if (np > 0 && dev_ptrs != NULL) {
         const size_t G = b.group_size.size();
         std::vector<int> ta(G, DS_BLAS_OP_T), tb(G, DS_BLAS_OP_N), m(G), n(G), k(G), lda(G), ldb(G), ldc(G);
         std::vector<float> alpha(G, 1.0f), beta(G, 0.0f);
@@ -660,28 +719,27 @@ static ds_status run_gemms(const ds_blas_api *api, ds_blas_handle h, const GemmB
         int st = api->gemm_grouped(h, ta.data(), tb.data(), m.data(), n.data(), k.data(), alpha.data(),
                                    (const void *const *)dev_ptrs, bt, lda.data(),
                                    (const void *const *)(dev_ptrs + np), bt, ldb.data(), beta.data(),
-                                   dev_ptrs + 2 * np, CUDA_R_32F, ldc.data(), (int)G, b.group_size.data(),
+                                   dev_ptrs + 2 * np, ct, ldc.data(), (int)G, b.group_size.data(),
                                    DS_BLAS_COMPUTE_32F);
         if (st == 0) {
-            last_gemm_grouped = 1;
-            return DS_OK;
+            last_grouped_n += (long long)np;
+        } else {
+            /* Refused (a shape or type this version does not group):
+             * remembered, and the loop computes these problems too (beta =
+             * 0: C is never read, so whatever a refused call did is
+             * overwritten). */
+            if ((unsigned)dt < 3)
+                __atomic_store_n(&grouped_refusal[dt], st, __ATOMIC_RELAXED);
+            ds_status r = gemm_loop(api, h, b.p, bt, ct, what);
+            if (r != DS_OK)
+                return r;
         }
-        /* Refused (a type combination or shape this version does not group):
-         * remembered, and the loop below computes everything (beta = 0: C is
-         * never read, so whatever a refused call did is overwritten). */
-        if ((unsigned)dt < 3)
-            __atomic_store_n(&grouped_refusal[dt], st, __ATOMIC_RELAXED);
+    } else {
+        ds_status r = gemm_loop(api, h, b.p, bt, ct, what);
+        if (r != DS_OK)
+            return r;
     }
-    const float one = 1.0f, zero = 0.0f;
-    for (const Gemm &q : b.p) {
-        int st = api->gemm_ex(h, DS_BLAS_OP_T, DS_BLAS_OP_N, q.m, q.n, q.k, &one, q.A, bt, q.lda, q.B, bt,
-                              q.ldb, &zero, q.C, CUDA_R_32F, q.ldc, DS_BLAS_COMPUTE_32F,
-                              DS_BLAS_GEMM_DEFAULT);
-        if (st != 0)
-            return ds_cuda_error(DS_ERR_INTERNAL, "%s: cublasGemmEx failed with status %d (m=%d n=%d k=%d)",
-                                 what, st, q.m, q.n, q.k);
-    }
-    return DS_OK;
+    return gemm_loop(api, h, b.loop, bt, ct, what);
 }
 
 /* Plan (count, scan, offsets; the op's one synchronisation; place), then the
@@ -763,7 +821,8 @@ static void gate_up_gemms(const ds_cuda_moe_args *a, int P, const Plan &plan, ch
     const int64_t E = a->E, I = a->I, H = a->H;
     const size_t esz = dt_size(a->dtype);
     const char *xg = ws + L.xg;
-    float *gu = (float *)(ws + L.gu);
+    char *gu = ws + L.gu;
+    const size_t csz = dt_size(batch.ct);
     std::vector<int64_t> mq((size_t)P + 2, 0);
     for (int64_t e = 0; e < E; e++) {
         const int64_t row0 = plan.off[e * P];
@@ -783,10 +842,10 @@ static void gate_up_gemms(const ds_cuda_moe_args *a, int P, const Plan &plan, ch
             if (m > 0 && j1 > j0) {
                 const char *B = xg + (size_t)row0 * H * esz;
                 Gemm g = {(int)(j1 - j0), (int)m, (int)H, gate + (size_t)j0 * H * esz, (int)H, B, (int)H,
-                          gu + row0 * 2 * I + j0, (int)(2 * I)};
+                          gu + (size_t)(row0 * 2 * I + j0) * csz, (int)(2 * I)};
                 batch.add(g, 1);
                 g.A = up + (size_t)j0 * H * esz;
-                g.C = gu + row0 * 2 * I + I + j0;
+                g.C = gu + (size_t)(row0 * 2 * I + I + j0) * csz;
                 batch.add(g, 0);
             }
             q = q1 + 1;
@@ -802,7 +861,7 @@ static void down_gemms(const ds_cuda_moe_args *a, const Plan &plan, char *ws, co
     const int P = a->P;
     const size_t esz = dt_size(a->dtype);
     const char *act = ws + L.act;
-    float *y = (float *)(ws + L.y);
+    char *y = ws + L.y;
     for (int64_t e = 0; e < E; e++) {
         const char *down = (const char *)a->down + (size_t)e * H * I * esz;
         for (int l = P; l >= 1; l--) {
@@ -810,8 +869,8 @@ static void down_gemms(const ds_cuda_moe_args *a, const Plan &plan, char *ws, co
             const int64_t kk = ((int64_t)l * I) / P;
             if (m == 0)
                 continue;
-            Gemm g = {(int)H, (int)m, (int)kk, down, (int)I, act + (size_t)rb * I * esz, (int)I, y + rb * H,
-                      (int)H};
+            Gemm g = {(int)H, (int)m, (int)kk, down, (int)I, act + (size_t)rb * I * esz, (int)I,
+                      y + (size_t)rb * H * esz, (int)H};
             batch.add(g, 1);
         }
     }
@@ -829,11 +888,11 @@ static ds_status check_workspace(const char *fn, const void *workspace, size_t s
 
 /* ---- moe_experts ------------------------------------------------------------- */
 
-extern "C" ds_status ds_cuda_moe_experts(int device, void *stream_, const ds_cuda_moe_args *a,
+extern "C" ds_status ds_cuda_moe_experts(int device, void *stream_, void *blas_handle, const ds_cuda_moe_args *a,
                                          void *workspace, size_t workspace_size)
 {
     static const char fn[] = "moe_experts";
-    last_gemm_grouped = 0;
+    last_grouped_n = last_loop_n = 0;
     ds_status st = ds_cuda_moe_check(a);
     if (st != DS_OK)
         return st;
@@ -849,7 +908,7 @@ extern "C" ds_status ds_cuda_moe_experts(int device, void *stream_, const ds_cud
     const int P = a->P;
     char *ws = (char *)workspace;
     ds_blas_handle h;
-    st = ds_blas_handle_for(device, stream, ws + L.blas, DS_BLAS_WORKSPACE, &h);
+    st = ds_blas_check_handle(fn, blas_handle, stream, &h);
     if (st != DS_OK)
         return st;
     Plan plan;
@@ -862,7 +921,7 @@ extern "C" ds_status ds_cuda_moe_experts(int device, void *stream_, const ds_cud
         return DS_OK;
     }
     const ds_blas_api *api = ds_blas();
-    GemmBatch gub, dnb;
+    GemmBatch gub(a->dtype, a->dtype), dnb(a->dtype, a->dtype);
     gate_up_gemms(a, P, plan, ws, L, gub);
     down_gemms(a, plan, ws, L, dnb);
     void **dev_ptrs = (void **)(ws + L.ptrs);
@@ -872,19 +931,19 @@ extern "C" ds_status ds_cuda_moe_experts(int device, void *stream_, const ds_cud
         const GemmBatch *both[2] = {&gub, &dnb};
         CU(upload_ptrs(both, 2, dev_ptrs, host_ptrs, stream), fn);
     }
-    st = run_gemms(api, h, gub, a->dtype, grouped ? dev_ptrs : NULL, "gate/up");
+    st = run_gemms(api, h, gub, grouped ? dev_ptrs : NULL, "gate/up");
     if (st != DS_OK)
         return st;
-    const int gu_grouped = last_gemm_grouped;
     const int32_t *row_lvl = (const int32_t *)(ws + L.row_lvl), *pos = (const int32_t *)(ws + L.pos);
-    DS_LAUNCH(swiglu_kernel, grid_for(plan.R * I, 256), 256, stream)((const float *)(ws + L.gu), row_lvl, plan.R,
-                                                                       I, P, ws + L.act, a->dtype);
+    DS_LAUNCH(swiglu_kernel, grid_for(plan.R * I, 256), 256, stream)(ws + L.gu, row_lvl, plan.R, I, P, ws + L.act,
+                                                                       a->dtype);
     CU(cudaGetLastError(), fn);
-    st = run_gemms(api, h, dnb, a->dtype, grouped && gu_grouped ? dev_ptrs + 3 * gub.p.size() : NULL, "down");
+    /* after a refusal in the gate/up phase the down phase does not ask again */
+    st = run_gemms(api, h, dnb, grouped && grouped_wanted(api, a->dtype) ? dev_ptrs + 3 * gub.p.size() : NULL,
+                   "down");
     if (st != DS_OK)
         return st;
-    last_gemm_grouped = last_gemm_grouped && gu_grouped;
-    DS_LAUNCH(combine_kernel, grid_for(T * H, 256), 256, stream)((const float *)(ws + L.y), pos, a->topk_weights,
+    DS_LAUNCH(combine_kernel, grid_for(T * H, 256), 256, stream)(ws + L.y, pos, a->topk_weights,
                                                                   T, K, H, a->out, a->ldo, a->dtype);
     CU(cudaGetLastError(), fn);
     return DS_OK;
@@ -892,11 +951,11 @@ extern "C" ds_status ds_cuda_moe_experts(int device, void *stream_, const ds_cud
 
 /* ---- importance ------------------------------------------------------------- */
 
-extern "C" ds_status ds_cuda_importance(int device, void *stream_, const ds_cuda_importance_args *a,
-                                        void *workspace, size_t workspace_size)
+extern "C" ds_status ds_cuda_importance(int device, void *stream_, void *blas_handle,
+                                        const ds_cuda_importance_args *a, void *workspace, size_t workspace_size)
 {
     static const char fn[] = "importance";
-    last_gemm_grouped = 0;
+    last_grouped_n = last_loop_n = 0;
     ds_status st = ds_cuda_importance_check(a);
     if (st != DS_OK)
         return st;
@@ -910,7 +969,7 @@ extern "C" ds_status ds_cuda_importance(int device, void *stream_, const ds_cuda
     cudaStream_t stream = (cudaStream_t)stream_;
     char *ws = (char *)workspace;
     ds_blas_handle h;
-    st = ds_blas_handle_for(device, stream, ws + L.blas, DS_BLAS_WORKSPACE, &h);
+    st = ds_blas_check_handle(fn, blas_handle, stream, &h);
     if (st != DS_OK)
         return st;
     ds_mat no_levels = {NULL, DS_I32, 0, 0};
@@ -921,7 +980,10 @@ extern "C" ds_status ds_cuda_importance(int device, void *stream_, const ds_cuda
     if (plan.R == 0)
         return DS_OK;
     const ds_blas_api *api = ds_blas();
-    GemmBatch gub;
+    /* float32 gate/up outputs (the importance sums' inputs, as on the CPU):
+     * for 16-bit weights the cublasGemmEx loop, the grouped call having no
+     * 16-bit -> float32 combination */
+    GemmBatch gub(a->m.dtype, DS_F32);
     gate_up_gemms(&a->m, 1, plan, ws, L, gub);
     void **dev_ptrs = (void **)(ws + L.ptrs);
     std::vector<const void *> host_ptrs;
@@ -930,11 +992,11 @@ extern "C" ds_status ds_cuda_importance(int device, void *stream_, const ds_cuda
         const GemmBatch *one[1] = {&gub};
         CU(upload_ptrs(one, 1, dev_ptrs, host_ptrs, stream), fn);
     }
-    st = run_gemms(api, h, gub, a->m.dtype, grouped ? dev_ptrs : NULL, "gate/up");
+    st = run_gemms(api, h, gub, grouped ? dev_ptrs : NULL, "gate/up");
     if (st != DS_OK)
         return st;
     DS_LAUNCH(importance_kernel, grid_for(a->m.E * a->m.I, 128), 128, stream)(
-        (const float *)(ws + L.gu), (const int32_t *)(ws + L.off), (const int32_t *)(ws + L.row_pair),
+        ws + L.gu, DS_F32, (const int32_t *)(ws + L.off), (const int32_t *)(ws + L.row_pair),
         a->m.topk_weights, a->weighted, a->m.K, a->m.E, a->m.I, a->accum, a->counts);
     CU(cudaGetLastError(), fn);
     return DS_OK;

@@ -155,6 +155,14 @@ static PyObject *py_last_gemm_grouped(PyObject *self, PyObject *args)
     return PyBool_FromLong(ds_cuda_last_gemm_grouped());
 }
 
+static PyObject *py_last_gemm_counts(PyObject *self, PyObject *args)
+{
+    (void)self; (void)args;
+    long long grouped = 0, loop = 0;
+    ds_cuda_last_gemm_counts(&grouped, &loop);
+    return Py_BuildValue("{s:L,s:L}", "grouped", grouped, "loop", loop);
+}
+
 static void *ptr_of(long long v) { return (void *)(intptr_t)v; }
 
 /* route_levels(device, stream, w_ptr, w_dtype, T, K, ws0, ws1, thresholds,
@@ -239,14 +247,14 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args)
     (void)self;
     PyObject *tup;
     int device;
-    long long stream, ws, ws_size;
+    long long stream, handle, ws, ws_size;
     ds_cuda_moe_args a;
-    if (!PyArg_ParseTuple(args, "iLO!LL", &device, &stream, &PyTuple_Type, &tup, &ws, &ws_size) ||
+    if (!PyArg_ParseTuple(args, "iLLO!LL", &device, &stream, &handle, &PyTuple_Type, &tup, &ws, &ws_size) ||
         parse_moe(tup, &a) != 0)
         return NULL;
     ds_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = ds_cuda_moe_experts(device, ptr_of(stream), &a, ptr_of(ws), (size_t)ws_size);
+    st = ds_cuda_moe_experts(device, ptr_of(stream), ptr_of(handle), &a, ptr_of(ws), (size_t)ws_size);
     Py_END_ALLOW_THREADS
     if (st != DS_OK)
         return raise_status(st);
@@ -285,24 +293,109 @@ static PyObject *py_importance_check(PyObject *self, PyObject *args)
     return PyLong_FromSize_t(ds_cuda_importance_workspace_size(&a));
 }
 
+/* importance(device, stream, blas_handle, moe_tuple, weighted, accum, counts, ws, ws_size) */
 static PyObject *py_importance(PyObject *self, PyObject *args)
 {
     (void)self;
     int device;
-    long long stream, ws, ws_size;
+    long long stream, handle, ws, ws_size;
     ds_cuda_importance_args a;
-    if (parse_importance(args, &device, &stream, &ws, &ws_size, &a) != 0)
+    PyObject *rest = NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    if (n != 9) {
+        PyErr_SetString(PyExc_TypeError, "importance(device, stream, blas_handle, args, weighted, accum, "
+                        "counts, ws, ws_size) takes 9 arguments");
+        return NULL;
+    }
+    if (!PyArg_Parse(PyTuple_GET_ITEM(args, 2), "L", &handle))
+        return NULL;
+    /* the rest parses like importance_check's arguments, less the handle */
+    rest = PyTuple_New(n - 1);
+    if (rest == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0, j = 0; i < n; i++) {
+        if (i == 2)
+            continue;
+        PyObject *o = PyTuple_GET_ITEM(args, i);
+        Py_INCREF(o);
+        PyTuple_SET_ITEM(rest, j++, o);
+    }
+    int rc = parse_importance(rest, &device, &stream, &ws, &ws_size, &a);
+    Py_DECREF(rest);
+    if (rc != 0)
         return NULL;
     ds_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = ds_cuda_importance(device, ptr_of(stream), &a, ptr_of(ws), (size_t)ws_size);
+    st = ds_cuda_importance(device, ptr_of(stream), ptr_of(handle), &a, ptr_of(ws), (size_t)ws_size);
     Py_END_ALLOW_THREADS
     if (st != DS_OK)
         return raise_status(st);
     Py_RETURN_NONE;
 }
 
+#ifdef DS_CUDA_EMULATE
+/* ---- the host emulation's test hooks (never in the real module) --------- */
+#include "../cuda/emu/cuda_emu_hooks.h"
+
+static PyObject *py_emu_blas_handle(PyObject *self, PyObject *args)
+{
+    (void)self;
+    long long stream = 0;
+    if (!PyArg_ParseTuple(args, "|L", &stream))
+        return NULL;
+    return PyLong_FromVoidPtr(ds_emu_blas_handle(ptr_of(stream)));
+}
+
+static PyObject *py_emu_blas_handle_calls(PyObject *self, PyObject *args)
+{
+    (void)self;
+    long long h;
+    if (!PyArg_ParseTuple(args, "L", &h))
+        return NULL;
+    return PyLong_FromLongLong(ds_emu_blas_handle_calls(ptr_of(h)));
+}
+
+static PyObject *py_emu_faults(PyObject *self, PyObject *args)
+{
+    (void)self; (void)args;
+    return PyLong_FromLong(ds_emu_faults());
+}
+
+/* emu_grouped_probe(atype, btype, ctype, compute, k, offset_bytes) ->
+ * (cuBLAS status, faulted): one 8 x 8 x k grouped problem, A, B and C
+ * offset_bytes past 256-byte aligned buffers */
+static PyObject *py_emu_grouped_probe(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int at, bt, ct, compute, k, off;
+    if (!PyArg_ParseTuple(args, "iiiiii", &at, &bt, &ct, &compute, &k, &off))
+        return NULL;
+    int faulted = 0;
+    int st = ds_emu_grouped_probe(at, bt, ct, compute, k, off, &faulted);
+    return Py_BuildValue("(iO)", st, faulted ? Py_True : Py_False);
+}
+
+static PyObject *py_emu_gemm_ex_probe(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int at, bt, ct, compute;
+    if (!PyArg_ParseTuple(args, "iiii", &at, &bt, &ct, &compute))
+        return NULL;
+    return PyLong_FromLong(ds_emu_gemm_ex_probe(at, bt, ct, compute));
+}
+#endif
+
 static PyMethodDef methods[] = {
+#ifdef DS_CUDA_EMULATE
+    {"emu_blas_handle", py_emu_blas_handle, METH_VARARGS,
+     "emu_blas_handle(stream=0) -> the emulation's stand-in for torch's cuBLAS handle, bound to stream"},
+    {"emu_blas_handle_calls", py_emu_blas_handle_calls, METH_VARARGS, "GEMM calls made on an emulated handle"},
+    {"emu_faults", py_emu_faults, METH_NOARGS, "misaligned-address faults the emulated device has raised"},
+    {"emu_grouped_probe", py_emu_grouped_probe, METH_VARARGS,
+     "emu_grouped_probe(atype, btype, ctype, compute, k, offset) -> (status, faulted)"},
+    {"emu_gemm_ex_probe", py_emu_gemm_ex_probe, METH_VARARGS,
+     "emu_gemm_ex_probe(atype, btype, ctype, compute) -> status of the emulated cublasGemmEx"},
+#endif
     {"device_count", py_device_count, METH_NOARGS, "visible CUDA devices (0 without a driver)"},
     {"status", py_status, METH_NOARGS, "runtime, driver, archs and why no device is usable"},
     {"selftest", py_selftest, METH_VARARGS, "run a small kernel on a device and check its output"},
@@ -311,16 +404,18 @@ static PyMethodDef methods[] = {
     {"last_sync_seconds", py_last_sync_seconds, METH_NOARGS,
      "seconds this thread waited in the last CUDA op's one stream synchronisation"},
     {"last_gemm_grouped", py_last_gemm_grouped, METH_NOARGS,
-     "whether this thread's last GEMM phase ran as one cublasGemmGroupedBatchedEx call"},
+     "whether every GEMM of this thread's last expert op ran in cublasGemmGroupedBatchedEx calls"},
+    {"last_gemm_counts", py_last_gemm_counts, METH_NOARGS,
+     "{'grouped', 'loop'}: GEMM problems of this thread's last expert op per path"},
     {"blas_info", py_blas_info, METH_NOARGS, "{'path', 'version'} of the loaded cuBLAS"},
     {"route_levels", py_route_levels, METH_VARARGS, "routing levels on the device (raw pointers)"},
     {"moe_check", py_moe_check, METH_VARARGS,
      "moe_check(args) -> workspace bytes: the host-side argument checks, no device needed"},
-    {"moe_experts", py_moe_experts, METH_VARARGS, "moe_experts(device, stream, args, ws, ws_size)"},
+    {"moe_experts", py_moe_experts, METH_VARARGS, "moe_experts(device, stream, blas_handle, args, ws, ws_size)"},
     {"importance_check", py_importance_check, METH_VARARGS,
      "importance_check(device, stream, args, weighted, accum, counts, 0, 0) -> workspace bytes"},
     {"importance", py_importance, METH_VARARGS,
-     "importance(device, stream, args, weighted, accum, counts, ws, ws_size)"},
+     "importance(device, stream, blas_handle, args, weighted, accum, counts, ws, ws_size)"},
     {"blas_forget_refusals", py_blas_forget_refusals, METH_NOARGS,
      "blas_forget_refusals(): try the grouped cuBLAS call again for dtypes it refused"},
     {"route_workspace_size", py_route_workspace_size, METH_NOARGS,

@@ -10,7 +10,12 @@
 //   DS_CUDA_EMU_GROUPED  "1" (default): cuBLAS has cublasGemmGroupedBatchedEx;
 //                        "0": it has not (cuBLAS < 12.5); "refuse": it has,
 //                        but refuses every problem (CUBLAS_STATUS_NOT_SUPPORTED)
+//   DS_CUDA_EMU_DRIVER   unset: a driver with one device; "none": no driver
+//                        (libcuda.so.1 absent); "old:<version>": a driver of
+//                        that CUDA version, older than the runtime (13.0);
+//                        "nodevice": a driver that sees no GPU
 #include "../ds_cuda_internal.h"
+#include "cuda_emu_hooks.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +37,44 @@ static cudaError_t fail(cudaError_t e)
 {
     emu_last_error = e;
     return e;
+}
+
+enum { EMU_RUNTIME_VERSION = 13000 };
+
+static const char *emu_driver(void)
+{
+    const char *d = getenv("DS_CUDA_EMU_DRIVER");
+    return d ? d : "";
+}
+
+cudaError_t cudaGetDeviceCount(int *count)
+{
+    const char *d = emu_driver();
+    *count = 0;
+    if (strcmp(d, "none") == 0 || strncmp(d, "old:", 4) == 0)
+        return fail(cudaErrorInsufficientDriver); /* what cudart says in both cases */
+    if (strcmp(d, "nodevice") == 0)
+        return fail(cudaErrorNoDevice);
+    *count = 1;
+    return cudaSuccess;
+}
+
+cudaError_t cudaRuntimeGetVersion(int *version)
+{
+    *version = EMU_RUNTIME_VERSION;
+    return cudaSuccess;
+}
+
+int ds_cuda_probe_driver(int *driver_version, char *why, size_t cap)
+{
+    const char *d = emu_driver();
+    *driver_version = 0;
+    if (strcmp(d, "none") == 0) {
+        snprintf(why, cap, "libcuda.so.1: cannot open shared object file: No such file or directory");
+        return 0;
+    }
+    *driver_version = strncmp(d, "old:", 4) == 0 ? atoi(d + 4) : EMU_RUNTIME_VERSION;
+    return 1;
 }
 
 cudaError_t cudaGetDevice(int *device)
@@ -63,6 +106,9 @@ const char *cudaGetErrorString(cudaError_t err)
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInsufficientDriver: return "CUDA driver version is insufficient for CUDA runtime version";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorMisalignedAddress: return "misaligned address";
     }
     return "unknown error";
 }
@@ -75,6 +121,9 @@ const char *cudaGetErrorName(cudaError_t err)
     case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorInsufficientDriver: return "cudaErrorInsufficientDriver";
+    case cudaErrorNoDevice: return "cudaErrorNoDevice";
+    case cudaErrorMisalignedAddress: return "cudaErrorMisalignedAddress";
     }
     return "cudaErrorUnknown";
 }
@@ -196,45 +245,26 @@ enum { ST_OK = 0, ST_NOT_INITIALIZED = 1, ST_INVALID_VALUE = 7, ST_NOT_SUPPORTED
 
 struct cublasContext {
     cudaStream_t stream;
-    void *workspace;
-    size_t workspace_size;
+    long long calls;
 };
 
-static int emu_create(ds_blas_handle *h)
+static int emu_get_property(int type, int *v)
 {
-    *h = new cublasContext();
-    return ST_OK;
-}
-static int emu_destroy(ds_blas_handle h)
-{
-    delete h;
-    return ST_OK;
-}
-static int emu_set_stream(ds_blas_handle h, cudaStream_t s)
-{
-    if (h == NULL)
-        return ST_NOT_INITIALIZED;
-    h->stream = s;
-    h->workspace = NULL; /* cublasSetStream resets the user workspace */
-    h->workspace_size = 0;
-    return ST_OK;
-}
-static int emu_set_workspace(ds_blas_handle h, void *ws, size_t size)
-{
-    if (h == NULL)
-        return ST_NOT_INITIALIZED;
-    if (size > 0 && (ws == NULL || ((uintptr_t)ws & 255))) /* must be 256-byte aligned */
+    if (v == NULL || type < 0 || type > 2)
         return ST_INVALID_VALUE;
-    h->workspace = ws;
-    h->workspace_size = size;
-    memset(ws, 0x5A, size); /* cuBLAS may use all of it */
+    static const int version[3] = {13, 0, 0};
+    *v = version[type];
     return ST_OK;
 }
-static int emu_get_version(ds_blas_handle, int *v)
+static int emu_get_stream(ds_blas_handle h, cudaStream_t *s)
 {
-    *v = 0;
+    if (h == NULL)
+        return ST_NOT_INITIALIZED;
+    *s = h->stream;
     return ST_OK;
 }
+
+static size_t type_size(cudaDataType t) { return t == CUDA_R_32F ? 4 : 2; }
 
 static float elem(const void *p, cudaDataType t, int64_t i)
 {
@@ -250,28 +280,79 @@ static float elem(const void *p, cudaDataType t, int64_t i)
     }
 }
 
-/* The checks of the documented API for the problems used here: A and B of
- * one type among 32F/16F/16BF, C float32, CUBLAS_COMPUTE_32F. */
-static int gemm_check(int ta, int tb, int m, int n, int k, cudaDataType at, int lda, cudaDataType bt,
-                      int ldb, cudaDataType ct, int ldc, int compute)
+static void store(void *p, cudaDataType t, int64_t i, float v)
 {
-    if ((ta != DS_BLAS_OP_N && ta != DS_BLAS_OP_T) || (tb != DS_BLAS_OP_N && tb != DS_BLAS_OP_T))
-        return ST_INVALID_VALUE;
-    if (m < 0 || n < 0 || k < 0)
-        return ST_INVALID_VALUE;
-    if (lda < std::max(1, ta == DS_BLAS_OP_N ? m : k) || ldb < std::max(1, tb == DS_BLAS_OP_N ? k : n) ||
-        ldc < std::max(1, m))
-        return ST_INVALID_VALUE;
-    if (at != bt || (at != CUDA_R_32F && at != CUDA_R_16F && at != CUDA_R_16BF) || ct != CUDA_R_32F ||
-        compute != DS_BLAS_COMPUTE_32F)
-        return ST_NOT_SUPPORTED;
-    return ST_OK;
+    switch (t) {
+    case CUDA_R_32F: ((float *)p)[i] = v; break;
+    case CUDA_R_16F: ((_Float16 *)p)[i] = (_Float16)v; break;
+    default: ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v); break;
+    }
 }
 
-/* Column-major C (m x n) = alpha op(A) (m x k) op(B) (k x n) + beta C; C is
- * not read when beta == 0. */
+static int is_known_type(cudaDataType t) { return t == CUDA_R_32F || t == CUDA_R_16F || t == CUDA_R_16BF; }
+
+/* cublasGemmEx's documented combinations among the types used here: under
+ * CUBLAS_COMPUTE_32F, A = B in 16F with C in 16F or 32F, 16BF with C in
+ * 16BF or 32F, 32F with C in 32F; under CUBLAS_COMPUTE_32F_FAST_TF32, 32F
+ * only. */
+static int gemm_ex_types_ok(cudaDataType at, cudaDataType bt, cudaDataType ct, int compute)
+{
+    if (at != bt || !is_known_type(at) || !is_known_type(ct))
+        return 0;
+    if (compute == DS_BLAS_COMPUTE_32F)
+        return ct == CUDA_R_32F || ct == at;
+    if (compute == DS_BLAS_COMPUTE_32F_FAST_TF32)
+        return at == CUDA_R_32F && ct == CUDA_R_32F;
+    return 0;
+}
+
+/* cublasGemmGroupedBatchedEx's documented combinations: A = B = C in 16BF,
+ * 16F or 32F under CUBLAS_COMPUTE_32F; 32F under
+ * CUBLAS_COMPUTE_32F_FAST_TF32.  (No 16-bit -> 32F output.) */
+static int grouped_types_ok(cudaDataType at, cudaDataType bt, cudaDataType ct, int compute)
+{
+    if (at != bt || at != ct || !is_known_type(at))
+        return 0;
+    if (compute == DS_BLAS_COMPUTE_32F)
+        return 1;
+    return compute == DS_BLAS_COMPUTE_32F_FAST_TF32 && at == CUDA_R_32F;
+}
+
+/* The argument checks of the documented API (CUBLAS_STATUS_INVALID_VALUE). */
+static int gemm_args_ok(int ta, int tb, int m, int n, int k, int lda, int ldb, int ldc)
+{
+    if ((ta != DS_BLAS_OP_N && ta != DS_BLAS_OP_T) || (tb != DS_BLAS_OP_N && tb != DS_BLAS_OP_T))
+        return 0;
+    if (m < 0 || n < 0 || k < 0)
+        return 0;
+    return lda >= std::max(1, ta == DS_BLAS_OP_N ? m : k) && ldb >= std::max(1, tb == DS_BLAS_OP_N ? k : n) &&
+           ldc >= std::max(1, m);
+}
+
+/* The pointer alignment the documentation asks of a grouped (or batched)
+ * call's matrices for 16-bit types and the FAST compute types (cuBLAS reads
+ * them from device memory and cannot choose a kernel for them): ideally 16
+ * bytes; else, if k % 8 == 0, 16 bytes, and if k % 2 == 0, 4 bytes.  A
+ * violation is a misaligned-address fault on the device. */
+static int grouped_ptr_ok(const void *p, cudaDataType at, int compute, int k)
+{
+    if (at == CUDA_R_32F && compute == DS_BLAS_COMPUTE_32F)
+        return 1;
+    const uintptr_t u = (uintptr_t)p;
+    if (k % 8 == 0)
+        return u % 16 == 0;
+    if (k % 2 == 0)
+        return u % 4 == 0;
+    return u % type_size(at) == 0;
+}
+
+static int emu_fault_count;
+
+/* Column-major C (m x n) = alpha op(A) (m x k) op(B) (k x n) + beta C, in
+ * float32, rounded to ct; C is not read when beta == 0. */
 static void gemm_run(int ta, int tb, int m, int n, int k, float alpha, const void *A, cudaDataType at,
-                     int lda, const void *B, cudaDataType bt, int ldb, float beta, float *C, int ldc)
+                     int lda, const void *B, cudaDataType bt, int ldb, float beta, void *C, cudaDataType ct,
+                     int ldc)
 {
     for (int j = 0; j < n; j++)
         for (int i = 0; i < m; i++) {
@@ -281,8 +362,8 @@ static void gemm_run(int ta, int tb, int m, int n, int k, float alpha, const voi
                 const float b = elem(B, bt, tb == DS_BLAS_OP_N ? l + (int64_t)j * ldb : j + (int64_t)l * ldb);
                 acc += a * b;
             }
-            float *c = C + i + (int64_t)j * ldc;
-            *c = beta == 0.0f ? alpha * acc : alpha * acc + beta * *c;
+            const int64_t c = i + (int64_t)j * ldc;
+            store(C, ct, c, beta == 0.0f ? alpha * acc : alpha * acc + beta * elem(C, ct, c));
         }
 }
 
@@ -293,11 +374,12 @@ static int emu_gemm_ex(ds_blas_handle h, int ta, int tb, int m, int n, int k, co
     (void)algo;
     if (h == NULL)
         return ST_NOT_INITIALIZED;
-    int st = gemm_check(ta, tb, m, n, k, at, lda, bt, ldb, ct, ldc, compute);
-    if (st != ST_OK)
-        return st;
-    gemm_run(ta, tb, m, n, k, *(const float *)alpha, A, at, lda, B, bt, ldb, *(const float *)beta,
-             (float *)C, ldc);
+    if (!gemm_args_ok(ta, tb, m, n, k, lda, ldb, ldc))
+        return ST_INVALID_VALUE;
+    if (!gemm_ex_types_ok(at, bt, ct, compute))
+        return ST_NOT_SUPPORTED;
+    h->calls++;
+    gemm_run(ta, tb, m, n, k, *(const float *)alpha, A, at, lda, B, bt, ldb, *(const float *)beta, C, ct, ldc);
     return ST_OK;
 }
 
@@ -316,18 +398,30 @@ static int emu_gemm_grouped(ds_blas_handle h, const int *ta, const int *tb, cons
         return ST_INVALID_VALUE;
     /* every group is checked before anything is computed */
     for (int g = 0; g < group_count; g++) {
-        if (group_size[g] < 0)
+        if (group_size[g] < 0 || !gemm_args_ok(ta[g], tb[g], m[g], n[g], k[g], lda[g], ldb[g], ldc[g]))
             return ST_INVALID_VALUE;
-        int st = gemm_check(ta[g], tb[g], m[g], n[g], k[g], at, lda[g], bt, ldb[g], ct, ldc[g], compute);
-        if (st != ST_OK)
-            return st;
     }
-    const float *al = (const float *)alpha, *be = (const float *)beta;
+    if (!grouped_types_ok(at, bt, ct, compute))
+        return ST_NOT_SUPPORTED;
+    h->calls++;
+    /* The device reads the pointer arrays: a misaligned matrix faults there
+     * (the call itself has returned success), nothing is computed, and the
+     * error surfaces at the next runtime call that reports errors. */
     int64_t p = 0;
     for (int g = 0; g < group_count; g++)
         for (int j = 0; j < group_size[g]; j++, p++)
-            gemm_run(ta[g], tb[g], m[g], n[g], k[g], al[g], A[p], at, lda[g], B[p], bt, ldb[g], be[g],
-                     (float *)C[p], ldc[g]);
+            if (!grouped_ptr_ok(A[p], at, compute, k[g]) || !grouped_ptr_ok(B[p], bt, compute, k[g]) ||
+                !grouped_ptr_ok(C[p], at, compute, k[g])) {
+                __atomic_add_fetch(&emu_fault_count, 1, __ATOMIC_SEQ_CST);
+                fail(cudaErrorMisalignedAddress);
+                return ST_OK;
+            }
+    const float *al = (const float *)alpha, *be = (const float *)beta;
+    p = 0;
+    for (int g = 0; g < group_count; g++)
+        for (int j = 0; j < group_size[g]; j++, p++)
+            gemm_run(ta[g], tb[g], m[g], n[g], k[g], al[g], A[p], at, lda[g], B[p], bt, ldb[g], be[g], C[p], ct,
+                     ldc[g]);
     return ST_OK;
 }
 
@@ -335,41 +429,68 @@ static ds_blas_api emu_api;
 
 const ds_blas_api *ds_blas(void)
 {
-    emu_api.create = emu_create;
-    emu_api.destroy = emu_destroy;
-    emu_api.set_stream = emu_set_stream;
-    emu_api.get_version = emu_get_version;
-    emu_api.set_workspace = emu_set_workspace;
+    emu_api.get_property = emu_get_property;
+    emu_api.get_stream = emu_get_stream;
     emu_api.gemm_ex = emu_gemm_ex;
     const char *mode = getenv("DS_CUDA_EMU_GROUPED");
     emu_api.gemm_grouped = mode && strcmp(mode, "0") == 0 ? NULL : emu_gemm_grouped;
     return &emu_api;
 }
 
-static thread_local ds_blas_handle emu_handle;
+/* ---- test hooks (cuda_emu_hooks.h) ------------------------------------------- */
 
-ds_status ds_blas_handle_for(int device, cudaStream_t stream, void *blas_ws, size_t blas_ws_size,
-                             ds_blas_handle *out)
+static cublasContext emu_torch_handle;
+
+extern "C" void *ds_emu_blas_handle(void *stream)
 {
-    const ds_blas_api *api = ds_blas();
-    if (device != 0)
-        return ds_cuda_error(DS_ERR_VALUE, "device %d: the emulation has one device", device);
-    if (emu_handle == NULL)
-        api->create(&emu_handle);
-    api->set_stream(emu_handle, stream);
-    if (blas_ws != NULL && api->set_workspace(emu_handle, blas_ws, blas_ws_size) != ST_OK)
-        return ds_cuda_error(DS_ERR_INTERNAL, "cublasSetWorkspace failed");
-    *out = emu_handle;
-    return DS_OK;
+    emu_torch_handle.stream = (cudaStream_t)stream;
+    return &emu_torch_handle;
+}
+
+extern "C" long long ds_emu_blas_handle_calls(void *h) { return h ? ((cublasContext *)h)->calls : 0; }
+
+extern "C" int ds_emu_faults(void) { return __atomic_load_n(&emu_fault_count, __ATOMIC_SEQ_CST); }
+
+extern "C" int ds_emu_grouped_probe(int atype, int btype, int ctype, int compute, int k, int offset_bytes,
+                                    int *faulted)
+{
+    cublasContext h = {};
+    const int n = 8;
+    std::vector<char> buf(3 * 256 * 64 + 256 * 4);
+    char *base = (char *)(((uintptr_t)buf.data() + 255) & ~(uintptr_t)255);
+    void *A = base + offset_bytes, *B = base + 256 * 64 + offset_bytes, *C = base + 2 * 256 * 64 + offset_bytes;
+    const void *Ap[1] = {A}, *Bp[1] = {B};
+    void *Cp[1] = {C};
+    const int t = DS_BLAS_OP_T, nn = DS_BLAS_OP_N, ld = std::max(k, 1), size = 1;
+    const float one = 1.0f, zero = 0.0f;
+    const int before = ds_emu_faults();
+    (void)cudaGetLastError();
+    int st = emu_gemm_grouped(&h, &t, &nn, &n, &n, &k, &one, Ap, (cudaDataType)atype, &ld, Bp, (cudaDataType)btype,
+                              &ld, &zero, Cp, (cudaDataType)ctype, &n, 1, &size, compute);
+    *faulted = ds_emu_faults() != before && cudaGetLastError() == cudaErrorMisalignedAddress;
+    return st;
+}
+
+extern "C" int ds_emu_gemm_ex_probe(int atype, int btype, int ctype, int compute)
+{
+    cublasContext h = {};
+    float A[4] = {0}, B[4] = {0}, C[4] = {0};
+    const float one = 1.0f, zero = 0.0f;
+    return emu_gemm_ex(&h, DS_BLAS_OP_T, DS_BLAS_OP_N, 1, 1, 1, &one, A, (cudaDataType)atype, 1, B,
+                       (cudaDataType)btype, 1, &zero, C, (cudaDataType)ctype, 1, compute, DS_BLAS_GEMM_DEFAULT);
 }
 
 /* ---- the entry points ds_cuda.cu has on a real build ------------------------- */
 
 extern "C" {
 
-int ds_cuda_device_count(void) { return 1; }
-int ds_cuda_runtime_version(void) { return 0; }
-int ds_cuda_driver_version(void) { return 0; }
+int ds_cuda_runtime_version(void) { return EMU_RUNTIME_VERSION; }
+int ds_cuda_driver_version(void)
+{
+    int v = 0;
+    char why[256];
+    return ds_cuda_probe_driver(&v, why, sizeof why) ? v : 0;
+}
 const char *ds_cuda_arch_list(void) { return "emulated"; }
 
 int ds_cuda_selftest(int device, int32_t *host, int n)

@@ -15,10 +15,14 @@
  *   - device memory is host memory; copies and memsets are immediate;
  *     streams are ignored;
  *   - launch configurations are checked like the runtime does (an empty or
- *     oversized grid or block is cudaErrorInvalidConfiguration).
+ *     oversized grid or block is cudaErrorInvalidConfiguration);
+ *   - the driver is there, absent or too old as DS_CUDA_EMU_DRIVER says
+ *     (cuda_emu.cpp), so the module's reports of each can be tested.
  *
  * cuBLAS is emulated in cuda_emu.cpp (column-major GEMMs with float32
- * accumulation and the argument checks of the documented API).
+ * accumulation, outputs rounded to the C type, the type combinations and
+ * argument checks of the documented API, and the device fault a misaligned
+ * pointer of a grouped call causes).
  * This file is never used by the nvcc build. */
 #ifndef DS_CUDA_EMU_H
 #define DS_CUDA_EMU_H
@@ -47,7 +51,10 @@ typedef enum {
     cudaErrorInvalidValue = 1,
     cudaErrorMemoryAllocation = 2,
     cudaErrorInvalidConfiguration = 9,
+    cudaErrorInsufficientDriver = 35,
+    cudaErrorNoDevice = 100,
     cudaErrorInvalidDevice = 101,
+    cudaErrorMisalignedAddress = 716,
 } cudaError_t;
 
 typedef struct ds_emu_stream *cudaStream_t;
@@ -62,6 +69,8 @@ typedef enum {
 
 typedef enum { CUDA_R_32F = 0, CUDA_R_16F = 2, CUDA_R_16BF = 14 } cudaDataType;
 
+cudaError_t cudaGetDeviceCount(int *count);
+cudaError_t cudaRuntimeGetVersion(int *version);
 cudaError_t cudaGetDevice(int *device);
 cudaError_t cudaSetDevice(int device);
 cudaError_t cudaGetLastError(void);
