@@ -484,7 +484,8 @@ def _overlap(a, b) -> bool:
 def _workspace(nbytes: int, like):
     """(tensor, address): at least nbytes of scratch on like's device from
     torch's allocator (on the current stream), the address 256-byte aligned
-    (what cuBLAS wants of its workspace)."""
+    (the module's buffers inside it are 256-byte aligned from there, which
+    the grouped GEMM's 16-byte alignment of 16-bit matrices relies on)."""
     buf = _torch().empty(max(int(nbytes), 1) + 256, dtype=_torch().uint8, device=like.device)
     return buf, (buf.data_ptr() + 255) // 256 * 256
 

@@ -90,10 +90,14 @@ def sanitizer_preload() -> str:
     return ":".join(libs)
 
 
-def _run_cases(so: str) -> int:
-    """Every case of the table through the module at `so` (moe_experts in
-    three dtypes, importance, route_levels), checked against the float64
-    reference: the body of the sanitized run in test_cuda_emu.py."""
+def _run_cases(so: str, device: str = "cpu", gemm_paths=("grouped",)) -> int:
+    """Every case of the table (moe_experts in three dtypes, importance,
+    route_levels), checked against the float64 reference: through the
+    emulated module at `so` on CPU tensors (the body of the sanitized run in
+    test_cuda_emu.py), or, with so="" and device="cuda", through
+    dualsparse._C_cuda on the GPU (what scripts/cuda_check.sh runs under
+    compute-sanitizer), for each GEMM path in gemm_paths ("grouped": the
+    default, "loop": DUALSPARSE_CUDA_GEMM=loop)."""
     import numpy as np
     import torch
 
@@ -101,27 +105,37 @@ def _run_cases(so: str) -> int:
     from cases import CASES, assert_moe_close, build
     from dualsparse import cuda as dcuda
 
-    m = load(Path(so))
+    m = load(Path(so)) if so else None
+    dev = torch.device(device)
+    mv = (lambda t: None if t is None else t.to(dev))
     n = 0
-    for case in CASES:
-        for dtype in ("float32", "bfloat16", "float16"):
-            inp = build(case, dtype, "torch")
-            out = dcuda.moe_experts(inp.x, inp.ids, inp.tw, inp.gate_up, inp.down, inp.levels, inp.P, None,
-                                    _module=m)
-            assert_moe_close(out, inp, "sanitized cuda emulation")
-            acc = torch.zeros((4, case.E, case.I), dtype=torch.float64)
-            cnt = torch.zeros(case.E, dtype=torch.float64)
-            dcuda.neuron_importance(inp.x, inp.ids, inp.gate_up, acc, inp.tw, cnt, _module=m)
-            ref_acc, ref_cnt = R.ref_importance(inp.x, inp.ids, inp.tw, inp.gate_up)
-            assert np.allclose(cnt.numpy(), ref_cnt), case.id
-            assert np.isfinite(acc.numpy()).all(), case.id
-            if case.T:
-                lv = torch.empty(inp.tw.shape, dtype=torch.int8)
-                dcuda.route_levels(inp.tw, [0.2, 0.4], True, lv, _module=m)
-                s = inp.tw.double() / inp.tw.double().sum(1, keepdim=True)
-                want = (s >= 0.2).to(torch.int8) + (s >= 0.4).to(torch.int8)
-                assert torch.equal(lv, want), case.id
-            n += 1
+    for path in gemm_paths:
+        if path == "loop":
+            os.environ["DUALSPARSE_CUDA_GEMM"] = "loop"
+        else:
+            os.environ.pop("DUALSPARSE_CUDA_GEMM", None)
+        for case in CASES:
+            for dtype in ("float32", "bfloat16", "float16"):
+                inp = build(case, dtype, "torch")
+                x, ids, tw, gu, dn, lvl = (mv(inp.x), mv(inp.ids), mv(inp.tw), mv(inp.gate_up), mv(inp.down),
+                                           mv(inp.levels))
+                out = dcuda.moe_experts(x, ids, tw, gu, dn, lvl, inp.P, None, _module=m)
+                assert_moe_close(out.cpu(), inp, f"{device} {path}")
+                acc = torch.zeros((4, case.E, case.I), dtype=torch.float64, device=dev)
+                cnt = torch.zeros(case.E, dtype=torch.float64, device=dev)
+                dcuda.neuron_importance(x, ids, gu, acc, tw, cnt, _module=m)
+                ref_acc, ref_cnt = R.ref_importance(inp.x, inp.ids, inp.tw, inp.gate_up)
+                assert np.allclose(cnt.cpu().numpy(), ref_cnt), case.id
+                assert np.isfinite(acc.cpu().numpy()).all(), case.id
+                if case.T:
+                    lv = torch.empty(inp.tw.shape, dtype=torch.int8, device=dev)
+                    dcuda.route_levels(tw, [0.2, 0.4], True, lv, _module=m)
+                    s = inp.tw.double() / inp.tw.double().sum(1, keepdim=True)
+                    want = (s >= 0.2).to(torch.int8) + (s >= 0.4).to(torch.int8)
+                    assert torch.equal(lv.cpu(), want), case.id
+                n += 1
+    if device != "cpu":
+        torch.cuda.synchronize()
     print(f"cases ok {n}")
     return 0
 
@@ -131,5 +145,7 @@ if __name__ == "__main__":
 
     if len(sys.argv) == 3 and sys.argv[1] == "--run-cases":
         sys.exit(_run_cases(sys.argv[2]))
-    print("usage: cuda_emu.py --run-cases MODULE.so", file=sys.stderr)
+    if len(sys.argv) in (2, 3) and sys.argv[1] == "--run-cases-gpu":
+        sys.exit(_run_cases("", "cuda", tuple((sys.argv[2] if len(sys.argv) == 3 else "grouped,loop").split(","))))
+    print("usage: cuda_emu.py --run-cases MODULE.so | --run-cases-gpu [grouped,loop]", file=sys.stderr)
     sys.exit(2)

@@ -46,9 +46,25 @@ def test_cuda_module_status(cuda_module):
     assert "sm_80" in archs and "sm_90" in archs, st["archs"]
     if st["device_count"] == 0:
         assert st["reason"], "no device, but no reason given"
+        if not _driver_present():
+            # cudart says "driver version is insufficient" here: the module must not
+            assert st["reason"].startswith("no NVIDIA driver"), st["reason"]
+            assert "insufficient" not in st["reason"].lower(), st["reason"]
     else:
         assert st["reason"] == ""
     assert cuda_module.device_count() == st["device_count"]
+
+
+def _driver_present() -> bool:
+    import ctypes
+
+    if os.path.exists("/proc/driver/nvidia/version"):
+        return True
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +157,26 @@ from cases import (CASE_IDS, CASES_BY_ID, SMALL_CASE_IDS, assert_moe_close, asse
                    ROUTE_THRESHOLDS, assert_same_error, build, route_weights)  # noqa: E402
 
 
-def test_cuda_import_needs_no_cuda_libraries(cuda_module):
-    """The module links neither cuBLAS nor the shared cudart: import works on
-    any machine, and cuBLAS is found at run time."""
+def test_cuda_module_uses_one_shared_runtime(cuda_module):
+    """The module links the shared CUDA runtime of its toolkit (no static
+    copy, no cuBLAS: that is found at run time), and the process has one
+    CUDA runtime loaded: torch's where torch has CUDA."""
+    import re
+
     so = cuda_module.__file__
-    out = subprocess.run(["ldd", so], capture_output=True, text=True).stdout
-    assert "libcublas" not in out and "libcudart.so" not in out, out
+    major = dcuda.runtime_major(so)
+    assert major is not None, "the module does not name libcudart.so.<N>: a static runtime?"
+    needed = subprocess.run(["objdump", "-p", so], capture_output=True, text=True).stdout
+    if needed:
+        libs = re.findall(r"NEEDED\s+(\S+)", needed)
+        assert f"libcudart.so.{major}" in libs and not any("cublas" in n for n in libs), libs
+    st = cuda_module.status()
+    assert st["runtime_version"] // 1000 == major
+    with open("/proc/self/maps") as f:
+        runtimes = {os.path.realpath(ln.split()[-1]) for ln in f if "libcudart" in ln.split()[-1]}
+    assert len(runtimes) == 1, runtimes
+    if torch.version.cuda:
+        assert int(torch.version.cuda.split(".")[0]) == major
 
 
 def test_cuda_workspace_size_is_arithmetic(cuda_module):
@@ -154,8 +184,11 @@ def test_cuda_workspace_size_is_arithmetic(cuda_module):
     big = dcuda.moe_workspace_size(4096, 8, 64, 1024, 2048, 2)
     assert 0 < small < big
     R_ = 4096 * 8
-    # gathered rows (bf16), gate/up (float32), activations (bf16), down output (float32)
-    assert big >= R_ * (2048 * 2 + 2 * 1024 * 4 + 1024 * 2 + 2048 * 4)
+    # gathered rows, gate/up outputs, activations, down outputs: all bf16
+    rows = R_ * (2048 * 2 + 2 * 1024 * 2 + 1024 * 2 + 2048 * 2)
+    assert rows <= big < rows + (4 << 20)
+    # no cuBLAS workspace of its own (it uses the one torch gave its handle)
+    assert small < (4 << 20), small
     assert dcuda.moe_workspace_size(16, 8, 64, 1024, 2048, 2, "float32") > small
 
 
@@ -170,6 +203,81 @@ def test_cuda_blas_load_reports_what_it_searched(cuda_module):
 def test_cuda_blas_candidates_are_paths():
     cands = dcuda.blas_candidates()
     assert isinstance(cands, list) and all(isinstance(c, str) for c in cands)
+
+
+class _FakeModule:
+    """Stands in for dualsparse._C_cuda in the available() tests."""
+
+    def __init__(self, archs="sm_80 sm_90 compute_90"):
+        self.archs = archs
+
+    def status(self):
+        return {"device_count": 1, "runtime_version": 12040, "driver_version": 12040, "archs": self.archs,
+                "reason": ""}
+
+    def blas_load(self, paths, system=True):
+        return "libcublas.so.12"
+
+
+@pytest.mark.parametrize("cap,ok", [((7, 5), False), ((8, 0), True), ((8, 6), True), ((8, 9), True),
+                                    ((9, 0), True), ((10, 0), True), ((12, 0), True), ((6, 1), False)])
+def test_available_checks_the_compute_capability(monkeypatch, cap, ok):
+    """available() compares the GPU's compute capability with the module's
+    code (cubins sm_80, sm_90 and PTX compute_90 by default): an older GPU
+    falls back with the reason instead of failing every op with "no kernel
+    image"; newer GPUs run the cubin of their major version or JIT the PTX."""
+    monkeypatch.setattr(dcuda, "_state", {})
+    monkeypatch.setattr(dcuda, "module", lambda: _FakeModule())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_blas_handle", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Fake GPU")
+    got, reason = dcuda.available(0)
+    assert got is ok, reason
+    if not ok:
+        assert f"compute capability {cap[0]}.{cap[1]}" in reason and "Fake GPU" in reason, reason
+        assert f'DUALSPARSE_CUDA_ARCHS="{cap[0]}{cap[1]}"' in reason, reason
+        with pytest.raises(RuntimeError, match="not usable: cuda:0 .*compute capability"):
+            dcuda.require("moe_experts", torch.device("cuda", 0))
+
+
+def test_arch_supported_rules():
+    assert dcuda.arch_supported("sm_80", (8, 6))[0]
+    assert not dcuda.arch_supported("sm_86", (8, 0))[0]  # a cubin does not run on an older minor
+    assert not dcuda.arch_supported("sm_80 sm_90", (10, 0))[0]  # nor on another major
+    assert dcuda.arch_supported("compute_80", (12, 0))[0]  # PTX: any newer GPU
+    assert not dcuda.arch_supported("sm_90a compute_90a", (10, 0))[0]  # arch-specific: that GPU only
+    assert dcuda.arch_supported("sm_90a", (9, 0))[0]
+    assert dcuda.arch_supported("emulated", (5, 0))[0]  # not CUDA archs: not checked
+
+
+def test_module_for_another_cuda_major_is_refused(monkeypatch, tmp_path):
+    """A module built with CUDA 13 is not imported next to a CUDA 12 torch
+    (two runtimes in one process, and a driver that may be too old for 13):
+    available() says to rebuild with torch's toolkit."""
+    fake = tmp_path / "_C_cuda.so"
+    fake.write_bytes(b"\x7fELF....libcudart.so.13\x00....")
+    assert dcuda.runtime_major(str(fake)) == 13
+    monkeypatch.setattr(dcuda, "_module_file", lambda: str(fake))
+    monkeypatch.setattr(dcuda, "_torch_cuda_major", lambda: 12)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    m, why = dcuda._import_module()
+    assert m is None
+    assert "built with CUDA 13 but torch uses CUDA 12.4" in why and "CUDA 12 toolkit" in why, why
+    monkeypatch.setattr(dcuda, "_module_state", {})
+    monkeypatch.setattr(dcuda, "_state", {})
+    ok, reason = dcuda.available()
+    assert not ok and "built with CUDA 13 but torch uses CUDA 12.4" in reason, reason
+
+
+def test_runtime_candidates_prefer_the_loaded_copy():
+    cands = dcuda.runtime_candidates(13)
+    assert cands[-1] == "libcudart.so.13"  # the system loader last
+    with open("/proc/self/maps") as f:
+        loaded = [ln.split()[-1] for ln in f if ln.strip().endswith("/libcudart.so.13")]
+    if loaded:
+        assert cands[0] == loaded[0]
 
 
 def test_cuda_available_says_why(cuda_module):
@@ -325,6 +433,65 @@ def test_cuda_moe_experts_side_stream_and_out(gpu, case_id):
     assert r.data_ptr() == big.data_ptr()
     assert_same_bits(big[:, :H].cpu(), want.cpu(), "side stream, padded out")
     assert (big[:, H:] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_cuda_grouped_gemm_is_accepted(gpu, dtype):
+    """With a cuBLAS that has cublasGemmGroupedBatchedEx (>= 12.5), expert
+    shapes that are multiples of 8 run every GEMM grouped, in every dtype:
+    cuBLAS accepts the module's type combinations (no refusal recorded)."""
+    from cases import Case
+
+    m = dcuda.module()
+    m.blas_forget_refusals()
+    inp = build(Case("aligned", T=64, H=256, I=128, E=8, K=2, P=2), dtype, "torch")
+    d = _to(inp, gpu)
+    out = ops.moe_experts(d.x, d.ids, d.tw, d.gate_up, d.down, levels=d.levels, num_partitions=d.P)
+    torch.cuda.synchronize()
+    assert_moe_close(out.cpu(), inp, "aligned shapes on the GPU")
+    if not m.blas_info()["grouped_gemm"]:
+        pytest.skip(f"cuBLAS {m.blas_info()['version']} has no grouped GEMM")
+    assert m.blas_info()["grouped_refused"][dtype] == 0, m.blas_info()
+    assert m.last_gemm_counts()["loop"] == 0, m.last_gemm_counts()
+
+
+def test_cuda_ops_from_threads_and_streams(gpu):
+    """Several Python threads, each on its own stream (each with torch's
+    cuBLAS handle for that thread): the same bits as one thread, and the
+    device memory torch holds does not grow with repeated calls."""
+    import threading
+
+    inp = build(CASES_BY_ID["many_rows"], "bfloat16", "torch")
+    d = _to(inp, gpu)
+    want = ops.moe_experts(d.x, d.ids, d.tw, d.gate_up, d.down, levels=d.levels, num_partitions=d.P).cpu()
+    results, errors = [], []
+
+    def work():
+        try:
+            s = torch.cuda.Stream(gpu)
+            s.wait_stream(torch.cuda.default_stream(gpu))
+            with torch.cuda.stream(s):
+                for _ in range(5):
+                    r = ops.moe_experts(d.x, d.ids, d.tw, d.gate_up, d.down, levels=d.levels, num_partitions=d.P)
+                s.synchronize()
+                results.append(r.cpu())
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for r in results:
+        assert_same_bits(r, want, "threads and streams")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(gpu)
+    for _ in range(20):
+        ops.moe_experts(d.x, d.ids, d.tw, d.gate_up, d.down, levels=d.levels, num_partitions=d.P)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated(gpu) <= before + want.numel() * 2 + (1 << 20)
 
 
 @pytest.mark.parametrize("ids_dtype", ["int32", "int64"])
