@@ -1,13 +1,13 @@
 #!/usr/bin/env python
-"""GPU benchmark of dualsparse's CUDA expert path (bfloat16, OLMoE and Mixtral
-expert shapes, T = 1, 16, 128, 1024, 4096).
+"""GPU benchmark of dualsparse's CUDA expert path (bfloat16 or --dtype, OLMoE
+and Mixtral expert shapes, T = 1, 16, 128, 1024, 4096).
 
 At no drop, side by side on the same weight tensors:
 
 * ``dualsparse``       dualsparse.ops.moe_experts on CUDA tensors (cuBLAS GEMMs,
                        one host synchronisation per call for the plan's row counts)
 * ``dualsparse_gemm_loop``  the same with DUALSPARSE_CUDA_GEMM=loop (a cublasGemmEx
-                       per expert) where the grouped cuBLAS call is in use
+                       per expert) where the loaded cuBLAS has the grouped call
 * ``torch_grouped_mm`` sort by expert + torch._grouped_mm for gate/up and down +
                        index_add combine (where torch has _grouped_mm for this GPU)
 * ``hf5_<impl>``       the transformers 5.x Experts class' eager forward and every
@@ -48,6 +48,7 @@ def main():
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 128, 1024, 4096])
     p.add_argument("--rates", nargs="+", type=float, default=[0.1, 0.25, 0.5])
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers implementations")
     p.add_argument("--max-extra-gb", type=float, default=8.0,
@@ -69,10 +70,10 @@ def main():
         die(f"the dualsparse CUDA path is not usable: {reason}")
     torch.set_grad_enabled(False)
     dev = torch.device("cuda", torch.cuda.current_device())
-    dtype = torch.bfloat16
+    dtype = getattr(torch, a.dtype)
     rows = []
     meta = dict(device=torch.cuda.get_device_name(dev), torch=torch.__version__, torch_cuda=torch.version.cuda,
-                module=dcuda.module().status(),
+                module=dcuda.module().status(), dtype=a.dtype,
                 started=_dt.datetime.now(_dt.timezone.utc).isoformat())
     print(f"# {meta['device']}, torch {meta['torch']} (CUDA {meta['torch_cuda']}), module {meta['module']}")
 
@@ -114,7 +115,8 @@ def main():
             res = {}
             res["dualsparse"] = timeit(lambda: ops.moe_experts(x, ids, w, gu, dn))
             grouped = dcuda.module().last_gemm_grouped()
-            if grouped:  # the same with the cublasGemmEx loop
+            counts = dcuda.module().last_gemm_counts()
+            if dcuda.module().blas_info()["grouped_gemm"]:  # the same with the cublasGemmEx loop
                 os.environ["DUALSPARSE_CUDA_GEMM"] = "loop"
                 try:
                     res["dualsparse_gemm_loop"] = timeit(lambda: ops.moe_experts(x, ids, w, gu, dn))
@@ -152,7 +154,8 @@ def main():
                     res[impl] = f"failed: {type(exc).__name__}: {exc}"[:200]
             base = res["dualsparse"]
             others = [v for k, v in res.items() if not k.startswith("dualsparse") and isinstance(v, float)]
-            row = dict(shape=name, T=T, no_drop=res, drops={}, grouped_gemm=grouped, sync_wait_idle_s=sync_idle,
+            row = dict(shape=name, T=T, dtype=a.dtype, no_drop=res, drops={}, grouped_gemm=grouped,
+                       gemm_problems=counts, sync_wait_idle_s=sync_idle,
                        sync_wait_after_queued_gemm_s=sync_busy, max_rel_err_vs_f32=rel_err,
                        fastest_other_s=min(others) if others else None,
                        goal_no_drop_met=bool(others) and base <= min(others))

@@ -15,8 +15,9 @@
 #  5. the CUDA tests (tests/test_cuda.py: case table vs the CPU engine and the
 #     float64 reference, errors, threads and streams, HF models);
 #  6. a short benchmark of both CUDA GEMM paths (bench_cuda.py: dualsparse and
-#     dualsparse_gemm_loop, OLMoE shapes, T = 1, 16, 128, 512) whose JSON goes
-#     to the results folder (default bench-results).
+#     dualsparse_gemm_loop, OLMoE shapes, T = 1, 16, 128, 512, bfloat16 and
+#     float32, drops 0.25 and 0.5) whose JSON goes to the results folder
+#     (default bench-results).
 # Exit status 1 when a step failed; every step runs regardless.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -85,5 +86,8 @@ step "5. the CUDA tests"
 timeout 600 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py || rc=1
 
 step "6. benchmark: grouped cuBLAS path and cublasGemmEx loop"
-timeout 600 "$py" benchmarks/bench_cuda.py --shapes olmoe --tokens 1 16 128 512 --iters 10 --no-hf --out "$out" || rc=1
+for dt in bfloat16 float32; do
+    timeout 300 "$py" benchmarks/bench_cuda.py --shapes olmoe --tokens 1 16 128 512 --rates 0.25 0.5 --iters 10 \
+        --no-hf --dtype "$dt" --out "$out" || rc=1
+done
 exit $rc

@@ -631,3 +631,62 @@ def test_route_levels_torch_fallback_errors_match_engine(case):
         ops._route_levels_torch(w, [float(t) for t in thr], normalize, torch.empty(w.shape, dtype=torch.int8))
     assert type(fallback.value) is type(engine.value)
     assert str(fallback.value) == str(engine.value)
+
+
+# ============================ the build's decision (setup.py), no compiler run
+
+def _setup_decision(monkeypatch, mode, driver, nvcc_version=(12, 4), torch_cuda="12.4"):
+    """Runs setup.py's BuildExt.build_extensions with the compilers stubbed
+    out: (extensions it would build, the CUDA status recorded in _C)."""
+    import runpy
+
+    import setuptools
+    from setuptools import Distribution
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.chdir(ROOT)
+    g = runpy.run_path(str(ROOT / "setup.py"))
+    g = g["BuildExt"].build_extensions.__globals__  # run_path returns a copy of the module's globals
+    g["_find_nvcc"] = lambda: "/opt/fake-cuda/bin/nvcc"
+    g["_nvidia_driver"] = lambda: driver
+    g["_nvcc_version"] = lambda nvcc: nvcc_version
+    g["_torch_cuda"] = lambda: torch_cuda
+    monkeypatch.setenv("DUALSPARSE_CUDA", mode)
+    cmd = g["BuildExt"](Distribution({"ext_modules": g["_extensions"]()}))
+    built = []
+    cmd.build_extension = lambda ext: built.append(ext.name)
+    cmd._build_cuda = lambda ext, nvcc: built.append(ext.name)
+
+    class _Compiler:
+        compiler_so = ["cc"]
+
+    cmd.compiler = _Compiler()
+    cmd.extensions = g["_extensions"]()
+    cmd.build_extensions()
+    status = dict(cmd.extensions[0].define_macros)["DS_CUDA_BUILD_STATUS"]
+    return built, status
+
+
+def test_setup_auto_builds_cuda_only_with_a_driver(monkeypatch):
+    """DUALSPARSE_CUDA=auto with nvcc but no NVIDIA driver does not compile
+    the CUDA module (minutes per install for a module that cannot run);
+    DUALSPARSE_CUDA=1 compiles it anyway (CI); with a driver, auto builds it."""
+    built, status = _setup_decision(monkeypatch, "auto", driver="")
+    assert built == ["dualsparse._C"] and "no NVIDIA driver" in status, (built, status)
+    built, status = _setup_decision(monkeypatch, "1", driver="")
+    assert "dualsparse._C_cuda" in built and "built with" in status and "libcudart.so.12" in status, status
+    built, status = _setup_decision(monkeypatch, "auto", driver="libcuda.so.1")
+    assert "dualsparse._C_cuda" in built, status
+
+
+def test_setup_requires_torchs_cuda_major(monkeypatch):
+    """nvcc of another CUDA major version than torch's: auto skips with the
+    reason, DUALSPARSE_CUDA=1 fails; a CPU torch (no torch.version.cuda)
+    constrains nothing."""
+    built, status = _setup_decision(monkeypatch, "auto", driver="libcuda.so.1", nvcc_version=(13, 0))
+    assert built == ["dualsparse._C"], built
+    assert "is CUDA 13.0 but torch uses CUDA 12.4" in status and "CUDA 12 toolkit" in status, status
+    with pytest.raises(SystemExit, match="torch uses CUDA 12.4"):
+        _setup_decision(monkeypatch, "1", driver="", nvcc_version=(13, 0))
+    built, status = _setup_decision(monkeypatch, "1", driver="", nvcc_version=(13, 0), torch_cuda=None)
+    assert "dualsparse._C_cuda" in built and "libcudart.so.13" in status, status

@@ -16,7 +16,8 @@
  * torch.cuda.current_blas_handle(), bound to the op's stream, with the
  * workspace torch gave it): the module creates no handle and allocates
  * nothing per thread or per call (its device scratch is the caller's
- * workspace argument, from torch's caching allocator).
+ * workspace argument, from torch's caching allocator).  The handle's math
+ * mode is torch's (TF32 for float32 where torch allows it).
  *
  * The CUDA runtime is linked dynamically (libcudart.so.<major> of the
  * toolkit that built the module): the Python layer loads torch's copy
