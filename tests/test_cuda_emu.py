@@ -131,6 +131,26 @@ def test_emu_16bit_models_run_grouped(emu, env, dtype):
     assert emu.blas_info()["grouped_refused"][dtype] == 0
 
 
+def test_emu_16bit_gemms_reduce_in_float32(emu):
+    """By default cuBLAS may reduce split-K partial sums in a 16-bit output
+    type (the emulation then rounds each half's sum): the module's GEMMs run
+    with CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION, and the caller's
+    (torch's) math mode is given back after the op."""
+    from cases import Case
+
+    inp = build(Case("k64", T=24, H=64, I=64, E=4, K=2, P=2), "bfloat16", "torch")
+    h = emu.emu_blas_handle(0)
+    emu.emu_blas_state(h, 3)  # CUBLAS_TF32_TENSOR_OP_MATH, as torch sets it with allow_tf32
+    before = emu.emu_blas_state(h)["reduced_calls"]
+    try:
+        assert_moe_close(run(emu, inp), inp, "k = 64")
+        st = emu.emu_blas_state(h)
+        assert st["math_mode"] == 3, st
+        assert st["reduced_calls"] == before, "a 16-bit GEMM ran with reduced-precision reductions"
+    finally:
+        emu.emu_blas_state(h, 0)
+
+
 def test_emu_misaligned_problems_run_in_the_loop(emu):
     """Odd sizes put 16-bit matrices at addresses that are not 16-byte
     aligned: those problems run in the cublasGemmEx loop, the rest grouped,

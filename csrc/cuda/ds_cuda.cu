@@ -151,6 +151,8 @@ static int blas_resolve(void *lib, ds_blas_api *api, const char **missing)
     } while (0)
     DS_SYM(get_property, "cublasGetProperty");
     DS_SYM(get_stream, "cublasGetStream_v2");
+    DS_SYM(get_math_mode, "cublasGetMathMode");
+    DS_SYM(set_math_mode, "cublasSetMathMode");
     DS_SYM(gemm_ex, "cublasGemmEx");
 #undef DS_SYM
     *(void **)&api->gemm_grouped = dlsym(lib, "cublasGemmGroupedBatchedEx"); /* optional */

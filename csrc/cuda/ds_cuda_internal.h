@@ -71,6 +71,9 @@ typedef struct cublasContext *ds_blas_handle;
 enum { DS_BLAS_OP_N = 0, DS_BLAS_OP_T = 1 };
 enum { DS_BLAS_COMPUTE_32F = 68, DS_BLAS_COMPUTE_32F_FAST_TF32 = 77 };
 enum { DS_BLAS_GEMM_DEFAULT = -1 };
+/* cublasMath_t flag: reductions inside a GEMM (e.g. split-K) in the compute
+ * type, never in a 16-bit output type */
+enum { DS_BLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION = 16 };
 /* cublasStatus_t values the module tells apart */
 enum { DS_BLAS_STATUS_SUCCESS = 0, DS_BLAS_STATUS_NOT_INITIALIZED = 1, DS_BLAS_STATUS_INVALID_VALUE = 7,
        DS_BLAS_STATUS_EXECUTION_FAILED = 13, DS_BLAS_STATUS_NOT_SUPPORTED = 15 };
@@ -78,6 +81,8 @@ enum { DS_BLAS_STATUS_SUCCESS = 0, DS_BLAS_STATUS_NOT_INITIALIZED = 1, DS_BLAS_S
 typedef struct {
     int (*get_property)(int type, int *value); /* cublasGetProperty: 0 major, 1 minor, 2 patch */
     int (*get_stream)(ds_blas_handle, cudaStream_t *);
+    int (*get_math_mode)(ds_blas_handle, int *);
+    int (*set_math_mode)(ds_blas_handle, int);
     int (*gemm_ex)(ds_blas_handle, int transa, int transb, int m, int n, int k,
                    const void *alpha, const void *A, cudaDataType Atype, int lda, const void *B,
                    cudaDataType Btype, int ldb, const void *beta, void *C, cudaDataType Ctype,
@@ -103,7 +108,9 @@ const ds_blas_api *ds_blas(void);
  * torch.cuda.current_blas_handle()) before an op uses it: not NULL, and
  * bound to `stream`.  The handle's stream and workspace are never changed
  * (cublasSetStream would reset the workspace torch gave it), and no handle
- * is ever created here: nothing is allocated per thread or per call. */
+ * is ever created here: nothing is allocated per thread or per call.  Its
+ * math mode is changed only for the duration of the GEMM calls of an op
+ * (MathModeGuard in ds_cuda_moe.cu), as torch's own GEMM calls do. */
 ds_status ds_blas_check_handle(const char *fn, void *handle, cudaStream_t stream, ds_blas_handle *out);
 
 #endif

@@ -694,6 +694,34 @@ static ds_status gemm_loop(const ds_blas_api *api, ds_blas_handle h, const std::
     return DS_OK;
 }
 
+/* For GEMMs with 16-bit outputs: adds CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_
+ * REDUCTION to the handle's math mode for the guard's lifetime (by default
+ * cuBLAS may reduce split-K partial sums in the 16-bit output type, which
+ * would round every partial sum; the op's sums stay in float32 until the
+ * one rounding of C), and restores the caller's mode after (torch's GEMM
+ * calls change and restore it the same way).  The mode is read when a GEMM
+ * is issued, so restoring it right after the calls is safe. */
+struct MathModeGuard {
+    const ds_blas_api *api;
+    ds_blas_handle h;
+    int prev = 0, set = 0, err = 0;
+    MathModeGuard(const ds_blas_api *api_, ds_blas_handle h_, ds_dtype out) : api(api_), h(h_)
+    {
+        if (out == DS_F32)
+            return;
+        err = api->get_math_mode(h, &prev);
+        if (err == 0 && !(prev & DS_BLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)) {
+            err = api->set_math_mode(h, prev | DS_BLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION);
+            set = err == 0;
+        }
+    }
+    ~MathModeGuard()
+    {
+        if (set)
+            api->set_math_mode(h, prev);
+    }
+};
+
 /* Runs a batch: its aligned problems as one cublasGemmGroupedBatchedEx
  * (dev_ptrs: their uploaded pointers, NULL when none were uploaded), the
  * rest, and everything when the loaded cuBLAS lacks the grouped call,
@@ -921,6 +949,10 @@ extern "C" ds_status ds_cuda_moe_experts(int device, void *stream_, void *blas_h
         return DS_OK;
     }
     const ds_blas_api *api = ds_blas();
+    MathModeGuard math(api, h, a->dtype);
+    if (math.err != 0)
+        return ds_cuda_error(DS_ERR_INTERNAL, "%s: cublasGetMathMode/cublasSetMathMode failed with status %d", fn,
+                             math.err);
     GemmBatch gub(a->dtype, a->dtype), dnb(a->dtype, a->dtype);
     gate_up_gemms(a, P, plan, ws, L, gub);
     down_gemms(a, plan, ws, L, dnb);

@@ -355,6 +355,18 @@ static PyObject *py_emu_blas_handle_calls(PyObject *self, PyObject *args)
     return PyLong_FromLongLong(ds_emu_blas_handle_calls(ptr_of(h)));
 }
 
+/* emu_blas_state(handle[, math_mode]) -> {'math_mode', 'reduced_calls'} */
+static PyObject *py_emu_blas_state(PyObject *self, PyObject *args)
+{
+    (void)self;
+    long long h;
+    int mode = -1;
+    if (!PyArg_ParseTuple(args, "L|i", &h, &mode))
+        return NULL;
+    int m = ds_emu_blas_math_mode(ptr_of(h), mode >= 0, mode);
+    return Py_BuildValue("{s:i,s:L}", "math_mode", m, "reduced_calls", ds_emu_blas_reduced_calls(ptr_of(h)));
+}
+
 static PyObject *py_emu_faults(PyObject *self, PyObject *args)
 {
     (void)self; (void)args;
@@ -390,6 +402,8 @@ static PyMethodDef methods[] = {
     {"emu_blas_handle", py_emu_blas_handle, METH_VARARGS,
      "emu_blas_handle(stream=0) -> the emulation's stand-in for torch's cuBLAS handle, bound to stream"},
     {"emu_blas_handle_calls", py_emu_blas_handle_calls, METH_VARARGS, "GEMM calls made on an emulated handle"},
+    {"emu_blas_state", py_emu_blas_state, METH_VARARGS,
+     "emu_blas_state(handle[, math_mode]) -> {'math_mode', 'reduced_calls'} of an emulated handle"},
     {"emu_faults", py_emu_faults, METH_NOARGS, "misaligned-address faults the emulated device has raised"},
     {"emu_grouped_probe", py_emu_grouped_probe, METH_VARARGS,
      "emu_grouped_probe(atype, btype, ctype, compute, k, offset) -> (status, faulted)"},

@@ -246,6 +246,8 @@ enum { ST_OK = 0, ST_NOT_INITIALIZED = 1, ST_INVALID_VALUE = 7, ST_NOT_SUPPORTED
 struct cublasContext {
     cudaStream_t stream;
     long long calls;
+    int math_mode;
+    long long reduced_calls; /* GEMMs with a 16-bit C that ran with reduced-precision reductions */
 };
 
 static int emu_get_property(int type, int *v)
@@ -261,6 +263,23 @@ static int emu_get_stream(ds_blas_handle h, cudaStream_t *s)
     if (h == NULL)
         return ST_NOT_INITIALIZED;
     *s = h->stream;
+    return ST_OK;
+}
+
+static int emu_get_math_mode(ds_blas_handle h, int *mode)
+{
+    if (h == NULL)
+        return ST_NOT_INITIALIZED;
+    *mode = h->math_mode;
+    return ST_OK;
+}
+static int emu_set_math_mode(ds_blas_handle h, int mode)
+{
+    if (h == NULL)
+        return ST_NOT_INITIALIZED;
+    if ((mode & ~DS_BLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION) > 3) /* DEFAULT, TENSOR_OP, PEDANTIC, TF32 */
+        return ST_INVALID_VALUE;
+    h->math_mode = mode;
     return ST_OK;
 }
 
@@ -348,22 +367,38 @@ static int grouped_ptr_ok(const void *p, cudaDataType at, int compute, int k)
 
 static int emu_fault_count;
 
-/* Column-major C (m x n) = alpha op(A) (m x k) op(B) (k x n) + beta C, in
- * float32, rounded to ct; C is not read when beta == 0. */
-static void gemm_run(int ta, int tb, int m, int n, int k, float alpha, const void *A, cudaDataType at,
-                     int lda, const void *B, cudaDataType bt, int ldb, float beta, void *C, cudaDataType ct,
-                     int ldc)
+static float round_to(cudaDataType t, float v)
 {
+    uint16_t buf[2];
+    store(buf, t, 0, v);
+    return t == CUDA_R_32F ? v : elem(buf, t, 0);
+}
+
+/* Column-major C (m x n) = alpha op(A) (m x k) op(B) (k x n) + beta C, in
+ * float32, rounded to ct; C is not read when beta == 0.  With a 16-bit C
+ * and a math mode that allows reduced-precision reductions, k >= 32 runs
+ * split in two halves whose partial sums are rounded to ct before they are
+ * added (what cuBLAS' split-K kernels may do then). */
+static void gemm_run(ds_blas_handle h, int ta, int tb, int m, int n, int k, float alpha, const void *A,
+                     cudaDataType at, int lda, const void *B, cudaDataType bt, int ldb, float beta, void *C,
+                     cudaDataType ct, int ldc)
+{
+    const bool split = ct != CUDA_R_32F && k >= 32 && !(h->math_mode & DS_BLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION);
+    if (split)
+        h->reduced_calls++;
+    const int half = split ? k / 2 : k;
     for (int j = 0; j < n; j++)
         for (int i = 0; i < m; i++) {
-            float acc = 0.0f;
+            float acc[2] = {0.0f, 0.0f};
             for (int l = 0; l < k; l++) {
                 const float a = elem(A, at, ta == DS_BLAS_OP_N ? i + (int64_t)l * lda : l + (int64_t)i * lda);
                 const float b = elem(B, bt, tb == DS_BLAS_OP_N ? l + (int64_t)j * ldb : j + (int64_t)l * ldb);
-                acc += a * b;
+                acc[l >= half] += a * b;
             }
+            /* split: each half's partial sum rounded to ct before they are added */
+            const float ab = split ? round_to(ct, alpha * acc[0]) + round_to(ct, alpha * acc[1]) : alpha * acc[0];
             const int64_t c = i + (int64_t)j * ldc;
-            store(C, ct, c, beta == 0.0f ? alpha * acc : alpha * acc + beta * elem(C, ct, c));
+            store(C, ct, c, beta == 0.0f ? ab : ab + beta * elem(C, ct, c));
         }
 }
 
@@ -379,7 +414,7 @@ static int emu_gemm_ex(ds_blas_handle h, int ta, int tb, int m, int n, int k, co
     if (!gemm_ex_types_ok(at, bt, ct, compute))
         return ST_NOT_SUPPORTED;
     h->calls++;
-    gemm_run(ta, tb, m, n, k, *(const float *)alpha, A, at, lda, B, bt, ldb, *(const float *)beta, C, ct, ldc);
+    gemm_run(h, ta, tb, m, n, k, *(const float *)alpha, A, at, lda, B, bt, ldb, *(const float *)beta, C, ct, ldc);
     return ST_OK;
 }
 
@@ -420,7 +455,7 @@ static int emu_gemm_grouped(ds_blas_handle h, const int *ta, const int *tb, cons
     p = 0;
     for (int g = 0; g < group_count; g++)
         for (int j = 0; j < group_size[g]; j++, p++)
-            gemm_run(ta[g], tb[g], m[g], n[g], k[g], al[g], A[p], at, lda[g], B[p], bt, ldb[g], be[g], C[p], ct,
+            gemm_run(h, ta[g], tb[g], m[g], n[g], k[g], al[g], A[p], at, lda[g], B[p], bt, ldb[g], be[g], C[p], ct,
                      ldc[g]);
     return ST_OK;
 }
@@ -431,6 +466,8 @@ const ds_blas_api *ds_blas(void)
 {
     emu_api.get_property = emu_get_property;
     emu_api.get_stream = emu_get_stream;
+    emu_api.get_math_mode = emu_get_math_mode;
+    emu_api.set_math_mode = emu_set_math_mode;
     emu_api.gemm_ex = emu_gemm_ex;
     const char *mode = getenv("DS_CUDA_EMU_GROUPED");
     emu_api.gemm_grouped = mode && strcmp(mode, "0") == 0 ? NULL : emu_gemm_grouped;
@@ -448,6 +485,13 @@ extern "C" void *ds_emu_blas_handle(void *stream)
 }
 
 extern "C" long long ds_emu_blas_handle_calls(void *h) { return h ? ((cublasContext *)h)->calls : 0; }
+extern "C" long long ds_emu_blas_reduced_calls(void *h) { return h ? ((cublasContext *)h)->reduced_calls : 0; }
+extern "C" int ds_emu_blas_math_mode(void *h, int set, int mode)
+{
+    if (set)
+        ((cublasContext *)h)->math_mode = mode;
+    return ((cublasContext *)h)->math_mode;
+}
 
 extern "C" int ds_emu_faults(void) { return __atomic_load_n(&emu_fault_count, __ATOMIC_SEQ_CST); }
 

@@ -13,6 +13,11 @@ extern "C" {
 void *ds_emu_blas_handle(void *stream);
 /* GEMM calls (cublasGemmEx, cublasGemmGroupedBatchedEx) made on a handle. */
 long long ds_emu_blas_handle_calls(void *handle);
+/* GEMM calls with a 16-bit output that ran while the handle's math mode
+ * allowed reduced-precision reductions. */
+long long ds_emu_blas_reduced_calls(void *handle);
+/* The handle's math mode (set to `mode` first when set != 0). */
+int ds_emu_blas_math_mode(void *handle, int set, int mode);
 /* Misaligned-address faults raised by the emulated grouped GEMM. */
 int ds_emu_faults(void);
 /* One 8 x 8 x k problem through the emulated cublasGemmGroupedBatchedEx
