@@ -17,7 +17,8 @@
  * workspace torch gave it): the module creates no handle and allocates
  * nothing per thread or per call (its device scratch is the caller's
  * workspace argument, from torch's caching allocator).  The handle's math
- * mode is torch's (TF32 for float32 where torch allows it).
+ * mode is torch's (TF32 for float32 where torch allows it), plus, for the
+ * op's 16-bit GEMM calls only, CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION.
  *
  * The CUDA runtime is linked dynamically (libcudart.so.<major> of the
  * toolkit that built the module): the Python layer loads torch's copy
@@ -68,7 +69,9 @@ int ds_cuda_blas_version(void);
 /* 1 when the loaded cuBLAS has cublasGemmGroupedBatchedEx (>= 12.5).  The
  * expert GEMMs then run as one grouped call per phase; otherwise (or when it
  * refuses the problem, or with DUALSPARSE_CUDA_GEMM=loop in the environment)
- * as a loop of cublasGemmEx calls on the one stream. */
+ * as a loop of cublasGemmEx calls on the one stream.  Problems whose 16-bit
+ * matrices are not 16-byte aligned (odd sizes) always run in the loop: the
+ * grouped call would fault on them. */
 int ds_cuda_blas_has_grouped(void);
 
 /* The cuBLAS status with which cublasGemmGroupedBatchedEx refused problems
