@@ -140,6 +140,38 @@ def _run_cases(so: str, device: str = "cpu", gemm_paths=("grouped",)) -> int:
     return 0
 
 
+def _margins(out_dir: str) -> int:
+    """Worst |result - float64 reference| / documented tolerance over the case
+    table, per dtype, for the emulated CUDA module and the CPU engine (the
+    figures README's CUDA section quotes)."""
+    import numpy as np
+
+    import reference as R
+    from cases import CASES, build, reference
+    from dualsparse import cuda as dcuda
+    from dualsparse import ops
+
+    m = load(build_module(Path(out_dir)))
+    for dtype in ("float32", "bfloat16", "float16"):
+        worst = []
+        for case in CASES:
+            if case.T == 0:
+                continue
+            inp = build(case, dtype, "torch")
+            r, scale = reference(inp)
+            tol = R.moe_tolerance(dtype, r, scale)
+            emu = dcuda.moe_experts(inp.x, inp.ids, inp.tw, inp.gate_up, inp.down, inp.levels, inp.P, None, _module=m)
+            cpu = ops.moe_experts(inp.x, inp.ids, inp.tw, inp.gate_up, inp.down, levels=inp.levels,
+                                  num_partitions=inp.P)
+            worst.append((float((np.abs(R.to_f64(emu) - r) / tol).max()),
+                          float((np.abs(R.to_f64(cpu) - r) / tol).max()), case.id))
+        e, c = max(worst), max(worst, key=lambda w: w[1])
+        print(f"{dtype:9s} worst err/tol: cuda emulation {e[0]:.3f} ({e[2]}), cpu engine {c[1]:.3f} ({c[2]})")
+    return 0
+
+
+build_module = build
+
 if __name__ == "__main__":
     import sys
 
@@ -147,5 +179,8 @@ if __name__ == "__main__":
         sys.exit(_run_cases(sys.argv[2]))
     if len(sys.argv) in (2, 3) and sys.argv[1] == "--run-cases-gpu":
         sys.exit(_run_cases("", "cuda", tuple((sys.argv[2] if len(sys.argv) == 3 else "grouped,loop").split(","))))
-    print("usage: cuda_emu.py --run-cases MODULE.so | --run-cases-gpu [grouped,loop]", file=sys.stderr)
+    if len(sys.argv) == 3 and sys.argv[1] == "--margins":
+        sys.exit(_margins(sys.argv[2]))
+    print("usage: cuda_emu.py --run-cases MODULE.so | --run-cases-gpu [grouped,loop] | --margins BUILD_DIR",
+          file=sys.stderr)
     sys.exit(2)
