@@ -24,6 +24,16 @@ def _cuda_status() -> dict:
     return out
 
 
+def _cuda_path() -> dict:
+    """Which backend CUDA tensors take under backend="auto", and why."""
+    if sys.modules.get("torch") is None:
+        return {"path": None, "reason": "torch is not installed"}
+    from . import cuda
+
+    st = cuda.status()
+    return {"path": st["path"], "reason": st["reason"]}
+
+
 def collect() -> dict:
     from .ops import default_num_threads
 
@@ -42,6 +52,7 @@ def collect() -> dict:
         "cpus": os.cpu_count(),
         "torch": getattr(torch, "__version__", None),
         "cuda": _cuda_status(),
+        "cuda_path": _cuda_path(),
     }
 
 
@@ -65,5 +76,8 @@ def format_info(d: dict) -> str:
         ("threads", f"{d['num_threads']} (from {d['num_threads_source']}; {d['cpus']} CPUs)"),
         ("CUDA", cuda_line),
     ]
+    cp = d.get("cuda_path") or {}
+    if cp.get("path"):
+        rows.append(("CUDA tensors", f"backend {cp['path']!r}: {cp['reason']}"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
