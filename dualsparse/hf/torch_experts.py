@@ -52,7 +52,7 @@ def swiglu_experts(x, ids, w, gate_up, down, levels=None, P: int = 1, act=torch.
     neurons past a prefix cost nothing; expert ids >= E, the expert-parallel
     sentinel, are dropped pairs); anything else (another activation,
     float64, mixed dtypes) through the masked computation below."""
-    from ... import ops
+    from .. import ops
 
     E, I2, _ = gate_up.shape
     if (_is_silu(act) and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and gate_up.dtype == x.dtype
