@@ -2,24 +2,31 @@
 engine's semantics from torch operations on the tensors' own device.
 
 Work is done only for live pairs.  Pairs at level 0 are never gathered; the
-live pairs are ordered by level (highest first), then expert, then (t, k), so
-the rows of each level form one slice grouped by expert, and each level p
-runs one grouped GEMM per projection over the experts' *prefix* views:
+live pairs become rows ordered as in the engine (by expert, levels
+descending inside an expert, then (t, k)), so the rows of an expert that
+need partition q (level >= q) are a prefix of its rows.  Per neuron range
+[lo, hi) of consecutive partitions (merged when the same rows need them, so
+an expert set without partial rows runs as with one partition), the rows
+that need it run one grouped GEMM per projection over *views* of the
+model's weights, never copies:
 
-* gate: ``gate_up_proj[:, :n_p, :]``, up: ``gate_up_proj[:, I:I + n_p, :]``
-  (both views of the model's weight, transposed, never copied),
-* down: ``down_proj[:, :, :n_p]`` (a view),
+* gate: ``gate_up_proj[:, lo:hi, :]``, up: ``gate_up_proj[:, I + lo:I + hi, :]``
+  (transposed views; one GEMM over ``gate_up_proj`` itself for [0, I)),
+* down: ``down_proj[:, :, lo:hi]``, added into each row's float32 output.
 
-with ``n_p = (p * I) // P``.  ``torch.nn.functional.grouped_mm`` (or
-``torch._grouped_mm``) runs them where the installed torch accepts the
-operands for the device and dtype (a one-time probe per device and dtype; its
-layout rules are checked per call, e.g. 16-byte strides); otherwise, per
-call, a loop of one matmul per (level, expert) group on the same views.
+So every row computes exactly its prefix ``(level * I) // P`` and every
+weight byte is read once per call, as in the engine.
+``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm``) runs them
+where the installed torch has it for the device and dtype (a one-time probe
+per device and dtype; its layout rules, e.g. 16-byte strides, are checked per
+call); otherwise, per call, one matmul per expert on the same views.  One
+host synchronisation per call (the row counts and the validation flag).
 
 Rounding points are the engine's: gate/up products are accumulated in
 float32 and kept in float32, the SwiGLU activation ``silu(g) * u`` is
 computed in float32 and rounded to the weight dtype, the down projection is
-accumulated and kept in float32, and the combine adds ``w[t,k] * y`` over k
+accumulated and kept in float32 (a row's neuron ranges are added in order),
+and the combine adds ``w[t,k] * y`` over k
 in order in float32 and rounds once to the output dtype.  Where the device's
 16-bit matmuls cannot return float32 (torch's CPU kernels: grouped_mm and mm
 take no ``out_dtype`` there), the gate/up and down products are rounded to
@@ -134,25 +141,15 @@ class _Weights:
             self.I, self.H = gates[0].shape
             self.dtype = gates[0].dtype
 
-    # per expert, (n, H) / (H, n) views
-    def gate(self, e, n):
-        return self.gu[e, :n] if self.fused else self.gates[e][:n]
+    # per expert, neurons [lo, hi): (n, H) / (H, n) views
+    def gate(self, e, lo, hi):
+        return self.gu[e, lo:hi] if self.fused else self.gates[e][lo:hi]
 
-    def up(self, e, n):
-        return self.gu[e, self.I:self.I + n] if self.fused else self.ups[e][:n]
+    def up(self, e, lo, hi):
+        return self.gu[e, self.I + lo:self.I + hi] if self.fused else self.ups[e][lo:hi]
 
-    def down(self, e, n):
-        return self.dn[e, :, :n] if self.fused else self.downs[e][:, :n]
-
-    # all experts, transposed for grouped_mm: (E, H, n) / (E, n, H)
-    def gate_t(self, n):
-        return self.gu[:, :n].transpose(-2, -1)
-
-    def up_t(self, n):
-        return self.gu[:, self.I:self.I + n].transpose(-2, -1)
-
-    def down_t(self, n):
-        return self.dn[:, :, :n].transpose(-2, -1)
+    def down(self, e, lo, hi):
+        return self.dn[e, :, lo:hi] if self.fused else self.downs[e][:, lo:hi]
 
 
 def _check_values(fn, ids, levels, E, P):
@@ -193,55 +190,90 @@ def moe(x, ids, tw, w: _Weights, levels, P: int, out, fn: str = "moe_experts", u
     T, K = ids.shape
     E, I, H = w.E, w.I, w.H
     dev, dt = x.device, x.dtype
-    _check_values(fn, ids, levels, E, P)
     if T == 0:
+        _check_values(fn, ids, levels, E, P)
         return out
-    lv = (torch.full((T, K), P, dtype=torch.int64, device=dev) if levels is None
-          else levels.to(torch.int64))
-    ids64 = ids.to(torch.int64)
-    # live pairs only, in (t, k) order, then stably ordered by (level desc, expert)
-    live = (lv > 0).reshape(-1).nonzero().squeeze(1)
-    R = int(live.numel())
+    ids64 = ids.to(torch.int64).reshape(-1)
+    lv = (torch.full((T * K,), P, dtype=torch.int64, device=dev) if levels is None
+          else levels.to(torch.int64).reshape(-1))
+    bad = ((ids64 < 0) | (ids64 >= E)).any().reshape(1)
+    if levels is not None:
+        bad = bad | ((lv < 0) | (lv > P)).any().reshape(1)
+    # rows: the live pairs grouped by expert, levels descending inside an expert, (t, k) order
+    # inside a level (a stable sort); dropped pairs get the last key and are never gathered
+    live = lv > 0
+    key = torch.where(live, ids64.clamp(0, E - 1) * P + (P - lv.clamp(0, P)), E * P)
+    key, order = torch.sort(key, stable=True)
+    counts = torch.bincount(key, minlength=E * P + 1)
+    host = torch.cat([bad.to(torch.int64), counts]).tolist()  # the one synchronisation
+    if host[0]:
+        _check_values(fn, ids, levels, E, P)
+    R = T * K - host[-1]
     pos = torch.full((T * K,), R, dtype=torch.int64, device=dev)  # row of each pair; R = the zero row
-    Ys = []
+    Y = torch.zeros((1, H), dtype=torch.float32, device=dev)
     if R:
-        lvl = lv.reshape(-1)[live]
-        exp = ids64.reshape(-1)[live]
-        key = (P - lvl) * E + exp
-        key, order = torch.sort(key, stable=True)
-        pairs = live[order]
-        counts = torch.bincount(key, minlength=P * E).reshape(P, E)
+        pairs = order[:R]
         pos[pairs] = torch.arange(R, device=dev)
-        counts_host = counts.tolist()              # the one synchronisation
         xs = x.index_select(0, torch.div(pairs, K, rounding_mode="floor"))  # (R, H): live rows only
-        caps = capabilities(dev, dt)
-        grouped = caps["grouped_mm"] and w.fused if use_grouped_mm is None else (use_grouped_mm and w.fused)
-        if grouped:
-            offs_all = torch.cumsum(counts, dim=1).to(torch.int32)
-        r0 = 0
-        for q in range(P):                         # level p = P - q, highest first
-            p = P - q
-            m = sum(counts_host[q])
-            if m == 0:
-                continue
-            n = (p * I) // P
-            rows = xs[r0:r0 + m]
-            Y = None
-            if grouped:
-                Y = _level_grouped(rows, w, n, offs_all[q], caps, dt)
-            if Y is None:
-                Y = _level_loop(rows, w, n, counts_host[q], caps, dt)
-            Ys.append(Y)
-            r0 += m
-    Ys.append(torch.zeros((1, H), dtype=torch.float32, device=dev))
-    Y = torch.cat(Ys) if len(Ys) > 1 else Ys[0]
+        Y = torch.cat([_rows_through_experts(xs, lv[pairs], host[1:-1], w, P, dt, use_grouped_mm), Y])
     pos = pos.reshape(T, K)
-    wts = torch.where(lv > 0, tw.float(), torch.zeros((), dtype=torch.float32, device=dev))
+    wts = torch.where(live.reshape(T, K), tw.float(), torch.zeros((), dtype=torch.float32, device=dev))
     acc = torch.zeros((T, H), dtype=torch.float32, device=dev)
     for k in range(K):                             # the engine's k-order combine
         acc.addcmul_(Y.index_select(0, pos[:, k]), wts[:, k:k + 1])
     out.copy_(acc)
     return out
+
+
+def partition_ranges(cnt, E: int, P: int, I: int):
+    """[(q0, q1, lo, hi, m)]: consecutive partitions q0..q1 that the same rows
+    need, as one neuron range [lo, hi), with m[e] = the rows of expert e whose
+    level reaches q0 (a prefix of e's rows).  cnt[e * P + (P - l)] = rows of
+    e at level l.  As in the engine, an expert set with no partial rows runs
+    as with one partition."""
+    m_of = []
+    for q in range(1, P + 1):
+        m_of.append([sum(cnt[e * P:e * P + (P - q) + 1]) for e in range(E)])
+    ranges = []
+    q = 1
+    while q <= P and any(m_of[q - 1]):
+        q1 = q
+        while q1 < P and m_of[q1] == m_of[q - 1]:
+            q1 += 1
+        ranges.append((q, q1, ((q - 1) * I) // P, (q1 * I) // P, m_of[q - 1]))
+        q = q1 + 1
+    return ranges
+
+
+def _rows_through_experts(xs, lvl, cnt, w: _Weights, P, dt, use_grouped_mm):
+    """Y (R, H) float32 for the rows xs (ordered by expert, level desc) with
+    levels lvl.  Per neuron range [lo, hi) of consecutive partitions, the
+    rows whose level reaches it (per expert, a prefix of its rows) compute
+    gate/up on those neurons and add their down projection: every weight
+    byte of a range is read once per call, every row computes exactly its
+    prefix."""
+    dev = xs.device
+    caps = capabilities(dev, dt)
+    grouped = (caps["grouped_mm"] if use_grouped_mm is None else use_grouped_mm) and w.fused
+    Y = None
+    for q0, q1, lo, hi, m in partition_ranges(cnt, w.E, P, w.I):
+        rows_n = sum(m)
+        if Y is None:   # the first range: every live row
+            idx, rows = None, xs
+        else:           # rows whose level reaches q0 (known count: no synchronisation)
+            idx = torch.nonzero_static(lvl >= q0, size=rows_n).squeeze(1)
+            rows = xs.index_select(0, idx)
+        Yq = None
+        if grouped:
+            offs = torch.tensor(m, dtype=torch.int64).cumsum(0).to(device=dev, dtype=torch.int32)
+            Yq = _range_grouped(rows, w, lo, hi, offs, caps, dt)
+        if Yq is None:
+            Yq = _range_loop(rows, w, lo, hi, m, caps, dt)
+        if Y is None:
+            Y = Yq
+        else:           # unique rows: a gather, an add and a scatter (deterministic)
+            Y.index_copy_(0, idx, Y.index_select(0, idx).add_(Yq))
+    return Y
 
 
 def _swiglu_into(g, u, dst):
@@ -251,16 +283,27 @@ def _swiglu_into(g, u, dst):
     return dst
 
 
-def _level_grouped(rows, w: _Weights, n, offs, caps, dt):
-    """One level's rows (grouped by expert, offsets offs) through grouped
-    GEMMs over the prefix views; None when an operand's layout is refused."""
-    gt, ut, dnt = w.gate_t(n), w.up_t(n), w.down_t(n)
+def _range_grouped(rows, w: _Weights, lo, hi, offs, caps, dt):
+    """Neurons [lo, hi) of the rows (grouped by expert, offsets offs) through
+    grouped GEMMs over views of the weights; None when an operand's layout is
+    refused (the caller then loops)."""
+    n = hi - lo
+    full = lo == 0 and hi == w.I  # all neurons: gate and up in one GEMM over gate_up_proj itself
+    if full:
+        gt, ut = w.gu.transpose(-2, -1), None
+    else:
+        gt, ut = w.gu[:, lo:hi].transpose(-2, -1), w.gu[:, w.I + lo:w.I + hi].transpose(-2, -1)
+    dnt = w.dn[:, :, lo:hi].transpose(-2, -1)
     act = _padded_rows(rows.shape[0], n, dt, rows.device)
-    if not all(_gmm_operand_ok(t) for t in (rows, gt, ut, dnt, act)):
+    if not all(_gmm_operand_ok(t) for t in (rows, gt, dnt, act) + (() if full else (ut,))):
         return None
     try:
-        g = _gmm_f32(rows, gt, offs, caps)
-        u = _gmm_f32(rows, ut, offs, caps)
+        if full:
+            gu = _gmm_f32(rows, gt, offs, caps)
+            g, u = gu[:, :n], gu[:, n:]
+        else:
+            g = _gmm_f32(rows, gt, offs, caps)
+            u = _gmm_f32(rows, ut, offs, caps)
         _swiglu_into(g, u, act)
         Y = _gmm_f32(act, dnt, offs, caps)
     except RuntimeError:  # a layout rule this torch enforces beyond the known ones
@@ -269,19 +312,19 @@ def _level_grouped(rows, w: _Weights, n, offs, caps, dt):
     return Y
 
 
-def _level_loop(rows, w: _Weights, n, counts, caps, dt):
-    """One level's rows through one matmul per expert group (same views)."""
+def _range_loop(rows, w: _Weights, lo, hi, m, caps, dt):
+    """Neurons [lo, hi) of the rows through one matmul per expert (views)."""
     Y = torch.empty((rows.shape[0], w.H), dtype=torch.float32, device=rows.device)
-    act = torch.empty((rows.shape[0], n), dtype=dt, device=rows.device)
+    act = torch.empty((rows.shape[0], hi - lo), dtype=dt, device=rows.device)
     r = 0
-    for e, c in enumerate(counts):
+    for e, c in enumerate(m):
         if c == 0:
             continue
         xr = rows[r:r + c]
-        g = _mm_f32(xr, w.gate(e, n).t(), caps)
-        u = _mm_f32(xr, w.up(e, n).t(), caps)
+        g = _mm_f32(xr, w.gate(e, lo, hi).t(), caps)
+        u = _mm_f32(xr, w.up(e, lo, hi).t(), caps)
         a = _swiglu_into(g, u, act[r:r + c])
-        Y[r:r + c] = _mm_f32(a, w.down(e, n).t(), caps)
+        Y[r:r + c] = _mm_f32(a, w.down(e, lo, hi).t(), caps)
         r += c
     path_counts["loop"] += 1
     return Y

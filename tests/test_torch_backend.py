@@ -168,13 +168,43 @@ def test_weights_are_views_and_only_live_prefixes_are_computed(monkeypatch, path
     lv = inp.levels.long()
     live = int((lv > 0).sum())
     width = int(((lv * I) // inp.P).sum())
-    # the gate calls: weight operand starting at an expert's gate rows
-    gate_ptrs = {gu[e].data_ptr() for e in range(gu.shape[0])}
-    gate_calls = [c for c in rec.calls if c[4] in gate_ptrs]
-    rows = sum(c[1][0] for c in gate_calls)
-    assert rows == live, f"gate rows computed {rows} != live pairs {live}"
-    n_of = (lambda c: c[2][-1]) if path == "grouped_mm" else (lambda c: c[2][1])
-    assert sum(c[1][0] * n_of(c) for c in gate_calls) == width
+
+    def is_gate(c):  # the weight operand starts in an expert's gate rows [0, I) of gate_up_proj
+        off = (c[4] - gu.data_ptr()) // gu.element_size()
+        return 0 <= off < gu.numel() and off % (2 * I * H) < I * H
+
+    gate_calls = [c for c in rec.calls if is_gate(c)]
+    assert gate_calls
+    # grouped: (E, H, n) views, or (E, H, 2I) (gate and up at once) when a range is every neuron;
+    # loop: (H, n) views
+    n_of = (lambda c: c[2][-1] if c[2][-1] <= I else c[2][-1] - I) if path == "grouped_mm" else (lambda c: c[2][1])
+    assert max(c[1][0] for c in gate_calls) <= live
+    assert sum(c[1][0] * n_of(c) for c in gate_calls) == width, "gate products beyond the live prefixes"
+    if path == "grouped_mm":
+        # one grouped GEMM per neuron range: each weight byte read once per call
+        assert len(gate_calls) == len({c[4] for c in gate_calls}) <= inp.P
+
+
+def test_partition_ranges_merge_partitions_with_the_same_rows():
+    """Consecutive partitions needed by the same rows run as one range (as
+    the engine's items do): an expert set with no partial rows runs as with
+    one partition."""
+    E, P, I = 2, 2, 10
+    # cnt[e * P + (P - l)]: rows of e at level l
+    assert _torch_moe.partition_ranges([3, 0, 1, 0], E, P, I) == [(1, 2, 0, 10, [3, 1])]
+    assert _torch_moe.partition_ranges([3, 2, 0, 4], E, P, I) == [(1, 1, 0, 5, [5, 4]), (2, 2, 5, 10, [3, 0])]
+    assert _torch_moe.partition_ranges([0, 2, 0, 0], E, P, I) == [(1, 1, 0, 5, [2, 0])]
+    assert _torch_moe.partition_ranges([0, 0, 0, 0], E, P, I) == []
+
+
+def test_two_thresholds_equal_is_one_threshold_bitwise():
+    inp = build(CASES_BY_ID["many_rows"], "bfloat16")
+    lv = (inp.levels > 0).to(torch.int8)
+    one = ops.moe_experts(inp.x, inp.ids, inp.tw, inp.gate_up, inp.down, levels=lv, num_partitions=1,
+                          backend="torch")
+    two = ops.moe_experts(inp.x, inp.ids, inp.tw, inp.gate_up, inp.down, levels=2 * lv, num_partitions=2,
+                          backend="torch")
+    assert_same_bits(one, two, "2T(t, t) == 1T(t)")
 
 
 def test_dropped_pairs_are_never_gathered():
