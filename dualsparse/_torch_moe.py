@@ -215,7 +215,8 @@ def moe(x, ids, tw, w: _Weights, levels, P: int, out, fn: str = "moe_experts", u
         pairs = order[:R]
         pos[pairs] = torch.arange(R, device=dev)
         xs = x.index_select(0, torch.div(pairs, K, rounding_mode="floor"))  # (R, H): live rows only
-        Y = torch.cat([_rows_through_experts(xs, lv[pairs], host[1:-1], w, P, dt, use_grouped_mm), Y])
+        Y = torch.cat([_rows_through_experts(xs, lv[pairs], host[1:-1], counts[:E * P], w, P, dt,
+                                             use_grouped_mm), Y])
     pos = pos.reshape(T, K)
     wts = torch.where(live.reshape(T, K), tw.float(), torch.zeros((), dtype=torch.float32, device=dev))
     acc = torch.zeros((T, H), dtype=torch.float32, device=dev)
@@ -245,7 +246,7 @@ def partition_ranges(cnt, E: int, P: int, I: int):
     return ranges
 
 
-def _rows_through_experts(xs, lvl, cnt, w: _Weights, P, dt, use_grouped_mm):
+def _rows_through_experts(xs, lvl, cnt, cnt_dev, w: _Weights, P, dt, use_grouped_mm):
     """Y (R, H) float32 for the rows xs (ordered by expert, level desc) with
     levels lvl.  Per neuron range [lo, hi) of consecutive partitions, the
     rows whose level reaches it (per expert, a prefix of its rows) compute
@@ -256,6 +257,8 @@ def _rows_through_experts(xs, lvl, cnt, w: _Weights, P, dt, use_grouped_mm):
     caps = capabilities(dev, dt)
     grouped = (caps["grouped_mm"] if use_grouped_mm is None else use_grouped_mm) and w.fused
     Y = None
+    # rows of each expert whose level reaches q, on the device: m_dev[e, P - q]
+    m_dev = cnt_dev.reshape(w.E, P).cumsum(1) if grouped else None
     for q0, q1, lo, hi, m in partition_ranges(cnt, w.E, P, w.I):
         rows_n = sum(m)
         if Y is None:   # the first range: every live row
@@ -265,7 +268,7 @@ def _rows_through_experts(xs, lvl, cnt, w: _Weights, P, dt, use_grouped_mm):
             rows = xs.index_select(0, idx)
         Yq = None
         if grouped:
-            offs = torch.tensor(m, dtype=torch.int64).cumsum(0).to(device=dev, dtype=torch.int32)
+            offs = m_dev[:, P - q0].cumsum(0).to(torch.int32)  # computed on the device: no copy, no wait
             Yq = _range_grouped(rows, w, lo, hi, offs, caps, dt)
         if Yq is None:
             Yq = _range_loop(rows, w, lo, hi, m, caps, dt)
