@@ -11,10 +11,11 @@ from ._version import __version__
 
 def _cuda_status() -> dict:
     built = _C.build_info()["cuda"]
-    try:
-        from . import _C_cuda
-    except ImportError as exc:
-        reason = built if built.startswith("not built") else f"built, but the module failed to import: {exc}"
+    from . import cuda
+
+    _C_cuda = cuda.module()  # loads torch's CUDA runtime first, when torch is installed
+    if _C_cuda is None:
+        reason = built if built.startswith("not built") else f"built, but not usable: {cuda.module_error()}"
         return {"built": False, "reason": reason}
     st = _C_cuda.status()
     out = {"built": True, "build": built, "archs": st["archs"], "runtime_version": st["runtime_version"],
@@ -22,6 +23,16 @@ def _cuda_status() -> dict:
     if st["device_count"] == 0:
         out["reason"] = f"no usable device: {st['reason']}"
     return out
+
+
+def _cuda_path() -> dict:
+    """Which backend CUDA tensors take under backend="auto", and why."""
+    if sys.modules.get("torch") is None:
+        return {"path": None, "reason": "torch is not installed"}
+    from . import cuda
+
+    st = cuda.status()
+    return {"path": st["path"], "reason": st["reason"]}
 
 
 def collect() -> dict:
@@ -42,6 +53,7 @@ def collect() -> dict:
         "cpus": os.cpu_count(),
         "torch": getattr(torch, "__version__", None),
         "cuda": _cuda_status(),
+        "cuda_path": _cuda_path(),
     }
 
 
@@ -65,5 +77,8 @@ def format_info(d: dict) -> str:
         ("threads", f"{d['num_threads']} (from {d['num_threads_source']}; {d['cpus']} CPUs)"),
         ("CUDA", cuda_line),
     ]
+    cp = d.get("cuda_path") or {}
+    if cp.get("path"):
+        rows.append(("CUDA tensors", f"backend {cp['path']!r}: {cp['reason']}"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

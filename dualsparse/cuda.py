@@ -654,3 +654,109 @@ def moe_workspace_size(T: int, K: int, E: int, I: int, H: int, P: int = 1, dtype
 
 __all__ = ["available", "require", "module", "module_error", "blas_candidates", "runtime_candidates", "runtime_major",
            "arch_supported", "moe_args", "moe_workspace_size", "route_levels", "moe_experts", "neuron_importance"]
+
+
+# ------------------------------------------------- which path CUDA takes
+
+_selftests: dict = {}
+
+
+def _device_key(device) -> str:
+    torch = _torch()
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def _self_test_inputs(device, dtype):
+    """A small problem that crosses the module's paths: odd sizes, empty
+    experts, two partitions with dropped, partial and full pairs."""
+    torch = _torch()
+    g = torch.Generator().manual_seed(1234)
+    T, H, I, E, K, P = 37, 72, 40, 6, 2, 2
+    x = torch.randn(T, H, generator=g)
+    gu = torch.randn(E, 2 * I, H, generator=g) / H ** 0.5
+    dn = torch.randn(E, H, I, generator=g) / I ** 0.5
+    ids = torch.rand(T, E - 1, generator=g).argsort(dim=1)[:, :K]  # expert E-1 never chosen
+    tw = torch.rand(T, K, generator=g) + 0.05
+    levels = torch.randint(0, P + 1, (T, K), generator=g).to(torch.int8)
+    to = dict(device=device)
+    return (x.to(dtype=dtype, **to), ids.to(**to), tw.to(**to), gu.to(dtype=dtype, **to),
+            dn.to(dtype=dtype, **to), levels.to(**to), P)
+
+
+def self_test(device=None, *, _module=None, refresh: bool = False) -> Tuple[bool, str]:
+    """(passed, detail): ``dualsparse._C_cuda`` against the torch backend on
+    ``device`` (default: the current CUDA device), float32, bfloat16 and
+    float16, with drops and partial pairs.  Run once per device and cached
+    (``refresh=True`` runs it again); any exception counts as a failure and
+    its message is the detail."""
+    torch = _torch()
+    key = _device_key("cuda" if device is None else device)
+    with _lock:
+        if not refresh and key in _selftests:
+            return _selftests[key]
+    from . import _torch_moe
+
+    result = (True, "")
+    try:
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2.0 ** -5), (torch.float16, 2.0 ** -8)):
+            x, ids, tw, gu, dn, levels, P = _self_test_inputs(torch.device(key), dtype)
+            got = moe_experts(x, ids, tw, gu, dn, levels, P, None, _module=_module)
+            ref = _torch_moe.moe(x, ids, tw, _torch_moe._Weights(gu=gu, dn=dn), levels, P,
+                                 torch.empty_like(x), "self_test")
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            g, r = got.double(), ref.double()
+            scale = float(r.abs().max())
+            err = float((g - r).abs().max()) if bool(torch.isfinite(g).all()) else float("inf")
+            if not err <= tol * max(scale, 1e-6):
+                result = (False, f"{str(dtype).replace('torch.', '')} outputs differ from the torch backend by "
+                                 f"{err:.3g} (output scale {scale:.3g}, allowed {tol * scale:.3g})")
+                break
+    except Exception as exc:  # noqa: BLE001 - a failing module must not break the caller
+        result = (False, f"{type(exc).__name__}: {exc}")
+    with _lock:
+        _selftests[key] = result
+    return result
+
+
+def path(device=None) -> Tuple[str, str]:
+    """("cuda" or "torch", why): the backend ``backend="auto"`` gives CUDA
+    tensors on ``device``."""
+    torch = _torch()
+    if not torch.cuda.is_available():
+        return "torch", "torch sees no CUDA device (torch.cuda.is_available() is False)"
+    ok, reason = available()
+    if not ok:
+        return "torch", f"dualsparse._C_cuda is not usable: {reason}"
+    key = _device_key("cuda" if device is None else device)
+    passed, detail = self_test(key)
+    if not passed:
+        return "torch", f"dualsparse._C_cuda failed its self-test on {key} against the torch backend: {detail}"
+    return "cuda", f"dualsparse._C_cuda is built, loads and passed its self-test on {key}"
+
+
+def status(device=None) -> dict:
+    """Which path ``backend="auto"`` takes for CUDA tensors, and why:
+    ``{"path": "cuda" | "torch", "reason": str, "module": str,
+    "self_test": {device: (passed, detail)}, "grouped_mm": {...}}``.
+    Runs the self-test on ``device`` (default: the current device) when a
+    device and a usable module exist."""
+    torch = _torch()
+    ok, why = available()
+    out = {"module": "usable" if ok else f"not usable: {why}"}
+    out["path"], out["reason"] = path(device)
+    with _lock:
+        out["self_test"] = dict(_selftests)
+    if torch.cuda.is_available():
+        from . import _torch_moe
+
+        dev = torch.device(_device_key("cuda" if device is None else device))
+        out["grouped_mm"] = {str(dt).replace("torch.", ""): _torch_moe.capabilities(dev, dt)
+                             for dt in (torch.float32, torch.bfloat16, torch.float16)}
+    return out
+
+
+__all__ += ["self_test", "path", "status"]

@@ -23,6 +23,8 @@ __all__ = [
     "route_levels",
     "moe_experts",
     "moe_experts_split",
+    "BACKENDS",
+    "resolve_backend",
     "stack_linear_experts",
     "ImportanceAccumulator",
     "neuron_importance",
@@ -219,20 +221,68 @@ def _route_levels_torch(w, thr, normalize: bool, levels):
 
 # ------------------------------------------------------- expert computation
 
+#: The backends of :func:`moe_experts` / :func:`moe_experts_split`.
+BACKENDS = ("auto", "engine", "cuda", "torch")
+
+
+def _check_backend(backend, fn: str) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{fn}: backend must be one of {', '.join(repr(b) for b in BACKENDS)}; got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str, x, fn: str = "moe_experts") -> str:
+    """The backend that runs a call whose activations are ``x``: ``"auto"``
+    is the engine for CPU tensors and NumPy arrays, for CUDA tensors
+    ``dualsparse._C_cuda`` when it is usable and passed its self-test on the
+    device (see :func:`dualsparse.cuda.status`), else ``"torch"``; other
+    devices ``"torch"``.  A forced backend that cannot serve ``x`` raises."""
+    backend = _check_backend(backend, fn)
+    dev = x.device.type if _is_torch(x) else "cpu"
+    if backend == "auto":
+        if dev in ("cpu", "meta"):  # meta: the engine's binding reports the device
+            return "engine"
+        if dev == "cuda":
+            from . import cuda
+
+            return cuda.path(x.device)[0]
+        return "torch"
+    if backend == "engine" and dev != "cpu":
+        raise ValueError(f"{fn}: backend='engine' (the C engine) reads CPU tensors and NumPy arrays; x is on "
+                         f"{x.device}. Use backend='auto' or 'torch'")
+    if backend == "cuda":
+        if dev != "cuda":
+            raise ValueError(f"{fn}: backend='cuda' needs CUDA tensors; x is "
+                             f"{'on ' + str(x.device) if _is_torch(x) else 'a ' + type(x).__name__}")
+        from . import cuda
+
+        ok, reason = cuda.available()
+        if not ok:
+            raise RuntimeError(f"{fn}: backend='cuda': dualsparse._C_cuda is not usable: {reason}")
+    if backend == "torch" and not _is_torch(x):
+        raise TypeError(f"{fn}: backend='torch' needs torch tensors; x is a {type(x).__name__}")
+    return backend
+
+
 def _moe_call(x, topk_ids, topk_weights, gu, up, down, levels, num_partitions, out, num_threads, fn,
-              timings=None):
+              timings=None, backend="auto"):
     nt = _threads(num_threads)
     if isinstance(num_partitions, bool) or not isinstance(num_partitions, (int, np.integer)):
         raise TypeError(f"{fn}: num_partitions must be an int; got {type(num_partitions).__name__}")
     x = _rowmajor_x(_plain(x, "x"), "x")
     topk_weights = _plain(topk_weights, "topk_weights")
+    backend = resolve_backend(backend, x, fn)
     if out is None:
         if x.ndim != 2:
             raise ValueError(f"{fn}: x must be 2-D (tokens, hidden); got shape {tuple(x.shape)}")
         out = _empty_like_rows(x, x.shape[0], x.shape[1])
     elif _is_torch(out) and out.requires_grad:
         raise ValueError(f"{fn}: out must not require grad")
-    if _is_cuda(x):
+    if backend == "torch":
+        if timings is not None:
+            raise NotImplementedError(f"{fn}: timings are measured by the C engine only (backend='engine')")
+        return _moe_torch(x, topk_ids, topk_weights, gu, up, down, levels, int(num_partitions), out, fn)
+    if backend == "cuda":
         from . import cuda
 
         if up is not None or not _is_torch(gu):
@@ -246,9 +296,59 @@ def _moe_call(x, topk_ids, topk_weights, gu, up, down, levels, num_partitions, o
     return out
 
 
+def _moe_torch(x, ids, tw, gu, up, down, levels, P, out, fn):
+    """The "torch" backend: checks as the engine's binding does, then
+    dualsparse._torch_moe."""
+    from . import _torch_moe, cuda
+
+    for name, t in (("topk_ids", ids), ("topk_weights", tw), ("levels", levels), ("out", out)):
+        if (t is not None or name in ("topk_ids", "topk_weights")) and not _is_torch(t):
+            raise TypeError(f"{fn}: {name} must be a torch tensor (backend='torch'); got {type(t).__name__}")
+    if up is None:
+        cuda.moe_args(x, ids, tw, gu, down, levels, P, out, fn)  # shapes, dtypes, devices, overlap
+        w = _torch_moe._Weights(gu=gu, dn=down)
+    else:
+        w = _split_weights_torch(x, gu, up, down, fn)
+        E = w.E
+        # the fused checks on stand-in (meta) weights of the same shapes
+        meta_gu = _torch().empty((E, 2 * w.I, w.H), dtype=w.dtype, device="meta")
+        meta_dn = _torch().empty((E, w.H, w.I), dtype=w.dtype, device="meta")
+        cuda.moe_args(x.to("meta"), ids.to("meta"), tw.to("meta"), meta_gu, meta_dn,
+                      None if levels is None else levels.to("meta"), P, None if out is None else out.to("meta"), fn)
+        for t in (x, ids, tw, levels, out):
+            if t is not None and t.device != x.device:
+                raise ValueError(f"{fn}: all tensors must be on one device; got {t.device} and {x.device}")
+        if out.numel() and any(cuda._overlap(out, t) for t in [x, ids, tw] + ([] if levels is None else [levels])):
+            raise ValueError(f"{fn}: out shares memory with an input (x, topk_ids, topk_weights or levels); "
+                             "pass a separate output tensor")
+    return _torch_moe.moe(x, ids, tw, w, levels, P, out, fn)
+
+
+def _split_weights_torch(x, gates, ups, downs, fn):
+    from . import _torch_moe
+
+    E = len(gates)
+    if E < 1 or len(ups) != E or len(downs) != E:
+        raise ValueError(f"{fn}: need the same number (>= 1) of gate, up and down weights; got "
+                         f"{[len(gates), len(ups), len(downs)]}")
+    g0 = gates[0]
+    if not _is_torch(g0) or g0.dim() != 2:
+        raise ValueError(f"{fn}: gate_proj[0] must be a 2-D torch tensor (I, H)")
+    I, H = g0.shape
+    for name, ws, shape in (("gate_proj", gates, (I, H)), ("up_proj", ups, (I, H)), ("down_proj", downs, (H, I))):
+        for i, t in enumerate(ws):
+            if not _is_torch(t) or tuple(t.shape) != shape or t.dtype != g0.dtype or t.device != x.device:
+                raise ValueError(f"{fn}: {name}[{i}] must be a {shape} {g0.dtype} tensor on {x.device}; got "
+                                 f"{tuple(getattr(t, 'shape', ()))} {getattr(t, 'dtype', type(t).__name__)} "
+                                 f"on {getattr(t, 'device', '?')}")
+            if t.stride(-1) != 1:
+                raise ValueError(f"{fn}: {name}[{i}] must have unit stride along its last dimension")
+    return _torch_moe._Weights(gates=gates, ups=ups, downs=downs)
+
+
 def moe_experts(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, levels=None,
                 num_partitions: int = 1, out=None, num_threads: Optional[int] = None,
-                timings=None):
+                timings=None, backend: str = "auto"):
     """Routed expert FFNs with per-pair prefix partitions (transformers 5.x layout).
 
     ``out[t] = sum_k topk_weights[t,k] * down[e][:, :n] @ (silu(gate[e][:n] @ x[t]) * up[e][:n] @ x[t])``
@@ -267,14 +367,24 @@ def moe_experts(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, levels=No
             any input); overwritten.
         num_threads: default ``torch.get_num_threads()``.
         timings: optional float64 NumPy array of 4 that receives the seconds
-            spent in the routing plan, gate/up, down projection and combine.
+            spent in the routing plan, gate/up, down projection and combine
+            (C engine only).
+        backend: ``"auto"`` (default), ``"engine"`` (the C engine: CPU
+            tensors and NumPy arrays), ``"cuda"`` (``dualsparse._C_cuda``:
+            CUDA tensors) or ``"torch"`` (torch operations on the tensors'
+            device: grouped GEMMs over prefix views of the weights, see
+            ``dualsparse/_torch_moe.py``).  ``"auto"``: the engine on the CPU;
+            on CUDA ``_C_cuda`` when it is built, loads and passed its
+            one-time self-test on the device, else ``"torch"``
+            (:func:`dualsparse.cuda.status` says which and why); ``"torch"``
+            on other devices.
 
     Float32 accumulation throughout; for 16-bit dtypes the SwiGLU activation is
     rounded to the dtype before the down projection, as the model itself does.
     """
     return _moe_call(x, topk_ids, topk_weights, _plain(gate_up_proj, "gate_up_proj"), None,
                      _plain(down_proj, "down_proj"), levels, num_partitions, out, num_threads,
-                     "moe_experts", timings)
+                     "moe_experts", timings, backend)
 
 
 def _as_expert_sequence(ws, name):
@@ -296,16 +406,19 @@ def _expert_list(ws, name):
 
 def moe_experts_split(x, topk_ids, topk_weights, gate_proj, up_proj, down_proj, *, levels=None,
                       num_partitions: int = 1, out=None, num_threads: Optional[int] = None,
-                      timings=None):
+                      timings=None, backend: str = "auto"):
     """:func:`moe_experts` for the per-expert layout of transformers 4.x.
 
     ``gate_proj``, ``up_proj``: sequences of E (I, H) weights (tensors or
     ``nn.Linear`` modules, e.g. Mixtral's ``w1``/``w3``); ``down_proj``: E
-    (H, I) weights (``w2``).  The weights are read in place.
+    (H, I) weights (``w2``).  The weights are read in place.  ``backend``:
+    as for :func:`moe_experts` (``"torch"`` runs one matmul per expert and
+    level on views of the per-expert weights; ``"cuda"`` needs the fused
+    layout).
     """
     return _moe_call(x, topk_ids, topk_weights, _expert_list(gate_proj, "gate_proj"),
                      _expert_list(up_proj, "up_proj"), _expert_list(down_proj, "down_proj"),
-                     levels, num_partitions, out, num_threads, "moe_experts_split", timings)
+                     levels, num_partitions, out, num_threads, "moe_experts_split", timings, backend)
 
 
 def stack_linear_experts(gate_proj: Sequence[Any], up_proj: Sequence[Any], down_proj: Sequence[Any]):

@@ -1,6 +1,7 @@
 """patch / revert / set_policy / drop statistics for Hugging Face MoE models."""
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -21,14 +22,17 @@ _SWAP_LOCK = threading.Lock()
 _ENGINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _cuda_usable() -> bool:
-    """CUDA tensors run in dualsparse._C_cuda when it is built, sees a device
-    and found cuBLAS, and no CUDA graph is being captured (its ops
-    synchronise once per call); otherwise the torch fallback (torch_experts)
-    runs."""
-    from .. import cuda
+def _backend_option(backend, where: str) -> str:
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"dualsparse: {where} must be one of {', '.join(repr(b) for b in ops.BACKENDS)}; "
+                         f"got {backend!r}")
+    return backend
 
-    return cuda.available()[0] and not torch.cuda.is_current_stream_capturing()
+
+def _env_backend() -> str:
+    """DUALSPARSE_BACKEND (auto|engine|torch|cuda), default "auto"."""
+    return _backend_option(os.environ.get("DUALSPARSE_BACKEND", "auto").strip() or "auto",
+                           "the environment variable DUALSPARSE_BACKEND")
 
 
 def _patched_class(orig: type, impl, kind: str) -> type:
@@ -185,15 +189,11 @@ class MoELayer:
         if self.family.gpt_oss:
             return torch_experts.gpt_oss_experts(self.experts, x, ids, w, levels, P)
         gu, dn = self.fused_weights()
-        if x.device.type == "cpu" and x.dtype in _ENGINE_DTYPES and gu.dtype == x.dtype:
+        if x.dtype in _ENGINE_DTYPES and gu.dtype == x.dtype:
             if w.dtype not in (torch.float32, x.dtype):
                 w = w.float()
             return ops.moe_experts(x, ids, w, gu, dn, levels=levels, num_partitions=P,
-                                   num_threads=h.num_threads)
-        if x.device.type == "cuda" and x.dtype in _ENGINE_DTYPES and gu.dtype == x.dtype and _cuda_usable():
-            if w.dtype not in (torch.float32, x.dtype):
-                w = w.float()
-            return ops.moe_experts(x, ids, w, gu, dn, levels=levels, num_partitions=P)
+                                   num_threads=h.num_threads, backend=h.current_backend())
         return torch_experts.swiglu_experts(x, ids, w, gu, dn, levels, P, act=self._act())
 
     def _count(self, ids, levels, P, mask):
@@ -325,11 +325,14 @@ class DualSparseHandle:
     """What :func:`patch` returns: the patched layers, the policy, drop
     statistics, and :meth:`revert`."""
 
-    def __init__(self, model, family: Family, policy: Policy, num_threads: Optional[int]):
+    def __init__(self, model, family: Family, policy: Policy, num_threads: Optional[int],
+                 backend: Optional[str] = None):
         self.model = model
         self.family = family
         self.policy = policy
         self.num_threads = num_threads
+        #: the expert backend forced at patch time (None: DUALSPARSE_BACKEND, else "auto")
+        self.backend = backend
         self.generator = torch.Generator().manual_seed(0)
         self.layers: List[MoELayer] = []
         self.reverted = False
@@ -341,6 +344,12 @@ class DualSparseHandle:
         pseed = getattr(policy, "seed", None)
         if pseed is not None:    # a seeded policy (RandomDrop) fixes the random stream
             self.generator.manual_seed(int(pseed))
+
+    def current_backend(self) -> str:
+        """The backend of ops.moe_experts for this model's experts: the
+        ``backend`` given to :func:`patch`, else DUALSPARSE_BACKEND, else
+        "auto"."""
+        return self.backend if self.backend is not None else _env_backend()
 
     # -- policy
     def set_policy(self, policy: Policy) -> None:
@@ -443,7 +452,8 @@ def get_handle(model) -> Optional[DualSparseHandle]:
     return getattr(model, "_dualsparse_handle", None)
 
 
-def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] = None, expert_parallel=None):
+def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] = None, expert_parallel=None,
+          backend: Optional[str] = None):
     """Turns a loaded Hugging Face MoE model into a DualSparse model, in place.
 
     Every sparse MoE layer's expert computation then runs through the engine
@@ -452,7 +462,10 @@ def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] 
     the first half of their (reconstructed) neurons.  ``num_threads`` sets the
     engine's threads (default ``torch.get_num_threads()``); a seeded policy
     (``RandomDrop(rate, seed)``) restarts its random stream whenever it is
-    installed.  Parameter names, shapes
+    installed.  ``backend`` forces the expert backend of
+    :func:`dualsparse.ops.moe_experts` (``"auto"``, ``"engine"``, ``"torch"``,
+    ``"cuda"``; default: the environment variable ``DUALSPARSE_BACKEND``,
+    else ``"auto"``).  Parameter names, shapes
     and ``state_dict`` are unchanged; :meth:`DualSparseHandle.revert` restores
     the original module classes.  Patching an already patched model returns its
     handle (with ``policy`` applied when given).
@@ -462,6 +475,10 @@ def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] 
     from .expert_parallel import ExpertParallelRuntime, as_options
 
     ep_opts = as_options(expert_parallel)
+    if backend is not None:
+        _backend_option(backend, "patch: backend")
+    else:
+        _env_backend()  # a bad DUALSPARSE_BACKEND is reported now, not at the first forward
     existing = get_handle(model)
     if existing is not None and not existing.reverted:
         have = None if existing.ep is None else existing.ep.opts
@@ -472,6 +489,8 @@ def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] 
             existing.set_policy(policy)
         if num_threads is not None:
             existing.num_threads = num_threads
+        if backend is not None:
+            existing.backend = backend
         return existing
     family = family_for(model)
     blocks = find_moe_blocks(model, family)
@@ -482,7 +501,7 @@ def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] 
     _check_policy(policy, len(blocks))
     if num_threads is not None:
         ops._threads(num_threads)
-    handle = DualSparseHandle(model, family, policy, num_threads)
+    handle = DualSparseHandle(model, family, policy, num_threads, backend)
     handle.layers = [MoELayer(handle, name, block, i, family) for i, (name, block) in enumerate(blocks)]
     try:
         for layer in handle.layers:

@@ -1,11 +1,14 @@
 """Pure-torch expert computation with prefix partitions.
 
-Used where the C engine does not apply: tensors on a device other than the
-CPU (until the CUDA kernels land) and GPT-OSS's biased, clamped,
-interleaved experts.  The semantics are the engine's: a pair at level p
-computes the first ``(p * I) // P`` neurons of its expert; a dropped pair
-contributes nothing.  Neurons past a pair's prefix are masked to zero, which
-gives the same values as not computing them (no time is saved here).
+``swiglu_experts`` hands SiLU experts in the engine's dtypes to
+:func:`dualsparse.ops.moe_experts` (backend "auto": the engine, the CUDA
+module or the torch backend, which all skip dropped work); the masked
+computation here serves what they do not (other activations, float64) and
+GPT-OSS's biased, clamped, interleaved experts.  The semantics are the
+engine's: a pair at level p computes the first ``(p * I) // P`` neurons of
+its expert; a dropped pair contributes nothing.  Neurons past a pair's prefix
+are masked to zero, which gives the same values as not computing them (no
+time is saved by the masked computation).
 """
 from __future__ import annotations
 
@@ -35,9 +38,32 @@ def _pairs_by_expert(ids, levels, P: int, I: int, E: int):
             yield e, t_idx, k_idx, m
 
 
-def swiglu_experts(x, ids, w, gate_up, down, levels=None, P: int = 1, act=torch.nn.functional.silu):
-    """x: (T, H); ids, w, levels: (T, K); gate_up: (E, 2I, H); down: (E, H, I)."""
+def _is_silu(act) -> bool:
+    return (act is torch.nn.functional.silu or isinstance(act, torch.nn.SiLU)
+            or type(act).__name__ == "SiLUActivation")  # transformers' ACT2FN["silu"]
+
+
+def swiglu_experts(x, ids, w, gate_up, down, levels=None, P: int = 1, act=torch.nn.functional.silu,
+                   backend: str = "auto"):
+    """x: (T, H); ids, w, levels: (T, K); gate_up: (E, 2I, H); down: (E, H, I).
+
+    SiLU experts in float32 / bfloat16 / float16 run through
+    :func:`dualsparse.ops.moe_experts` with ``backend`` (dropped pairs and
+    neurons past a prefix cost nothing; expert ids >= E, the expert-parallel
+    sentinel, are dropped pairs); anything else (another activation,
+    float64, mixed dtypes) through the masked computation below."""
+    from .. import ops
+
     E, I2, _ = gate_up.shape
+    if (_is_silu(act) and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and gate_up.dtype == x.dtype
+            and down.dtype == x.dtype and gate_up.is_contiguous() and down.is_contiguous() and x.dim() == 2):
+        sentinel = ids >= E
+        lv = torch.full(ids.shape, P, dtype=torch.int8, device=ids.device) if levels is None else levels
+        if bool(sentinel.any()):
+            lv = torch.where(sentinel, torch.zeros((), dtype=lv.dtype, device=lv.device), lv)
+            ids = torch.where(sentinel, torch.zeros((), dtype=ids.dtype, device=ids.device), ids)
+        tw = w if w.dtype in (torch.float32, x.dtype) else w.float()
+        return ops.moe_experts(x, ids, tw, gate_up, down, levels=lv, num_partitions=P, backend=backend)
     I = I2 // 2
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e, t_idx, k_idx, m in _pairs_by_expert(ids, levels, P, I, E):
