@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .. import ops
+from .. import _torch_ops, ops
 from ..policies import NoDrop, Policy
 from . import torch_experts
 from .families import Family, family_for, num_experts
@@ -105,6 +105,7 @@ class MoELayer:
         self.down: Optional[torch.Tensor] = None
         self.importance = None            # (sums (4, E, I) float64, counts (E,)) while profiling
         self.params: List[torch.Tensor] = []  # expert parameters, for the autograd check
+        self.key = _torch_ops.register_layer(self)  # for the torch.compile operator
         if family.gpt_oss:
             self.intermediate = int(self.experts.gate_up_proj.shape[-1] // 2)
             self.hidden = int(self.experts.gate_up_proj.shape[1])
@@ -165,6 +166,9 @@ class MoELayer:
 
     # -- the computation
     def run(self, x, ids, w):
+        if torch.compiler.is_compiling():
+            # one opaque operator that runs this method at run time (policy, statistics, threads)
+            return torch.ops.dualsparse.moe_layer(x, ids, w, self.key)
         h = self.handle
         if h.ep is not None:
             return h.ep.run(self, x, ids, w)
