@@ -98,6 +98,10 @@ def test_changed_policy_takes_effect_without_recompiling():
     assert rates[0] == 0 and len(set(np.round(rates, 6))) == len(rates)   # every policy did something else
 
 
+@pytest.mark.skipif(int(__import__("transformers").__version__.split(".")[0]) < 5,
+                    reason="transformers 4.57 cannot compile OLMoE/Mixtral static-cache generate with fullgraph=True "
+                           "even unpatched (OLMoE's causal mask call misses 'device'; Mixtral's routing is "
+                           "data-dependent)")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_generate_static_cache(backend):
     model, tok = builtin.load("olmoe")
