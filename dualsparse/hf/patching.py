@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .. import _torch_ops, ops
 from ..policies import NoDrop, Policy
-from . import torch_experts
+from . import saved, torch_experts
 from .families import Family, family_for, num_experts
 
 _SWAPPED: Dict[tuple, type] = {}
@@ -389,6 +389,7 @@ class DualSparseHandle:
         self.reverted = True
         if getattr(self.model, "_dualsparse_handle", None) is self:
             del self.model._dualsparse_handle
+        saved.detach(self)
 
     def __repr__(self):
         state = "reverted" if self.reverted else f"{len(self.layers)} MoE layers, policy {self.policy.describe()}"
@@ -459,7 +460,9 @@ def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] 
     installed.  Parameter names, shapes
     and ``state_dict`` are unchanged; :meth:`DualSparseHandle.revert` restores
     the original module classes.  Patching an already patched model returns its
-    handle (with ``policy`` applied when given).
+    handle (with ``policy`` applied when given).  Without ``policy``, a model
+    loaded from a saved DualSparse folder gets the policy saved in its config
+    (``model.save_pretrained`` of a patched model writes it).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dualsparse.patch: model must be a torch.nn.Module (a transformers model); got {type(model).__name__}")
@@ -477,6 +480,10 @@ def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] 
         if num_threads is not None:
             existing.num_threads = num_threads
         return existing
+    if policy is None:
+        policy = saved.saved_policy(model)   # a saved DualSparse model's policy, if any
+    else:
+        saved.read_section(model.config)     # a section of a newer format is an error either way
     family = family_for(model)
     blocks = find_moe_blocks(model, family)
     if not blocks:
@@ -503,6 +510,7 @@ def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] 
                 layer.revert()
             raise
     model._dualsparse_handle = handle
+    saved.attach(handle)
     return handle
 
 
