@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .. import _torch_ops, ops
 from ..policies import NoDrop, Policy
-from . import saved, torch_experts
+from . import experts_backend, saved, torch_experts
 from .families import Family, family_for, num_experts
 
 _SWAPPED: Dict[tuple, type] = {}
@@ -54,10 +54,14 @@ def _patched_class(orig: type, impl, kind: str) -> type:
 # ------------------------------------------------------------- forwards
 
 def _fused_experts_forward(self, hidden_states, top_k_index=None, top_k_weights=None, *args, **kwargs):
+    if experts_backend.overridden(self):   # model.set_experts_implementation(<another>) after patching
+        return self._ds_original_class.forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
     return self._ds_layer.run(hidden_states, top_k_index, top_k_weights)
 
 
 def _gpt_oss_experts_forward(self, hidden_states, router_indices=None, routing_weights=None):
+    if experts_backend.overridden(self):
+        return self._ds_original_class.forward(self, hidden_states, router_indices, routing_weights)
     layer = self._ds_layer
     if hidden_states.dim() == 3:  # transformers 4.x: (B, S, H) and dense (T, E) scores
         B, S, H = hidden_states.shape
@@ -254,8 +258,10 @@ class MoELayer:
     def patch(self):
         if self.family.gpt_oss:
             self.swap(self.experts, _gpt_oss_experts_forward, "gpt_oss_experts")
+            experts_backend.select_on_patch(self)
         elif self.layout == "fused":
             self.swap(self.experts, _fused_experts_forward, "fused_experts")
+            experts_backend.select_on_patch(self)
         else:
             if self.family.v4_forward is None:
                 raise NotImplementedError(f"dualsparse: no transformers 4.x forward for {self.family.model_type}")
@@ -265,6 +271,7 @@ class MoELayer:
         self.params = self.expert_params()
 
     def revert(self):
+        experts_backend.restore(self)
         for module, orig in reversed(self.swapped):
             module.__class__ = orig
             module.__dict__.pop("_ds_layer", None)
@@ -522,7 +529,12 @@ def _require_handle(model, fn) -> DualSparseHandle:
 
 
 def set_policy(model, policy: Policy) -> None:
-    """Changes the drop policy of a patched model (no re-patching)."""
+    """Changes the drop policy of a patched model (no re-patching).  A model
+    loaded with ``experts_implementation="dualsparse"`` is patched with it."""
+    h = get_handle(model)
+    if (h is None or h.reverted) and experts_backend.uses_backend(model):
+        patch(model, policy)
+        return
     _require_handle(model, "set_policy").set_policy(policy)
 
 
