@@ -144,3 +144,19 @@ def test_backend_without_policy_compiles():
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@need_v5
+def test_backend_under_autograd_runs_eager_with_a_warning(engine_calls):
+    model = _from_pretrained("olmoe", experts_implementation="dualsparse")
+    twin = _from_pretrained("olmoe", experts_implementation="eager")
+    x = _ids(builtin.load("olmoe")[1])
+    experts_backend._GRAD_WARNED = False
+    with pytest.warns(RuntimeWarning, match="autograd is recording"):
+        out = model(input_ids=x).logits
+    ref = twin(input_ids=x).logits
+    assert engine_calls == [] and torch.equal(out, ref)
+    out.pow(2).mean().backward()
+    ref.pow(2).mean().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)

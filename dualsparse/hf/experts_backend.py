@@ -96,10 +96,20 @@ def dualsparse_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     computation in torch elsewhere, under the policy saved in the config
     (default: no drop).  hidden_states: (T, H); top_k_*: (T, K)."""
     x, ids, w = hidden_states, top_k_index, top_k_weights
+    layer = self.__dict__.get("_ds_layer")
+    if layer is not None:
+        # a patched layer asked for its original computation (autograd): the implementation it had before
+        prev = getattr(layer, "prev_experts_impl", None)
+        return _original(self, None if prev is None else prev[1])(self, x, ids, w)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False))):
+        global _GRAD_WARNED
+        if not _GRAD_WARNED:
+            _GRAD_WARNED = True
+            warnings.warn("dualsparse experts implementation: autograd is recording, so the experts run transformers' "
+                          "eager computation (the engine computes no gradients); use torch.no_grad() / "
+                          "torch.inference_mode() to run the engine", RuntimeWarning, stacklevel=3)
+        return _original(self, "eager")(self, x, ids, w)
     policy = _policy(self)
-    if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters(recurse=False)):
-        raise RuntimeError("dualsparse experts implementation: the engine computes no gradients; run under "
-                           "torch.no_grad() / torch.inference_mode(), or set another experts implementation to train")
     levels = None
     if not isinstance(policy, NoDrop):
         if torch.compiler.is_compiling():
@@ -124,6 +134,22 @@ def dualsparse_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         return ops.moe_experts(x, ids, w, gu, dn, levels=levels, num_partitions=P)
     act = getattr(self, "act_fn", None) or torch.nn.functional.silu
     return torch_experts.swiglu_experts(x, ids, w, gu, dn, levels, P, act=act)
+
+
+_GRAD_WARNED = False
+
+
+def _original(module, impl):
+    """transformers' forward ``impl`` (None or "eager": the class's own) of
+    an experts module."""
+    cls = getattr(type(module), "_ds_original_class", type(module))
+    fwd = cls.forward
+    eager = getattr(fwd, "__wrapped__", fwd)   # use_experts_implementation wraps the eager forward
+    if impl in (None, "eager", NAME):
+        return eager
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return ALL_EXPERTS_FUNCTIONS.get_interface(impl, eager)
 
 
 def _is_silu(act) -> bool:

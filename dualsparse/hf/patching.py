@@ -490,7 +490,7 @@ def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] 
     if policy is None:
         policy = saved.saved_policy(model)   # a saved DualSparse model's policy, if any
     else:
-        saved.read_section(model.config)     # a section of a newer format is an error either way
+        saved.read_section(getattr(model, "config", None))  # a section of a newer format is an error either way
     family = family_for(model)
     blocks = find_moe_blocks(model, family)
     if not blocks:

@@ -53,7 +53,7 @@ def read_section(config, fn: str = "patch") -> Optional[dict]:
 
 def saved_policy(model, fn: str = "patch") -> Optional[Policy]:
     """The policy saved in the model's config, or None."""
-    sec = read_section(model.config, fn)
+    sec = read_section(getattr(model, "config", None), fn)
     if sec is None or sec.get("policy") is None:
         return None
     try:
