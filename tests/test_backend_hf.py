@@ -160,3 +160,23 @@ def test_backend_under_autograd_runs_eager_with_a_warning(engine_calls):
     ref.pow(2).mean().backward()
     for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+from hf_models import FAMILIES, build, input_ids  # noqa: E402
+
+
+@need_v5
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_runs_the_backend(family):
+    model = build(family)
+    ids = input_ids()
+    ref = _logits(model, ids)
+    model.set_experts_implementation("dualsparse")
+    assert model.get_experts_implementation()[""] == "dualsparse"
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=1e-4)
+    # with a policy (ds.set_policy patches): the same as patching the twin directly
+    twin = build(family)
+    ds.patch(twin, ds.OneThreshold(0.3))
+    ds.set_policy(model, ds.OneThreshold(0.3))
+    torch.testing.assert_close(_logits(model, ids), _logits(twin, ids), rtol=1e-5, atol=1e-6)
+    assert ds.drop_stats(model).per_layer == pytest.approx(ds.drop_stats(twin).per_layer)

@@ -153,3 +153,25 @@ def test_engine_operators_registered_and_compile():
         lv2 = torch.from_numpy(ref_route_levels(to_f64(w), [0.1, 0.6]).astype(np.int8))
         want2 = ref_moe(to_f64(x), ids.numpy(), to_f64(w), to_f64(gu), to_f64(dn), lv2.numpy(), 2)
         np.testing.assert_allclose(cf(x, ids, w, thr2).double().numpy(), 2 * want2, rtol=1e-4, atol=1e-5)
+
+
+from hf_models import FAMILIES, build, input_ids  # noqa: E402
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_compiles_fullgraph(family):
+    model = build(family)
+    ds.patch(model, ds.TwoThreshold(0.2, 0.45))
+    batches = [input_ids(seed=s) for s in (1, 2)]
+    with torch.no_grad():
+        eager = [model(input_ids=b, use_cache=False).logits for b in batches]
+    st = _stats(model)
+    ds.reset_stats(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = [compiled(input_ids=batches[0], use_cache=False).logits]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got.append(compiled(input_ids=batches[1], use_cache=False).logits)
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert _stats(model) == st

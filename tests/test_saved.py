@@ -145,3 +145,27 @@ def test_policy_dict_round_trip_others():
         ds.Policy.from_dict({"type": "TwoThreshold"})
     with pytest.raises(TypeError, match="expected a dict"):
         ds.Policy.from_dict("OneThreshold")
+
+
+from hf_models import FAMILIES, build, input_ids  # noqa: E402
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_round_trips(family, tmp_path):
+    model = build(family)
+    ids = input_ids()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    ds.patch(model, ds.TwoThreshold(0.2, 0.45))
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    st = ds.drop_stats(model)
+    model.save_pretrained(tmp_path)
+    plain = _load(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+    h = ds.patch(plain)
+    assert h.policy == ds.TwoThreshold(0.2, 0.45)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, out, rtol=1e-5, atol=1e-6)
+    assert ds.drop_stats(plain).per_layer == pytest.approx(st.per_layer, abs=1e-12)
