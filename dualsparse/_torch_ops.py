@@ -42,7 +42,7 @@ def register_layer(layer) -> int:
     """A key under which ``moe_layer`` finds ``layer`` (weakly held)."""
     key = next(_KEYS)
     with _LOCK:
-        _LAYERS[key] = weakref.ref(layer)
+        _LAYERS[key] = weakref.ref(layer, lambda _ref, k=key: _LAYERS.pop(k, None))
     return key
 
 
