@@ -175,3 +175,18 @@ def test_every_family_compiles_fullgraph(family):
     for g, e in zip(got, eager):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
     assert _stats(model) == st
+
+
+def test_revert_after_compiling_recompiles_to_the_original_model():
+    model, tok = builtin.load("olmoe")
+    x = _inputs(tok)
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    h = ds.patch(model, ds.OneThreshold(0.3))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        dropped = compiled(input_ids=x).logits
+        h.revert()
+        after = compiled(input_ids=x).logits
+    assert (dropped - ref).abs().max() > 1e-2
+    torch.testing.assert_close(after, ref, rtol=1e-5, atol=1e-5)
