@@ -1,4 +1,4 @@
-"""Command line: `python -m dualsparse {sweep,info,demo}`."""
+"""Command line: `python -m dualsparse {sweep,info,demo,lm-eval}`."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,11 @@ import sys
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "lm-eval":   # every later argument is lm-eval's
+        from .lm_eval_model import cli
+
+        return cli(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m dualsparse", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_info = sub.add_parser("info", help="version, build flags, SIMD level, threads, CUDA support")
@@ -21,6 +26,8 @@ def main(argv=None) -> int:
     from .demo import add_arguments
 
     add_arguments(p_demo)
+    sub.add_parser("lm-eval", help="lm-evaluation-harness's command line with the 'dualsparse' model type "
+                                   "(python -m dualsparse lm-eval --help)")
     args = parser.parse_args(argv)
     if args.cmd == "sweep":
         # torch's OpenMP workers otherwise spin after each torch op and take

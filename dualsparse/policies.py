@@ -389,3 +389,83 @@ class LoadAware(Policy):
 
     def describe(self):
         return f"LoadAware({self.base.describe()}{self._opts()})"
+
+
+# ------------------------------------------------------- serialisation
+
+def _table_arg(col: np.ndarray):
+    """One value for every layer, or the per-layer list."""
+    return float(col[0]) if col.shape[0] == 1 else [float(v) for v in col]
+
+
+def policy_to_dict(policy: Policy) -> dict:
+    """A JSON-ready description of ``policy`` that :func:`policy_from_dict`
+    turns back into an equal policy (thresholds exactly: JSON keeps every
+    float64 digit)."""
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy_to_dict: policy must be a dualsparse policy; got {type(policy).__name__}")
+    kind = type(policy).__name__
+    if isinstance(policy, NoDrop):
+        return {"type": "NoDrop"}
+    if isinstance(policy, Thresholds):
+        d = {"type": kind, "thresholds": [[float(v) for v in row] for row in policy.table]}
+        if kind == "Thresholds":
+            d["normalize"] = bool(policy.normalize)
+        elif kind not in ("OneThreshold", "TwoThreshold"):
+            raise TypeError(f"policy_to_dict: cannot describe the Thresholds subclass {kind}")
+        return d
+    if isinstance(policy, DynamicSkip):
+        if policy.betas is None:
+            raise ValueError("policy_to_dict: DynamicSkip is not calibrated (no betas to save)")
+        return {"type": "DynamicSkip", "betas": [[float(v) for v in row] for row in policy.betas]}
+    if isinstance(policy, RandomDrop):
+        return {"type": "RandomDrop", "rate": policy.rate, "seed": policy.seed}
+    if isinstance(policy, TopKReduce):
+        return {"type": "TopKReduce", "k": policy.k}
+    if isinstance(policy, LoadAware):
+        return {"type": "LoadAware", "base": policy_to_dict(policy.base), "rule": policy.rule, "steps": policy.steps}
+    raise TypeError(f"policy_to_dict: cannot describe a {kind} policy")
+
+
+def policy_from_dict(d: dict) -> Policy:
+    """The policy described by ``d`` (from :func:`policy_to_dict`); a clear
+    error names what is missing or wrong."""
+    if not isinstance(d, dict):
+        raise TypeError(f"policy_from_dict: expected a dict with a 'type'; got {type(d).__name__}")
+    kind = d.get("type")
+
+    def need(key):
+        if key not in d:
+            raise ValueError(f"policy_from_dict: a {kind} policy needs {key!r}; got keys {sorted(d)}")
+        return d[key]
+
+    if kind == "NoDrop":
+        return NoDrop()
+    if kind in ("OneThreshold", "TwoThreshold", "Thresholds"):
+        table = np.asarray(need("thresholds"), dtype=np.float64)
+        if table.ndim != 2 or table.shape[0] < 1:
+            raise ValueError(f"policy_from_dict: {kind} thresholds must be a list of rows; got shape {table.shape}")
+        if kind == "OneThreshold":
+            if table.shape[1] != 1:
+                raise ValueError(f"policy_from_dict: OneThreshold rows hold one value; got {table.shape[1]}")
+            return OneThreshold(_table_arg(table[:, 0]))
+        if kind == "TwoThreshold":
+            if table.shape[1] != 2:
+                raise ValueError(f"policy_from_dict: TwoThreshold rows hold two values; got {table.shape[1]}")
+            return TwoThreshold(_table_arg(table[:, 0]), _table_arg(table[:, 1]))
+        return Thresholds(table if table.shape[0] > 1 else table[0], normalize=bool(d.get("normalize", True)))
+    if kind == "DynamicSkip":
+        return DynamicSkip(need("betas"))
+    if kind == "RandomDrop":
+        return RandomDrop(need("rate"), seed=int(d.get("seed", 0)))
+    if kind == "TopKReduce":
+        return TopKReduce(int(need("k")))
+    if kind == "LoadAware":
+        return LoadAware(policy_from_dict(need("base")), rule=d.get("rule", "ratio"), steps=int(d.get("steps", 256)))
+    raise ValueError(f"policy_from_dict: unknown policy type {kind!r}; known: NoDrop, OneThreshold, TwoThreshold, "
+                     "Thresholds, DynamicSkip, RandomDrop, TopKReduce, LoadAware")
+
+
+Policy.to_dict = policy_to_dict
+Policy.from_dict = staticmethod(policy_from_dict)
+__all__ += ["policy_to_dict", "policy_from_dict"]

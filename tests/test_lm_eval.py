@@ -24,14 +24,14 @@ TASK = "dualsparse_next_sentence"
 LIMIT = 24
 
 
-def _evaluate(model, tok):
+def _evaluate(model, tok, limit=LIMIT):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=8)
     tm = TaskManager(include_path=str(builtin.lm_eval_tasks_dir()))
-    return simple_evaluate(model=lm, tasks=[TASK], task_manager=tm, limit=LIMIT, log_samples=True,
+    return simple_evaluate(model=lm, tasks=[TASK], task_manager=tm, limit=limit, log_samples=True,
                            bootstrap_iters=0)
 
 
@@ -85,3 +85,77 @@ def test_hflm_with_dropping():
     assert st.overall > 0.05 and math.isfinite(res["results"][TASK]["acc_norm,none"])
     # lm-eval's padded batches give each choice the log-likelihood it has alone
     _check(res, model, tok, tol=2e-3)
+
+
+# ------------------------------------------------ the command line (python -m dualsparse lm-eval)
+
+def _cli(tmp_path, model_args, limit=LIMIT, batch_size=8):
+    import glob
+    import json
+    import subprocess
+    import sys
+
+    out_dir = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(ds.__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "dualsparse", "lm-eval", "--model_args", model_args, "--tasks", TASK,
+           "--limit", str(limit), "--batch_size", str(batch_size), "--output_path", str(out_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = glob.glob(str(out_dir / "**" / "results_*.json"), recursive=True)
+    assert len(files) == 1, files
+    res = json.loads(open(files[0]).read())
+    assert "dualsparse: policy" in proc.stdout and "measured drop rate" in proc.stdout
+    return res
+
+
+def test_cli_thresholds_match_the_python_route(tmp_path):
+    res = _cli(tmp_path, "pretrained=builtin:olmoe,thresholds=0.14/0.16,dtype=float32", limit=8)
+    rep = res["dualsparse"]
+    assert rep["policy_dict"] == {"type": "TwoThreshold", "thresholds": [[0.14, 0.16]]}
+    # the same evaluation through HFLM around a model patched in Python
+    model, tok = builtin.load("olmoe")
+    ds.patch(model, ds.TwoThreshold(0.14, 0.16))
+    want = _evaluate(model, tok, limit=8)
+    st = ds.drop_stats(model)
+    assert rep["drop_rate"] == pytest.approx(st.overall, abs=1e-9) and rep["tokens"] == st.tokens
+    assert rep["per_layer"] == pytest.approx(st.per_layer, abs=1e-9)
+    for m in ("acc,none", "acc_norm,none"):
+        assert res["results"][TASK][m] == pytest.approx(want["results"][TASK][m])
+
+
+def test_cli_target_drop_rate_on_a_text_file_and_saved_policy(tmp_path):
+    from dualsparse.text import read_text
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(read_text(builtin.heldout_path())[:60000])
+    res = _cli(tmp_path, f"pretrained=builtin:mixtral,policy=1t,target_drop_rate=0.25,calibration={calib},"
+                         "calibration_tokens=2048,calibration_seq_len=128,dtype=float32", limit=8)
+    rep = res["dualsparse"]
+    assert rep["policy_dict"]["type"] == "OneThreshold" and 0.1 < rep["drop_rate"] < 0.45
+    # a saved DualSparse folder: its policy applies without model_args
+    model, _ = builtin.load("olmoe")
+    ds.patch(model, ds.OneThreshold(0.2))
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    import shutil
+
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(builtin.path("olmoe") / f, folder / f)
+    res = _cli(tmp_path, f"pretrained={folder},dtype=float32", limit=4)
+    assert res["dualsparse"]["policy_dict"] == {"type": "OneThreshold", "thresholds": [[0.2]]}
+    assert res["dualsparse"]["drop_rate"] > 0.05
+
+
+def test_model_args_errors_are_clear():
+    from dualsparse.lm_eval_model import DualSparseLM
+
+    with pytest.raises(ValueError, match="policy must be one of"):
+        DualSparseLM(pretrained="builtin:olmoe", policy="3t")
+    with pytest.raises(ValueError, match="target_drop_rate needs calibration"):
+        DualSparseLM(pretrained="builtin:olmoe", target_drop_rate=0.2)
+    with pytest.raises(ValueError, match="unknown built-in model 'nope'"):
+        DualSparseLM(pretrained="builtin:nope")
+    with pytest.raises(ValueError, match="thresholds must be numbers separated by '/'"):
+        DualSparseLM(pretrained="builtin:olmoe", thresholds="0.1;0.2", dtype="float32")

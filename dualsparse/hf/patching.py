@@ -10,9 +10,9 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .. import ops
+from .. import _torch_ops, ops
 from ..policies import NoDrop, Policy
-from . import torch_experts
+from . import experts_backend, saved, torch_experts
 from .families import Family, family_for, num_experts
 
 _SWAPPED: Dict[tuple, type] = {}
@@ -58,10 +58,14 @@ def _patched_class(orig: type, impl, kind: str) -> type:
 # ------------------------------------------------------------- forwards
 
 def _fused_experts_forward(self, hidden_states, top_k_index=None, top_k_weights=None, *args, **kwargs):
+    if experts_backend.overridden(self):   # model.set_experts_implementation(<another>) after patching
+        return self._ds_original_class.forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
     return self._ds_layer.run(hidden_states, top_k_index, top_k_weights)
 
 
 def _gpt_oss_experts_forward(self, hidden_states, router_indices=None, routing_weights=None):
+    if experts_backend.overridden(self):
+        return self._ds_original_class.forward(self, hidden_states, router_indices, routing_weights)
     layer = self._ds_layer
     if hidden_states.dim() == 3:  # transformers 4.x: (B, S, H) and dense (T, E) scores
         B, S, H = hidden_states.shape
@@ -109,6 +113,7 @@ class MoELayer:
         self.down: Optional[torch.Tensor] = None
         self.importance = None            # (sums (4, E, I) float64, counts (E,)) while profiling
         self.params: List[torch.Tensor] = []  # expert parameters, for the autograd check
+        self.key = _torch_ops.register_layer(self)  # for the torch.compile operator
         if family.gpt_oss:
             self.intermediate = int(self.experts.gate_up_proj.shape[-1] // 2)
             self.hidden = int(self.experts.gate_up_proj.shape[1])
@@ -169,6 +174,9 @@ class MoELayer:
 
     # -- the computation
     def run(self, x, ids, w):
+        if torch.compiler.is_compiling():
+            # one opaque operator that runs this method at run time (policy, statistics, threads)
+            return torch.ops.dualsparse.moe_layer(x, ids, w, self.key)
         h = self.handle
         if h.ep is not None:
             return h.ep.run(self, x, ids, w)
@@ -250,8 +258,10 @@ class MoELayer:
     def patch(self):
         if self.family.gpt_oss:
             self.swap(self.experts, _gpt_oss_experts_forward, "gpt_oss_experts")
+            experts_backend.select_on_patch(self)
         elif self.layout == "fused":
             self.swap(self.experts, _fused_experts_forward, "fused_experts")
+            experts_backend.select_on_patch(self)
         else:
             if self.family.v4_forward is None:
                 raise NotImplementedError(f"dualsparse: no transformers 4.x forward for {self.family.model_type}")
@@ -261,6 +271,7 @@ class MoELayer:
         self.params = self.expert_params()
 
     def revert(self):
+        experts_backend.restore(self)
         for module, orig in reversed(self.swapped):
             module.__class__ = orig
             module.__dict__.pop("_ds_layer", None)
@@ -394,6 +405,7 @@ class DualSparseHandle:
         self.reverted = True
         if getattr(self.model, "_dualsparse_handle", None) is self:
             del self.model._dualsparse_handle
+        saved.detach(self)
 
     def __repr__(self):
         state = "reverted" if self.reverted else f"{len(self.layers)} MoE layers, policy {self.policy.describe()}"
@@ -468,7 +480,9 @@ def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] 
     else ``"auto"``).  Parameter names, shapes
     and ``state_dict`` are unchanged; :meth:`DualSparseHandle.revert` restores
     the original module classes.  Patching an already patched model returns its
-    handle (with ``policy`` applied when given).
+    handle (with ``policy`` applied when given).  Without ``policy``, a model
+    loaded from a saved DualSparse folder gets the policy saved in its config
+    (``model.save_pretrained`` of a patched model writes it).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dualsparse.patch: model must be a torch.nn.Module (a transformers model); got {type(model).__name__}")
@@ -492,6 +506,10 @@ def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] 
         if backend is not None:
             existing.backend = backend
         return existing
+    if policy is None:
+        policy = saved.saved_policy(model)   # a saved DualSparse model's policy, if any
+    else:
+        saved.read_section(getattr(model, "config", None))  # a section of a newer format is an error either way
     family = family_for(model)
     blocks = find_moe_blocks(model, family)
     if not blocks:
@@ -518,6 +536,7 @@ def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] 
                 layer.revert()
             raise
     model._dualsparse_handle = handle
+    saved.attach(handle)
     return handle
 
 
@@ -529,7 +548,12 @@ def _require_handle(model, fn) -> DualSparseHandle:
 
 
 def set_policy(model, policy: Policy) -> None:
-    """Changes the drop policy of a patched model (no re-patching)."""
+    """Changes the drop policy of a patched model (no re-patching).  A model
+    loaded with ``experts_implementation="dualsparse"`` is patched with it."""
+    h = get_handle(model)
+    if (h is None or h.reverted) and experts_backend.uses_backend(model):
+        patch(model, policy)
+        return
     _require_handle(model, "set_policy").set_policy(policy)
 
 

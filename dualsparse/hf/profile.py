@@ -12,6 +12,7 @@ import torch
 from .. import ops
 from ..policies import NoDrop
 from .batches import collect_batches, progress
+from . import saved
 from .patching import get_handle, patch
 
 METRICS = ops.METRICS
@@ -224,3 +225,4 @@ def reconstruct(model, importance, metric: Optional[str] = None, *, num_threads=
             else:
                 gu, dn = layer.fused_weights()
                 ops.permute_neurons(gu, dn, perm, num_threads=num_threads)
+    saved.note_reconstruction(model, importance, m)
