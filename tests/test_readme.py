@@ -8,8 +8,7 @@ checkout first on the path.  A block preceded by the line
 
 is skipped with that reason; a block importing a package that is not
 installed (e.g. lm_eval) is skipped naming it.  The timeout only detects a
-hang: it is far above the few seconds to a minute a block takes on a busy
-2-core machine.
+hang (tests/hang.py).
 """
 from __future__ import annotations
 
@@ -22,11 +21,11 @@ import subprocess
 import sys
 
 import pytest
+from hang import HANG_S
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 SKIP = re.compile(r"^<!--\s*readme-test:\s*skip\s*\((?P<reason>.+)\)\s*-->\s*$")
-HANG_TIMEOUT_S = 1800  # hang detection only (see the module docstring)
 
 
 def python_blocks(text: str):
@@ -93,8 +92,8 @@ def test_readme_python_block(line, code, skip, tmp_path):
     script.write_text(code, encoding="utf-8")
     try:
         r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=HANG_TIMEOUT_S)
+                           timeout=HANG_S)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"README.md line {line}: still running after {HANG_TIMEOUT_S} s (a hang)")
+        pytest.fail(f"README.md line {line}: still running after {HANG_S:g} s (a hang)")
     assert r.returncode == 0, (f"README.md line {line} failed (exit {r.returncode}):\n{code}\n--- stdout\n"
                                f"{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-6000:]}")
