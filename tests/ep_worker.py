@@ -21,9 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dualsparse as ds  # noqa: E402
 from dualsparse.hf.expert_parallel import add_router_bias  # noqa: E402
 from dualsparse.hf.families import num_experts  # noqa: E402
+from hang import HANG_S  # noqa: E402
 from hf_models import build, input_ids  # noqa: E402
 
 FAMILIES = ("mixtral", "olmoe", "qwen2_moe")
+# collectives between healthy ranks: on a busy machine one rank can lag far
+# behind another (building models, importing), so only a hang may time out
+HEALTHY = min(HANG_S, 600.0)
 
 
 def skewed(family):
@@ -75,7 +79,7 @@ def scenario_main(rank, world, out):
         ids = rank_tokens(rank)
         base, la = policies(fam)
         model = skewed(fam)
-        h = ds.patch(model, ds.NoDrop(), num_threads=1, expert_parallel=ds.ExpertParallel(timeout=20))
+        h = ds.patch(model, ds.NoDrop(), num_threads=1, expert_parallel=ds.ExpertParallel(timeout=HEALTHY))
         r = {"nodrop": logits(model, ids)}
         ds.set_policy(model, base)
         ds.reset_stats(model)
@@ -97,7 +101,7 @@ def scenario_main(rank, world, out):
         # S-ETP: two sub-experts per expert on different ranks, same policies
         model = skewed(fam)
         h = ds.patch(model, ds.NoDrop(), num_threads=1,
-                     expert_parallel=ds.ExpertParallel(sub_experts=2, timeout=20))
+                     expert_parallel=ds.ExpertParallel(sub_experts=2, timeout=HEALTHY))
         r["setp_nodrop"] = logits(model, ids)
         ds.set_policy(model, base)
         ds.reset_stats(model)
@@ -113,7 +117,7 @@ def scenario_main(rank, world, out):
         res[fam] = r
     # edge cases on one model: a single token per rank (ranks receive one row or none) and every pair dropped
     model = skewed("olmoe")
-    ds.patch(model, ds.NoDrop(), num_threads=1, expert_parallel=ds.ExpertParallel(timeout=20))
+    ds.patch(model, ds.NoDrop(), num_threads=1, expert_parallel=ds.ExpertParallel(timeout=HEALTHY))
     res["one_token"] = logits(model, one_token(rank))
     ds.set_policy(model, ds.OneThreshold(1.01))
     res["drop_all"] = logits(model, rank_tokens(rank))
@@ -122,7 +126,7 @@ def scenario_main(rank, world, out):
 
 def scenario_mismatch(rank, world, out):
     res = {}
-    ep = ds.ExpertParallel(timeout=10)
+    ep = ds.ExpertParallel(timeout=HEALTHY)
     # experts not divisible by the world size (3 experts on 2 ranks): raised before any collective
     try:
         ds.patch(build("mixtral", num_local_experts=3), expert_parallel=ep)
@@ -135,7 +139,7 @@ def scenario_mismatch(rank, world, out):
         res["policy"] = str(e)
     # different sub_experts
     try:
-        ds.patch(build("olmoe"), expert_parallel=ds.ExpertParallel(sub_experts=1 + rank, timeout=10))
+        ds.patch(build("olmoe"), expert_parallel=ds.ExpertParallel(sub_experts=1 + rank, timeout=HEALTHY))
     except ds.ExpertParallelError as e:
         res["sub_experts"] = str(e)
     # different model shapes (a rank with another top-k)
@@ -148,36 +152,46 @@ def scenario_mismatch(rank, world, out):
 
 def scenario_exit_after_patch(rank, world, out):
     model = build("olmoe")
-    ds.patch(model, num_threads=1, expert_parallel=ds.ExpertParallel(timeout=5))
+    h = ds.patch(model, num_threads=1, expert_parallel=ds.ExpertParallel(timeout=HEALTHY))
+    h.ep.timeout = datetime.timedelta(seconds=5)   # the forward's collectives: the peer is gone
     if rank == world - 1:
         torch.save({"exited": True}, os.path.join(out, f"exit_after_patch_rank{rank}.pt"))
         os._exit(0)          # a rank that dies between patch and forward
     time.sleep(0.5)
-    t0 = time.time()
+    t0 = time.monotonic()
     try:
         logits(model, rank_tokens(rank))
     except ds.ExpertParallelError as e:
-        return {"error": str(e), "seconds": time.time() - t0}
-    return {"error": None, "seconds": time.time() - t0}
+        return {"error": str(e), "seconds": time.monotonic() - t0}
+    return {"error": None, "seconds": time.monotonic() - t0}
 
 
 def scenario_absent_at_patch(rank, world, out):
-    if rank == world - 1:     # never patches (hangs elsewhere), then leaves
+    done = os.path.join(out, "absent_at_patch_done")
+    if rank == world - 1:     # never patches; stays (so the others time out, not see it leave) until they are done
         torch.save({"absent": True}, os.path.join(out, f"absent_at_patch_rank{rank}.pt"))
-        time.sleep(6)
+        deadline = time.monotonic() + HANG_S
+        while not os.path.exists(done) and time.monotonic() < deadline:
+            time.sleep(0.05)
         os._exit(0)
-    t0 = time.time()
+    model = build("olmoe")
+    t0 = time.monotonic()
     try:
-        ds.patch(build("olmoe"), expert_parallel=ds.ExpertParallel(timeout=2))
+        ds.patch(model, expert_parallel=ds.ExpertParallel(timeout=2))
+        res = {"error": None}
     except ds.ExpertParallelError as e:
-        return {"error": str(e), "seconds": time.time() - t0}
-    return {"error": None, "seconds": time.time() - t0}
+        res = {"error": str(e)}
+    res["seconds"] = time.monotonic() - t0
+    open(done, "w").close()
+    return res
 
 
 def main():
     scenario, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    # gloo's own timeout (rendezvous, barriers) is the hang bound; the tests of
+    # timeouts use ExpertParallel(timeout=...) far below it
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=HANG_S))
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         res = globals()[f"scenario_{scenario}"](rank, world, out)

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from hang import HANG_S
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -126,7 +127,7 @@ def test_training_script_is_deterministic(tmp_path):
         out = tmp_path / run
         cmd = [sys.executable, str(ROOT / "scripts" / "train_builtin.py"), "--out", str(out), "--model", "olmoe",
                "--steps", "3", "--warmup", "2", "--limit-chars", "200000", "--vocab-size", "600", "--threads", "1"]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_S,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(out)

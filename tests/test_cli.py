@@ -4,10 +4,11 @@ import subprocess
 import sys
 
 import pytest
+from hang import HANG_S
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "dualsparse", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "dualsparse", *args], capture_output=True, text=True, timeout=HANG_S)
 
 
 def test_demo_small_shape_runs():

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hang import HANG_S
 
 import dualsparse
 from dualsparse import _C
@@ -97,7 +98,7 @@ def test_info_cli():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-m", "dualsparse", "info"], capture_output=True, text=True,
-                       timeout=120, cwd=str(ROOT), env=env)
+                       timeout=HANG_S, cwd=str(ROOT), env=env)
     assert p.returncode == 0, p.stderr
     out = p.stdout
     level = _C.simd_level()
@@ -123,7 +124,7 @@ def test_info_cli_json():
     import json
 
     p = subprocess.run([sys.executable, "-m", "dualsparse", "info", "--json"], capture_output=True, text=True,
-                       timeout=120, cwd=str(ROOT))
+                       timeout=HANG_S, cwd=str(ROOT))
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
     assert d["simd_level"] == _C.simd_level()

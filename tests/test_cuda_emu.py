@@ -18,6 +18,7 @@ from dualsparse import cuda as dcuda
 from dualsparse import ops
 
 import cuda_emu
+from hang import HANG_S
 import reference as R
 from cases import (CASE_IDS, CASES_BY_ID, SMALL_CASE_IDS, assert_moe_close, assert_same_bits,
                    ROUTE_THRESHOLDS, assert_same_error, build, route_weights)
@@ -483,6 +484,6 @@ def test_emu_sanitized_run(tmp_path):
     envv = dict(os.environ, LD_PRELOAD=preload, ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
                 DS_CUDA_EMU_SEED="5", PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
     p = subprocess.run([sys.executable, str(HERE / "cuda_emu.py"), "--run-cases", str(so)], env=envv,
-                       capture_output=True, text=True, timeout=1200)
+                       capture_output=True, text=True, timeout=HANG_S)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     assert "cases ok" in p.stdout, p.stdout

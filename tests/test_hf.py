@@ -800,20 +800,184 @@ def test_complete_partition_round_trips(family, overrides, P, tmp_path):
     torch.testing.assert_close(logits(back, ids), ref, rtol=1e-5, atol=1e-5 * scale)
 
 
+class RouterRecord:
+    """Per MoE layer: the router's input (float64) and the experts it
+    selected, for one forward call (hooks on the model's own routers)."""
+
+    def __init__(self, model):
+        self.cfg = model.config
+        self.blocks = R.moe_blocks(model)
+        self.x, self.idx = {}, {}
+        self.handles = [R.router_of(b).register_forward_hook(self._hook(i)) for i, (_, b) in enumerate(self.blocks)]
+
+    def _hook(self, i):
+        def hook(mod, args, output):
+            x = args[0]
+            self.x[i] = x.detach().reshape(-1, x.shape[-1]).double()
+            self.idx[i] = R.routing_from_router(self.cfg, output)[1].detach().clone()
+        return hook
+
+    def logits64(self, i):
+        """The layer's router logits recomputed in float64 from its input."""
+        r = R.router_of(self.blocks[i][1])
+        out = self.x[i] @ r.weight.detach().double().t()
+        b = getattr(r, "bias", None)
+        return out if b is None else out + b.detach().double()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def partition_divergence(orig: RouterRecord, new: RouterRecord, P: int, K: int, shape, tol_eps: float):
+    """Where the partitioned model's selection, mapped back to experts, is
+    not every originally selected expert P times, in a (batch, seq) forward
+    of both models on the same input.  Returns the positions kept (a bool
+    (batch, seq) mask: those before the first divergence of their sequence
+    in any layer).  Asserts that each divergence at a position whose layer
+    input both models computed alike (no divergence at or before it in an
+    earlier layer) is a tie at the original router's top-K boundary: every
+    expert selected by one model and not the other has a logit within
+    ``tol_eps * max |logit|`` of the lowest selected one."""
+    B, S = shape
+    first = [S] * B          # first diverged position of each sequence, over the layers seen so far
+    for i in sorted(orig.idx):
+        io, inn = orig.idx[i], new.idx[i]
+        lg = orig.logits64(i)
+        now = list(first)
+        for t in range(io.shape[0]):
+            b, pos = divmod(t, S)
+            so = sorted(io[t].tolist())
+            sn = sorted((inn[t] // P).tolist())
+            if sn == sorted(so * P):
+                continue
+            now[b] = min(now[b], pos)
+            if pos >= first[b]:
+                continue     # this layer's input already differs here: a consequence, not a cause
+            full = {e for e in set(sn) if sn.count(e) == P}
+            differ = (set(so) ^ full) | {e for e in set(sn) if sn.count(e) != P}
+            boundary = float(lg[t, so].min())
+            tol = tol_eps * float(lg[t].abs().max())
+            gaps = {e: abs(float(lg[t, e]) - boundary) for e in differ}
+            assert max(gaps.values()) <= tol, (f"layer {i} token {t}: selection {so} became {sn} without a tie at "
+                                               f"the top-{K} boundary (logit gaps {gaps}, tolerance {tol})")
+        first = now
+    keep = torch.ones(B, S, dtype=torch.bool)
+    for b in range(B):
+        keep[b, first[b]:] = False
+    return keep
+
+
 @pytest.mark.parametrize("family", EXACT_PARTITION)
 def test_complete_partition_bf16_within_rounding(family):
     """bfloat16: the partitioned model is as close to the float64 original
-    as the bfloat16 original is (same criterion as the NoDrop test)."""
+    as the bfloat16 original is (same criterion as the NoDrop test), on
+    every position before a routing tie.  The sub-experts' outputs are
+    rounded separately, so the two bfloat16 models differ by roundings;
+    where two experts' router logits tie at the top-K boundary (to within
+    such roundings) the routers' tie-break may choose differently (on
+    AVX2 CPUs torch breaks the exact ties of this test's qwen3_moe model
+    otherwise than on AVX-512), which changes that token and, through
+    attention, the later ones.  Such divergences are checked to be ties."""
     ids = input_ids()
+    P = 2
     model = build(family, dtype=torch.bfloat16)
     ref = logits(build(family, dtype=torch.float64), ids)
-    orig = logits(model, ids).double()
-    new = ds.complete_partition(model, num_partitions=2)
+    new = ds.complete_partition(model, num_partitions=P)
     assert next(new.parameters()).dtype == torch.bfloat16
-    part = logits(new, ids).double()
+    with RouterRecord(model) as ro:
+        orig = logits(model, ids).double()
+    with RouterRecord(new) as rn:
+        part = logits(new, ids).double()
+    K = int(model.config.num_experts_per_tok)
+    eps = torch.finfo(torch.bfloat16).eps
+    keep = partition_divergence(ro, rn, P, K, ids.shape, tol_eps=4 * eps)
+    assert keep.float().mean() >= 0.5, f"routing diverged at too many positions ({keep})"
     scale = float(ref.abs().max())
-    err_o, err_p = float((orig - ref).abs().max()), float((part - ref).abs().max())
-    assert err_p <= 1.5 * err_o + 2 * torch.finfo(torch.bfloat16).eps * scale, (err_p, err_o)
+    err_o = float((orig - ref).abs()[keep].max())
+    err_p = float((part - ref).abs()[keep].max())
+    assert err_p <= 1.5 * err_o + 2 * eps * scale, (err_p, err_o, keep)
+
+
+def dtype_kw(dtype):
+    return {"dtype": dtype} if TV5 else {"torch_dtype": dtype}
+
+
+@pytest.mark.parametrize("family", EXACT_PARTITION)
+def test_complete_partition_runs_with_any_sub_expert_size(family, tmp_path):
+    """Sub-experts of 2 neurons (8-byte rows in float32, 4 in bfloat16),
+    which transformers 5.x's default grouped_mm kernels refuse ("strides
+    should be multiple of 16 bytes"): the exported model runs as exported
+    and as saved and reloaded."""
+    model = build(family)
+    ids = input_ids(batch=2, seq=9)
+    ref = logits(model, ids)
+    new = ds.complete_partition(model, num_partitions=16)
+    assert R.routed_intermediate(new.config) == 2
+    if TV5:
+        assert new.config._experts_implementation == "eager"
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(logits(new, ids), ref, rtol=1e-5, atol=1e-5 * scale)
+    new.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(back, ids), ref, rtol=1e-5, atol=1e-5 * scale)
+    back_bf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, **dtype_kw(torch.bfloat16)).eval()
+    assert torch.isfinite(logits(back_bf16, ids)).all()
+
+
+@pytest.mark.parametrize("P,dtype", [(4, torch.float32), (2, torch.bfloat16), (8, torch.float32)])
+def test_complete_partition_builtin_olmoe_runs(P, dtype, tmp_path):
+    """The built-in OLMoE (40 neurons per expert): 10, 20 and 5 neurons per
+    sub-expert, in the dtypes where transformers' grouped_mm refuses them."""
+    model, _ = ds.builtin.load("olmoe", dtype=dtype)
+    ids = input_ids(batch=2, seq=12, vocab=model.config.vocab_size)
+    ref = logits(model, ids).double()
+    scale = float(ref.abs().max())
+
+    def check(m):
+        out = logits(m, ids).double()
+        if dtype == torch.float32:
+            assert float((out - ref).abs().max()) <= 1e-5 * scale
+        else:   # roundings, and maybe a routing tie (see test_complete_partition_bf16_within_rounding)
+            assert float((out - ref).abs().mean()) <= 0.01 * scale, float((out - ref).abs().mean()) / scale
+
+    new = ds.complete_partition(model, num_partitions=P)
+    check(new)
+    new.save_pretrained(tmp_path)
+    check(transformers.AutoModelForCausalLM.from_pretrained(tmp_path, **dtype_kw(dtype)).eval())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen3_moe"])
+def test_complete_partition_exact_router_ties(family):
+    """The documented limit of complete_partition, made deterministic: two
+    experts with equal router rows tie on every token.  Where the tie is at
+    the top-K boundary the original's top-K keeps one of them, and the
+    partitioned top-(K*P) may keep copies of both (torch's tie order: on
+    x86 CPUs it picks sub-expert 1 of one and sub-expert 0 of the other).
+    Every other token, and every position before the first such token of a
+    sequence, is exact to float32 rounding."""
+    model = build(family)
+    with torch.no_grad():
+        for _, blk in R.moe_blocks(model):
+            w = R.router_of(blk).weight
+            w[1] = w[0]
+    ids = input_ids(batch=4, seq=16)
+    P = 2
+    new = ds.complete_partition(model, num_partitions=P)
+    with RouterRecord(model) as ro:
+        orig = logits(model, ids)
+    with RouterRecord(new) as rn:
+        part = logits(new, ids)
+    K = int(model.config.num_experts_per_tok)
+    assert any((0 in ro.idx[0][t].tolist()) != (1 in ro.idx[0][t].tolist()) for t in range(ids.numel())), \
+        "the test needs tokens with a tie at the top-K boundary"
+    keep = partition_divergence(ro, rn, P, K, ids.shape, tol_eps=1e-6)
+    assert keep.any()
+    scale = float(orig.abs().max())
+    torch.testing.assert_close(part[keep], orig[keep], rtol=1e-5, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("family,overrides", [("qwen2_moe", dict(mlp_only_layers=[0])),

@@ -6,14 +6,20 @@ import shutil
 import subprocess
 
 import pytest
+from hang import HANG_S
 
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 
 
 def _run_make(tmp_path, target, **env_vars):
-    args = ["make", "--no-print-directory", "-C", str(CSRC), target, f"BUILD={tmp_path}"]
-    args += [f"{k}={v}" for k, v in env_vars.items()]
-    return subprocess.run(args, capture_output=True, text=True, timeout=600)
+    """Builds the test binary (no timeout: a cross build or a busy machine is
+    only slow), then runs the target (the suite's hang bound)."""
+    variables = [f"BUILD={tmp_path}"] + [f"{k}={v}" for k, v in env_vars.items()]
+    cmd = ["make", "--no-print-directory", "-C", str(CSRC)]
+    build = subprocess.run(cmd + [f"{tmp_path}/test_core"] + variables, capture_output=True, text=True)
+    if build.returncode != 0:
+        return build
+    return subprocess.run(cmd + [target] + variables, capture_output=True, text=True, timeout=HANG_S)
 
 
 @pytest.mark.skipif(shutil.which("clang") is None or shutil.which("make") is None,

@@ -8,6 +8,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from hang import HANG_S
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -205,7 +206,7 @@ def test_quick_cli_run(tmp_path):
     out = tmp_path / "quick"
     root = pathlib.Path(__file__).resolve().parent.parent
     r = subprocess.run([sys.executable, "-m", "dualsparse", "sweep", "--quick", "--no-progress", "--out", str(out)],
-                       capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=HANG_S, cwd=tmp_path,
                        env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())

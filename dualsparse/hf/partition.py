@@ -27,7 +27,20 @@ def complete_partition(model, num_partitions: int = 2):
     model (``save_pretrained`` writes it, vanilla transformers reloads it)
     with the same outputs up to rounding.  Raises for routers that copies of
     an expert cannot reproduce exactly (PhiMoE's sparsemixer; DeepSeek-V3
-    group-limited routing)."""
+    group-limited routing).
+
+    Limits: (1) each sub-expert's output is rounded to the dtype before the
+    combine adds them, so in bfloat16/float16 the two models differ by
+    roundings; (2) where the router scores of two different experts tie
+    exactly at the top-K boundary, the original's top-K keeps one of them
+    and the top-(K*P) may keep copies of several (torch's tie order), so that
+    token gets some sub-experts of each tied expert.  Exact ties are rare in
+    float32 (equal router rows) but occur in bfloat16 (8-bit mantissas), and
+    the roundings of (1) can create or break them in later layers.
+    On transformers 5.x a sub-expert size that transformers' default
+    ``grouped_mm`` kernels cannot take (not a multiple of 8 neurons) makes
+    the exported model use the ``eager`` experts implementation, also in its
+    saved config."""
     P = num_partitions
     if isinstance(P, bool) or not isinstance(P, int) or P < 1:
         raise ValueError(f"dualsparse.complete_partition: num_partitions must be an int >= 1; got {num_partitions!r}")
@@ -81,6 +94,7 @@ def complete_partition(model, num_partitions: int = 2):
             else:
                 new_sd[key] = t  # shared experts and their gate
     new_model = _instantiate(model, new_cfg)
+    _fit_experts_implementation(new_model, I // P)
     missing, unexpected = new_model.load_state_dict(new_sd, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"dualsparse.complete_partition: parameters did not map cleanly "
@@ -124,6 +138,22 @@ def _split_expert_param(new_sd, pre, rest, t, family, E, I, P, sl, scale):
         new_sd[pre + rest] = torch.stack(parts, dim=1).reshape(E * P, t.shape[1], I // P).to(t.dtype).contiguous()
     else:
         raise RuntimeError(f"dualsparse.complete_partition: unexpected expert parameter {pre + rest}")
+
+
+def _fit_experts_implementation(new, inter: int) -> None:
+    """transformers 5.x runs fused experts through ``grouped_mm`` by default,
+    whose kernels need every row of the weights to span a multiple of 16
+    bytes: sub-experts of ``inter`` neurons with ``inter % 8 != 0`` fail in
+    16-bit dtypes (and in float32 unless ``inter % 4 == 0``).  Such a model
+    gets the ``eager`` experts (one matmul per expert), also written to its
+    config so that a saved copy loads that way."""
+    cfg = new.config
+    if not hasattr(new, "set_experts_implementation") or inter % 8 == 0:
+        return
+    if getattr(cfg, "_experts_implementation", None) not in (None, "grouped_mm"):
+        return  # batched_mm, eager and other kernels without that constraint stay as chosen
+    new.set_experts_implementation("eager")
+    cfg.experts_implementation = "eager"
 
 
 def _instantiate(model, cfg):
