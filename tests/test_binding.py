@@ -789,7 +789,7 @@ def test_split_rejections():
     objs = g + u + d
     out = h.args["out"]
     rejects(_split_call(h, g, u[:3], d), ValueError, ["up_proj has 3 experts", "gate_proj has 4"], objs, out)
-    rejects(_split_call(h, [], [], []), ValueError, ["gate_proj has 0 experts"], objs, out)
+    rejects(_split_call(h, [], [], []), ValueError, ["gate_proj is empty", "one weight tensor per expert"], objs, out)
     bad = u[:2] + [torch.zeros(I, H + 1)] + u[3:]
     rejects(_split_call(h, g, bad, d), ValueError, [r"up_proj\[2\] must have shape \(6, 8\)", r"\(6, 9\)"],
             objs + bad, out)
