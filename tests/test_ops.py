@@ -858,3 +858,58 @@ def test_raw_route_levels_refuses_non_number_thresholds(bad, exc, msg):
     lv = np.empty((1, 2), dtype=np.int8)
     with pytest.raises(exc, match=msg):
         _C.route_levels(w, bad, True, lv)
+
+
+def test_patch_refuses_meta_weights():
+    """A model whose expert weights are on the meta device (no data) is
+    refused at patch time, with what to do, instead of failing later."""
+    import dualsparse as ds
+    from hf_models import build as build_model
+
+    model = build_model("olmoe").to("meta")
+    with pytest.raises(ValueError, match=r"dualsparse.patch: .* is on the 'meta' device.*load the real weights"):
+        ds.patch(model, ds.NoDrop())
+    assert getattr(model, "_dualsparse_handle", None) is None
+
+
+def test_policy_threshold_range_and_types():
+    """Normalised scores lie in [0, 1]: a threshold outside is accepted (it
+    saturates) with a ThresholdRangeWarning naming what it means; bools,
+    dicts, sets and huge integers are refused by name."""
+    import warnings
+
+    import dualsparse as ds
+    from dualsparse.policies import ThresholdRangeWarning
+
+    with pytest.warns(ThresholdRangeWarning, match=r"OneThreshold: threshold 1.5 is above 1.*every pair is dropped"):
+        ds.OneThreshold(1.5)
+    with pytest.warns(ThresholdRangeWarning, match=r"OneThreshold: threshold -0.1 is below 0.*nothing is dropped"):
+        ds.OneThreshold(-0.1)
+    with pytest.warns(ThresholdRangeWarning, match="TwoThreshold: threshold 1.2 is above 1"):
+        ds.TwoThreshold(0.5, 1.2)
+    with pytest.warns(ThresholdRangeWarning, match="Thresholds: threshold -0.5 is below 0"):
+        ds.Thresholds([-0.5, 0.5])
+    with pytest.warns(ThresholdRangeWarning, match="DynamicSkip: beta 1.5 is above 1"):
+        ds.DynamicSkip([[1.5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds.OneThreshold(0.0), ds.OneThreshold(1.0), ds.TwoThreshold(0.1, 0.3), ds.Thresholds([0.2, 0.9])
+        ds.Thresholds([5.0], normalize=False)  # raw weights: any finite value
+    # the saturated values keep their meaning: 1.01 drops every pair, -0.1 none
+    w = torch.tensor([[0.3, 0.7], [1.0, 0.0]])
+    with pytest.warns(ThresholdRangeWarning):
+        assert ds.OneThreshold(1.01).route(w, None, 0)[0].tolist() == [[0, 0], [0, 0]]
+    with pytest.warns(ThresholdRangeWarning):
+        assert ds.OneThreshold(-0.1).route(w, None, 0)[0].tolist() == [[1, 1], [1, 1]]
+    for bad, msg in [(True, "a bool"), ([0.1, True], "a bool"), ({0.1: 1}, "got dict"), ({0.2}, "got set"),
+                     ("0.1", "got str"), (10 ** 400, "too large for a float"), (np.array([True]), "boolean")]:
+        with pytest.raises((TypeError, ValueError), match=msg):
+            ds.OneThreshold(bad)
+    with pytest.raises(TypeError, match="t_minor must be numbers"):
+        ds.TwoThreshold(0.1, False)
+    with pytest.raises(TypeError, match="a bool"):
+        ds.Thresholds([[0.1, True]])
+    with pytest.raises(TypeError, match="RandomDrop: rate must be a number"):
+        ds.RandomDrop(True)
+    with pytest.raises(TypeError, match="DynamicSkip: betas must be numbers"):
+        ds.DynamicSkip([[True]])
