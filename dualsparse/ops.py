@@ -121,14 +121,19 @@ def route_levels(topk_weights, thresholds, *, normalize: bool = True, dtype: str
 
     ``levels[t, k]`` is the number of thresholds ``t_j`` with
     ``s[t, k] >= t_j``, where ``s = topk_weights / topk_weights.sum(-1)``
-    (computed in float64, summed over k in order) when ``normalize``, else
-    ``topk_weights``.  One threshold gives 1T-Drop (0 = dropped, 1 = full);
-    two give 2T-Drop (0 dropped, 1 major half, 2 full); P thresholds give P
-    importance partitions.
+    (computed in float64, summed over k in order; a row whose sum overflows
+    float64 is first scaled by a power of two, which leaves the scores
+    unchanged) when ``normalize``, else ``topk_weights``.  One threshold gives
+    1T-Drop (0 = dropped, 1 = full); two give 2T-Drop (0 dropped, 1 major
+    half, 2 full); P thresholds give P importance partitions.  Normalised
+    scores lie in [0, 1]: a threshold above 1 is reached by no pair, one at
+    or below 0 by every pair.
 
     Args:
-        topk_weights: (T, K) float32 / bfloat16 / float16 combine weights.
-        thresholds: ascending finite values (a single number means one).
+        topk_weights: (T, K) float32 / bfloat16 / float16 / float64 combine
+            weights.
+        thresholds: ascending finite values: one number, or a list / tuple /
+            1-D array of numbers (bools, dicts and sets are refused).
         normalize: decide on top-K-normalised scores (the method's default).
         dtype: "int8" (default) or "int32" for the result.
 

@@ -111,38 +111,30 @@ static const char *dev_name(int t)
 
 static const char *type_name(PyObject *o) { return Py_TYPE(o)->tp_name; }
 
-/* A torch tensor with the negative or conjugate bit set is a lazy view: its
- * memory holds the un-negated (un-conjugated) values, and DLPack exports that
- * memory without the flag.  Returns 1 and sets *which ("negative" or
- * "conjugate") for such a tensor, 0 otherwise, -1 on error. */
+/* A torch tensor with the negative bit set is a lazy view: its memory holds
+ * the un-negated values, and DLPack exports that memory without the flag.
+ * Returns 1 and sets *which for such a tensor, 0 otherwise (errors of the
+ * query are cleared: an object without is_neg() has no such bit).  The
+ * conjugate bit needs no check: it exists only on complex tensors, whose
+ * dtype the engine refuses by name. */
 static int lazy_bit(PyObject *obj, const char **which)
 {
-    static const char *const meths[2] = {"is_conj", "is_neg"};
-    static const char *const names[2] = {"conjugate", "negative"};
-    for (int i = 0; i < 2; i++) {
-        PyObject *m = PyObject_GetAttrString(obj, meths[i]);
-        if (m == NULL) {
-            PyErr_Clear();
-            continue;
-        }
-        PyObject *r = PyObject_CallNoArgs(m);
-        Py_DECREF(m);
-        if (r == NULL) {
-            PyErr_Clear();
-            continue;
-        }
-        int set = PyObject_IsTrue(r);
-        Py_DECREF(r);
-        if (set < 0) {
-            PyErr_Clear();
-            continue;
-        }
-        if (set) {
-            *which = names[i];
-            return 1;
-        }
+    static PyObject *name = NULL;
+    if (name == NULL && (name = PyUnicode_InternFromString("is_neg")) == NULL) {
+        PyErr_Clear();
+        return 0;
     }
-    return 0;
+    PyObject *argv[1] = {obj};
+    PyObject *r = PyObject_VectorcallMethod(name, argv, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (r == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int set = r == Py_True;
+    Py_DECREF(r);
+    if (set)
+        *which = "negative";
+    return set;
 }
 
 /* The producer's name of an object's dtype (e.g. "torch.complex64"), as a new
@@ -164,8 +156,7 @@ static PyObject *dtype_repr(PyObject *obj)
 static int view_from_obj(PyObject *obj, view_t *v, const char *fn, const char *arg);
 
 /* Fills v from a NumPy array or any object with __dlpack__.  fn/arg name the
- * argument in messages.  A tensor with the negative or conjugate bit set is
- * refused (the engine would read the stored, un-negated values); inputs the
+ * argument in messages.  A tensor with the negative bit set is refused (the engine would read the stored, un-negated values); inputs the
  * engine only reads go through view_from_input, which resolves such views. */
 static int view_from(PyObject *obj, view_t *v, const char *fn, const char *arg)
 {
@@ -174,34 +165,28 @@ static int view_from(PyObject *obj, view_t *v, const char *fn, const char *arg)
         const char *which = NULL;
         if (lazy_bit(obj, &which) > 0) {
             PyErr_Format(PyExc_ValueError, "%s: %s is a lazy %s view (its memory holds the values "
-                         "before %s); the engine writes or keeps this argument in place, so resolve "
-                         "it first, e.g. t = t.resolve_%s()", fn, arg, which,
-                         which[0] == 'n' ? "negation" : "conjugation",
-                         which[0] == 'n' ? "neg" : "conj");
+                         "before negation); the engine writes or reads this argument in place, so "
+                         "resolve it once first, e.g. t = t.resolve_neg()", fn, arg, which);
             return -1;
         }
     }
     return view_from_obj(obj, v, fn, arg);
 }
 
-/* view_from for an argument the engine only reads: a lazy negative or
- * conjugate view is resolved into a copy (kept alive by the view). */
+/* view_from for an argument the engine only reads: a lazy negative view is
+ * resolved into a copy (kept alive by the view). */
 static int view_from_input(PyObject *obj, view_t *v, const char *fn, const char *arg)
 {
     memset(v, 0, sizeof *v);
     if (!PyArray_Check(obj)) {
         const char *which = NULL;
         if (lazy_bit(obj, &which) > 0) {
-            PyObject *r = PyObject_CallMethod(obj, which[0] == 'n' ? "resolve_neg" : "resolve_conj", NULL);
+            (void)which;
+            PyObject *r = PyObject_CallMethod(obj, "resolve_neg", NULL);
             if (r == NULL)
                 return -1;
-            /* resolve both bits (a tensor may carry both) */
-            PyObject *r2 = PyObject_CallMethod(r, which[0] == 'n' ? "resolve_conj" : "resolve_neg", NULL);
+            int rc = view_from(r, v, fn, arg);
             Py_DECREF(r);
-            if (r2 == NULL)
-                return -1;
-            int rc = view_from(r2, v, fn, arg);
-            Py_DECREF(r2);
             return rc;
         }
     }
