@@ -77,6 +77,14 @@ def _threads(num_threads: Optional[int]) -> int:
 def _plain(t, name: str):
     """A tensor the engine may read: detached from autograd (refusing when a
     gradient is being recorded for it, since the engine computes none)."""
+    if _is_torch(t) and t.is_neg():
+        # a lazy negation: the memory holds the un-negated values, and the
+        # engines read memory.  Activations and routing weights are small:
+        # resolve them; weights are read in place on every call: refuse.
+        if "proj" in name:
+            raise ValueError(f"{name} is a lazy negative view (its memory holds the values before "
+                             "negation); resolve it once first, e.g. w = w.resolve_neg()")
+        t = t.resolve_neg()
     if _is_torch(t) and t.requires_grad:
         if _torch().is_grad_enabled():
             raise ValueError(

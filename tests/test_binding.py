@@ -1125,6 +1125,13 @@ def test_lazy_negative_views_read_as_their_values():
     w = torch.tensor([[-0.2, -0.8]])._neg_view()  # reads as [[0.2, 0.8]]
     assert torch.equal(w, torch.tensor([[0.2, 0.8]]))
     assert ops.route_levels(w, [0.5], normalize=False).tolist() == [[0, 1]]
+    # the ops layer (which also serves the CUDA path) resolves activations
+    # and routing weights, and refuses lazily negated weights
+    np.testing.assert_allclose(ops.moe_experts(xn, ids, tw, gu, dn).double().numpy(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="gate_up_proj is a lazy negative view.*resolve_neg"):
+        ops.moe_experts(x, ids, tw, gu._neg_view(), dn)
+    with pytest.raises(ValueError, match=r"down_proj\[0\] is a lazy negative view"):
+        ops.moe_experts_split(x, ids, tw, list(gu[:, :6]), list(gu[:, 6:]), [d._neg_view() for d in dn])
     # weights and outputs: refused with what to do
     rejects(lambda: _C.moe_experts(x, ids, tw, gu._neg_view(), None, dn, None, 1, out, 1), ValueError,
             ["gate_up_proj is a lazy negative view", "resolve_neg"])
