@@ -200,6 +200,10 @@ def moe_example(seed: int):
     ids = _strided(rng, kind, _tensor(kind, ids_np, ids_dt))
     tw = _strided(rng, kind, _tensor(kind, tw_np, tw_dt))
     levels = _strided(rng, kind, _tensor(kind, lv_np, lv_dt)) if use_levels else None
+    if kind == "torch" and rng.random() < 0.1:  # lazily negated views with the same values
+        x = (-x)._neg_view()
+    if kind == "torch" and tw_dt != "int32" and rng.random() < 0.1:
+        tw = (-tw)._neg_view()
     nt = int(rng.integers(1, 5))
     out = None
     if "num_threads" in faults:

@@ -619,11 +619,14 @@ static PyObject *py_release_workspace(PyObject *self, PyObject *args)
 }
 
 /* In a child after fork() only the forking thread exists: a lock that
- * another thread of the parent held would never be released.  The buffer
- * itself was copied with the rest of memory and stays usable. */
+ * another thread of the parent held would never be released, and the cache
+ * may have been caught mid-update.  The child starts with a fresh lock and
+ * an empty cache (the parent's buffer, if any, is left alone). */
 static void ws_after_fork_child(void)
 {
     pthread_mutex_init(&ws_cache.lock, NULL);
+    ws_cache.buf = NULL;
+    ws_cache.size = 0;
 }
 
 /* ------------------------------------------------------- argument helpers */
