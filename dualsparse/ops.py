@@ -79,6 +79,14 @@ def _threads(num_threads: Optional[int]) -> int:
 def _plain(t, name: str):
     """A tensor the engine may read: detached from autograd (refusing when a
     gradient is being recorded for it, since the engine computes none)."""
+    if _is_torch(t) and t.is_neg():
+        # a lazy negation: the memory holds the un-negated values, and the
+        # engines read memory.  Activations and routing weights are small:
+        # resolve them; weights are read in place on every call: refuse.
+        if "proj" in name:
+            raise ValueError(f"{name} is a lazy negative view (its memory holds the values before "
+                             "negation); resolve it once first, e.g. w = w.resolve_neg()")
+        t = t.resolve_neg()
     if _is_torch(t) and t.requires_grad:
         if _torch().is_grad_enabled():
             raise ValueError(
@@ -123,28 +131,26 @@ def route_levels(topk_weights, thresholds, *, normalize: bool = True, dtype: str
 
     ``levels[t, k]`` is the number of thresholds ``t_j`` with
     ``s[t, k] >= t_j``, where ``s = topk_weights / topk_weights.sum(-1)``
-    (computed in float64, summed over k in order) when ``normalize``, else
-    ``topk_weights``.  One threshold gives 1T-Drop (0 = dropped, 1 = full);
-    two give 2T-Drop (0 dropped, 1 major half, 2 full); P thresholds give P
-    importance partitions.
+    (computed in float64, summed over k in order; a row whose sum overflows
+    float64 is first scaled by a power of two, which leaves the scores
+    unchanged) when ``normalize``, else ``topk_weights``.  One threshold gives
+    1T-Drop (0 = dropped, 1 = full); two give 2T-Drop (0 dropped, 1 major
+    half, 2 full); P thresholds give P importance partitions.  Normalised
+    scores lie in [0, 1]: a threshold above 1 is reached by no pair, one at
+    or below 0 by every pair.
 
     Args:
-        topk_weights: (T, K) float32 / bfloat16 / float16 combine weights.
-        thresholds: ascending finite values (a single number means one).
+        topk_weights: (T, K) float32 / bfloat16 / float16 / float64 combine
+            weights.
+        thresholds: ascending finite values: one number, or a list / tuple /
+            1-D array of numbers (bools, dicts and sets are refused).
         normalize: decide on top-K-normalised scores (the method's default).
         dtype: "int8" (default) or "int32" for the result.
 
     Returns:
         (T, K) levels in [0, P], a torch tensor for torch input, else NumPy.
     """
-    if isinstance(thresholds, (int, float, np.floating, np.integer)):
-        thresholds = [thresholds]
-    if _is_torch(thresholds) or isinstance(thresholds, np.ndarray):
-        thresholds = thresholds.tolist()
-    try:
-        thr = [float(t) for t in thresholds]
-    except (TypeError, ValueError):
-        raise TypeError(f"route_levels: thresholds must be a sequence of numbers; got {thresholds!r}") from None
+    thr = _threshold_list(thresholds, "route_levels")
     if dtype not in ("int8", "int32"):
         raise ValueError(f"route_levels: dtype must be 'int8' or 'int32'; got {dtype!r}")
     topk_weights = _plain(topk_weights, "topk_weights")
@@ -169,6 +175,43 @@ def route_levels(topk_weights, thresholds, *, normalize: bool = True, dtype: str
         return levels
     _C.route_levels(topk_weights, thr, bool(normalize), levels)
     return levels
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, (bool, np.bool_))
+
+
+def _threshold_list(thresholds, fn: str) -> list:
+    """Thresholds as a list of Python floats: one number, or a list / tuple /
+    1-D array or tensor of numbers.  Bools, mappings, sets and strings are
+    refused (a dict would give its keys, a set no order); integers too large
+    for a float are named."""
+    if _is_torch(thresholds) or isinstance(thresholds, np.ndarray):
+        if thresholds.dtype == np.bool_ or (_is_torch(thresholds) and thresholds.dtype == _torch().bool):
+            raise TypeError(f"{fn}: thresholds must be numbers; got a boolean array")
+        if thresholds.ndim > 1:
+            raise ValueError(f"{fn}: thresholds must be one number or a 1-D sequence; got shape "
+                             f"{tuple(thresholds.shape)}")
+        thresholds = thresholds.tolist()
+    if _is_bool(thresholds):
+        raise TypeError(f"{fn}: thresholds must be numbers; got {thresholds!r} (a bool)")
+    if isinstance(thresholds, (int, float, np.floating, np.integer)):
+        thresholds = [thresholds]
+    if not isinstance(thresholds, (list, tuple)):
+        raise TypeError(f"{fn}: thresholds must be a number or a list / tuple of numbers in ascending "
+                        f"order; got {type(thresholds).__name__}")
+    thr = []
+    for j, t in enumerate(thresholds):
+        if _is_bool(t):
+            raise TypeError(f"{fn}: thresholds[{j}] is {t!r}, a bool; thresholds are numbers")
+        if not isinstance(t, (int, float, np.floating, np.integer)):
+            raise TypeError(f"{fn}: thresholds[{j}] must be a real number; got {type(t).__name__} {t!r}")
+        try:
+            thr.append(float(t))
+        except OverflowError:
+            raise ValueError(f"{fn}: thresholds[{j}] = {t!r} is too large for a float (thresholds must be "
+                             "finite)") from None
+    return thr
 
 
 def _route_levels_torch(w, thr, normalize: bool, levels):
@@ -197,9 +240,21 @@ def _route_levels_torch(w, thr, normalize: bool, levels):
     bad_pair = (~_torch().isfinite(s)).reshape(-1).nonzero()
     first_bad = int(bad_pair[0]) if bad_pair.numel() else None
     if normalize:
-        tot = s[:, 0].clone()
-        for k in range(1, K):
-            tot = tot + s[:, k]
+        def row_sums(v):
+            tot = v[:, 0].clone()
+            for k in range(1, K):
+                tot = tot + v[:, k]
+            return tot
+
+        tot = row_sums(s)
+        over = ~_torch().isfinite(tot) & _torch().isfinite(s).all(1)
+        if bool(over.any()):
+            # the engine's rule: a row whose float64 sum overflows is scaled
+            # by a power of two (exact) bringing its largest value near 1
+            _, e = _torch().frexp(s.abs().amax(1))
+            scale = _torch().where(over, _torch().ldexp(_torch().ones_like(tot), -e), _torch().ones_like(tot))
+            s = s * scale[:, None]
+            tot = row_sums(s)
         zero = (tot == 0).nonzero()
         first_zero = int(zero[0]) if zero.numel() else None
     else:
@@ -520,8 +575,11 @@ class ImportanceAccumulator:
     """
 
     def __init__(self, num_experts: int, intermediate_size: int, *, weighted: bool = False):
-        if int(num_experts) < 1 or int(intermediate_size) < 1:
-            raise ValueError(f"num_experts and intermediate_size must be >= 1; got {num_experts}, {intermediate_size}")
+        for name, v in (("num_experts", num_experts), ("intermediate_size", intermediate_size)):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"ImportanceAccumulator: {name} must be an int; got {type(v).__name__} {v!r}")
+            if v < 1:
+                raise ValueError(f"ImportanceAccumulator: {name} must be >= 1; got {v}")
         self.num_experts = int(num_experts)
         self.intermediate_size = int(intermediate_size)
         self.weighted = bool(weighted)
@@ -563,10 +621,12 @@ def importance_order(importance) -> np.ndarray:
 
 
 def inverse_permutation(perm) -> np.ndarray:
-    """``inv`` with ``inv[e, perm[e, j]] = j``."""
-    p = np.asarray(perm, dtype=np.int64)
+    """``inv`` with ``inv[e, perm[e, j]] = j``.  ``perm`` (E, I) integers,
+    every row a permutation of ``range(I)`` (checked)."""
+    p = _perm_array(perm, "inverse_permutation")
     if p.ndim != 2:
-        raise ValueError(f"perm must be 2-D (experts, neurons); got shape {p.shape}")
+        raise ValueError(f"inverse_permutation: perm must be 2-D (experts, neurons); got shape {p.shape}")
+    _check_permutation(p, "inverse_permutation")
     inv = np.empty_like(p)
     rows = np.arange(p.shape[0])[:, None]
     inv[rows, p] = np.arange(p.shape[1])[None, :]
@@ -579,13 +639,39 @@ def _inplace(t):
     return t.detach() if _is_torch(t) else t
 
 
-def _perm_array(perm):
+def _perm_array(perm, fn: str = "permute_neurons"):
+    """perm as a contiguous int64 NumPy array (a copy when it must convert),
+    with every problem named as ``fn: perm ...``."""
     if _is_torch(perm):
+        if perm.is_neg():
+            perm = perm.resolve_neg()
         perm = perm.detach().cpu().numpy()
-    p = np.asarray(perm)
-    if not np.issubdtype(p.dtype, np.integer):
-        raise TypeError(f"perm must hold integers (neuron indices); got dtype {p.dtype}")
+    try:
+        p = np.asarray(perm)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise ValueError(f"{fn}: perm cannot be read as an integer array ({exc})") from None
+    if p.dtype == object:
+        raise TypeError(f"{fn}: perm must hold integers (neuron indices); got Python objects "
+                        "(a ragged list, or values beyond the int64 range?)")
+    if p.dtype == np.bool_ or not np.issubdtype(p.dtype, np.integer):
+        raise TypeError(f"{fn}: perm must hold integers (neuron indices); got dtype {p.dtype}")
+    if p.dtype == np.uint64 and p.size and int(p.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{fn}: perm holds {int(p.max())}, beyond the int64 range of neuron indices")
     return np.ascontiguousarray(p, dtype=np.int64)
+
+
+def _check_permutation(p: np.ndarray, fn: str) -> None:
+    """Every row of the (E, I) int64 array p is a permutation of range(I)."""
+    E, I = p.shape
+    bad = (p < 0) | (p >= I)
+    if bad.any():
+        e, j = map(int, np.argwhere(bad)[0])
+        raise ValueError(f"{fn}: perm[{e}, {j}] = {int(p[e, j])} is outside [0, I={I})")
+    srt = np.sort(p, axis=1)
+    dup = srt[:, 1:] == srt[:, :-1]
+    if dup.any():
+        e, j = map(int, np.argwhere(dup)[0])
+        raise ValueError(f"{fn}: perm[{e}] is not a permutation: {int(srt[e, j])} appears twice")
 
 
 def permute_neurons(gate_up_proj, down_proj, perm, *, inverse: bool = False,
@@ -595,8 +681,8 @@ def permute_neurons(gate_up_proj, down_proj, perm, *, inverse: bool = False,
     j of ``down_proj``).  ``inverse=True`` undoes it.  The permutation is
     checked fully before any weight is touched; outputs are unchanged."""
     nt = _threads(num_threads)
-    _C.permute_neurons(_inplace(gate_up_proj), None, _inplace(down_proj), _perm_array(perm),
-                       bool(inverse), nt)
+    _C.permute_neurons(_inplace(gate_up_proj), None, _inplace(down_proj),
+                       _perm_array(perm, "permute_neurons"), bool(inverse), nt)
 
 
 def permute_neurons_split(gate_proj, up_proj, down_proj, perm, *, inverse: bool = False,
@@ -609,7 +695,7 @@ def permute_neurons_split(gate_proj, up_proj, down_proj, perm, *, inverse: bool 
         return [_inplace(w) for w in _as_expert_sequence(ws, name)]
 
     _C.permute_neurons(raw(gate_proj, "gate_proj"), raw(up_proj, "up_proj"), raw(down_proj, "down_proj"),
-                       _perm_array(perm), bool(inverse), nt)
+                       _perm_array(perm, "permute_neurons_split"), bool(inverse), nt)
 
 
 # ------------------------------------------------------------ SIMD control

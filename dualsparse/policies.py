@@ -26,16 +26,56 @@ __all__ = [
     "RandomDrop",
     "TopKReduce",
     "LoadAware",
+    "ThresholdRangeWarning",
 ]
 
 Number = Union[int, float]
 
 
+def _check_numbers(values, name: str, what: str = "thresholds") -> None:
+    """Refuses what NumPy would silently turn into numbers: bools (True ->
+    1.0), mappings (a dict's keys), sets (no order), strings; names integers
+    too large for a float."""
+    if isinstance(values, (bool, np.bool_)):
+        raise TypeError(f"{name}: {what} must be numbers; got {values!r} (a bool)")
+    if isinstance(values, (dict, set, frozenset, str, bytes)):
+        raise TypeError(f"{name}: {what} must be a number or a list / tuple of numbers; got "
+                        f"{type(values).__name__}")
+    if isinstance(values, np.ndarray) or type(values).__module__.startswith("torch"):
+        if str(getattr(values, "dtype", "")) in ("bool", "torch.bool"):
+            raise TypeError(f"{name}: {what} must be numbers; got a boolean array")
+        return
+    if isinstance(values, (list, tuple)):
+        for v in values:
+            _check_numbers(v, name, what)
+        return
+    if isinstance(values, int) and not -2 ** 1023 < values < 2 ** 1024:
+        raise ValueError(f"{name}: {what} value {values!r} is too large for a float (must be finite)")
+
+
+class ThresholdRangeWarning(UserWarning):
+    """A policy value outside its meaningful range (it saturates)."""
+
+
+def _warn_outside_unit(table: np.ndarray, name: str) -> None:
+    """Normalised scores lie in [0, 1]: a threshold outside saturates."""
+    import warnings
+
+    hi, lo = table > 1.0, table < 0.0
+    if hi.any():
+        warnings.warn(f"{name}: threshold {float(table[hi][0])!r} is above 1; normalised scores lie in [0, 1], "
+                      "so no pair reaches it (every pair is dropped at that level)", ThresholdRangeWarning, stacklevel=4)
+    if lo.any():
+        warnings.warn(f"{name}: threshold {float(table[lo][0])!r} is below 0; normalised scores lie in [0, 1], "
+                      "so every pair reaches it (nothing is dropped at that level)", ThresholdRangeWarning, stacklevel=4)
+
+
 def _as_threshold_table(values, name: str) -> np.ndarray:
     """(L or 1, P) float64 table from P numbers or from L rows of P numbers."""
+    _check_numbers(values, name)
     try:
         arr = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise TypeError(f"{name}: thresholds must be numbers; got {values!r}") from None
     if arr.ndim == 1:
         arr = arr[None, :]
@@ -95,10 +135,20 @@ class Thresholds(Policy):
     thresholds its normalised score reaches (``s >= t_j``).
 
     ``Thresholds([t1, ..., tP])`` applies to every layer;
-    ``Thresholds([[...], [...], ...])`` gives one row per MoE layer."""
+    ``Thresholds([[...], [...], ...])`` gives one row per MoE layer.
+
+    Range: normalised scores ``s = w / sum(w)`` lie in [0, 1], so the
+    meaningful thresholds do too.  A value outside is accepted (it saturates:
+    above 1 no pair reaches it, at or below 0 every pair does) but a
+    :class:`ThresholdRangeWarning` (a ``UserWarning``) says so, since it is
+    usually a mistake (a percentage, a sign).  With ``normalize=False`` the thresholds apply to the raw weights
+    and any finite value is accepted silently.  Bools, dicts, sets and
+    non-finite values are refused."""
 
     def __init__(self, thresholds, *, normalize: bool = True):
         self.table = _as_threshold_table(thresholds, type(self).__name__)
+        if normalize:
+            _warn_outside_unit(self.table, type(self).__name__)
         self.table.setflags(write=False)
         self.num_partitions = int(self.table.shape[1])
         self.normalize = bool(normalize)
@@ -144,10 +194,16 @@ class Thresholds(Policy):
 
 class OneThreshold(Thresholds):
     """1T-Drop: drop a pair when its normalised score is below ``t``
-    (one value, or one per MoE layer)."""
+    (one value, or one per MoE layer).  ``t`` is meaningful in [0, 1]
+    (outside it a ``UserWarning`` is given: above 1 drops every pair, below 0
+    none; see :class:`Thresholds`)."""
 
     def __init__(self, t: Union[Number, Sequence[Number]]):
-        t_arr = np.asarray(t, dtype=np.float64)
+        _check_numbers(t, "OneThreshold", "t")
+        try:
+            t_arr = np.asarray(t, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
+            raise TypeError(f"OneThreshold: t must be a number or one number per layer; got {t!r}") from None
         if t_arr.ndim == 0:
             table = [[float(t_arr)]]
         elif t_arr.ndim == 1:
@@ -166,11 +222,19 @@ class TwoThreshold(Thresholds):
     """2T-Drop with major/minor halves: ``s >= t_minor`` runs the whole
     expert, ``t_major <= s < t_minor`` only its major half, ``s < t_major``
     drops it.  ``TwoThreshold(t, t)`` is exactly ``OneThreshold(t)``.  Each
-    argument may be a number or one number per MoE layer."""
+    argument may be a number or one number per MoE layer.  Both are
+    meaningful in [0, 1] (outside it a ``UserWarning`` is given; see
+    :class:`Thresholds`)."""
 
     def __init__(self, t_major: Union[Number, Sequence[Number]], t_minor: Union[Number, Sequence[Number]]):
-        a = np.atleast_1d(np.asarray(t_major, dtype=np.float64))
-        b = np.atleast_1d(np.asarray(t_minor, dtype=np.float64))
+        _check_numbers(t_major, "TwoThreshold", "t_major")
+        _check_numbers(t_minor, "TwoThreshold", "t_minor")
+        try:
+            a = np.atleast_1d(np.asarray(t_major, dtype=np.float64))
+            b = np.atleast_1d(np.asarray(t_minor, dtype=np.float64))
+        except (TypeError, ValueError, OverflowError):
+            raise TypeError(f"TwoThreshold: t_major and t_minor must be numbers or one number per layer; got "
+                            f"{t_major!r}, {t_minor!r}") from None
         if a.ndim != 1 or b.ndim != 1:
             raise ValueError("TwoThreshold: t_major and t_minor must be numbers or one number per layer")
         if a.shape != b.shape and 1 not in (a.shape[0], b.shape[0]):
@@ -199,7 +263,12 @@ class DynamicSkip(Policy):
     ``s_k < beta_k * s_1``, then renormalise the survivors to the original
     weight sum.  ``beta`` per layer (and per rank k >= 2) is the median of
     ``s_k / s_1`` on calibration data: build it with
-    :func:`dualsparse.calibrate_dynamic_skip`."""
+    :func:`dualsparse.calibrate_dynamic_skip`.
+
+    Range: ``s_k / s_1`` lies in [0, 1] (scores sorted descending), so betas
+    are meaningful in [0, 1]; negative betas are refused, and a beta above 1
+    (which skips every expert but the first) is accepted with a
+    ``UserWarning``."""
 
     changes_weights = True
 
@@ -207,12 +276,21 @@ class DynamicSkip(Policy):
         if betas is None:
             self.betas = None
         else:
-            arr = np.asarray(betas, dtype=np.float64)
+            _check_numbers(betas, "DynamicSkip", "betas")
+            try:
+                arr = np.asarray(betas, dtype=np.float64)
+            except (TypeError, ValueError, OverflowError):
+                raise TypeError(f"DynamicSkip: betas must be numbers; got {betas!r}") from None
             if arr.ndim == 1:
                 arr = arr[:, None]
             if arr.ndim != 2 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
                 raise ValueError("DynamicSkip: betas must be finite, non-negative, one row per MoE layer "
                                  "(one value per rank k >= 2)")
+            if np.any(arr > 1):
+                import warnings
+
+                warnings.warn(f"DynamicSkip: beta {float(arr[arr > 1][0])!r} is above 1; s_k / s_1 lies in "
+                              "[0, 1], so every expert but the first is skipped", ThresholdRangeWarning, stacklevel=2)
             self.betas = arr
         self.num_partitions = 1
 
@@ -264,6 +342,8 @@ class RandomDrop(Policy):
     (a reproducible baseline: ``seed`` fixes the sequence)."""
 
     def __init__(self, rate: float, seed: int = 0):
+        if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, (int, float, np.integer, np.floating)):
+            raise TypeError(f"RandomDrop: rate must be a number in [0, 1]; got {type(rate).__name__} {rate!r}")
         rate = float(rate)
         if not (0.0 <= rate <= 1.0):
             raise ValueError(f"RandomDrop: rate must be in [0, 1]; got {rate}")

@@ -789,7 +789,7 @@ def test_split_rejections():
     objs = g + u + d
     out = h.args["out"]
     rejects(_split_call(h, g, u[:3], d), ValueError, ["up_proj has 3 experts", "gate_proj has 4"], objs, out)
-    rejects(_split_call(h, [], [], []), ValueError, ["gate_proj has 0 experts"], objs, out)
+    rejects(_split_call(h, [], [], []), ValueError, ["gate_proj is empty", "one weight tensor per expert"], objs, out)
     bad = u[:2] + [torch.zeros(I, H + 1)] + u[3:]
     rejects(_split_call(h, g, bad, d), ValueError, [r"up_proj\[2\] must have shape \(6, 8\)", r"\(6, 9\)"],
             objs + bad, out)
@@ -1066,3 +1066,118 @@ def test_set_simd_level_rejections():
     rejects(lambda: ops.set_simd_level("avx1024"), ValueError, ["level must be one of", "'avx1024'"])
     rejects(lambda: ops.set_simd_level(3), TypeError, [])
     assert ops.simd_level() == before
+
+
+# ------------------------------------------------ aliasing, lazy views, dtypes
+
+import reference as R
+
+
+def _small_moe(seed=0, T=5, K=2, E=3, H=8, I=6):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    gu = torch.randn(E, 2 * I, H, generator=g) / H ** 0.5
+    dn = torch.randn(E, H, I, generator=g) / I ** 0.5
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    tw = torch.rand(T, K, generator=g)
+    return x, ids, tw, gu, dn
+
+
+def test_timings_overlap_with_every_argument_refused():
+    """timings (4 float64 values written at the end of the call) must not
+    alias out, x, routing data, levels or the weights: four doubles would
+    overwrite them."""
+    x, ids, tw, gu, dn = _small_moe()
+    T, H = x.shape
+    lv = torch.full(ids.shape, 1, dtype=torch.int64)
+    out = torch.empty(T, H)
+
+    def as_f64(t):  # 4 float64 values over the first 32 bytes of t's storage
+        return torch.from_numpy(t.numpy().reshape(-1).view(np.uint8)[:32].view(np.float64))
+
+    for name, target in [("out", out), ("x", x), ("topk_ids", ids), ("topk_weights", tw), ("levels", lv),
+                         ("gate_up_proj", gu), ("down_proj", dn)]:
+        tm = as_f64(target)
+        before = [bits(t) for t in (x, ids, tw, lv, gu, dn)]
+        pat = "expert weights" if "proj" in name else "timings shares memory"
+        rejects(lambda: _C.moe_experts(x, ids, tw, gu, None, dn, lv, 1, out, 1, tm), ValueError, [pat])
+        assert [bits(t) for t in (x, ids, tw, lv, gu, dn)] == before, name
+    tm = np.zeros(4)
+    _C.moe_experts(x, ids, tw, gu, None, dn, lv, 1, out, 1, tm)
+    assert np.all(tm >= 0)
+
+
+def test_lazy_negative_views_read_as_their_values():
+    """torch's lazy negation (the neg bit) is exported by DLPack without the
+    flag: inputs are resolved (the engine reads the negated values), outputs
+    and weights are refused."""
+    x, ids, tw, gu, dn = _small_moe(1)
+    want = R.ref_moe(-x, ids, tw, gu, dn)
+    xn = x._neg_view()  # stores x, reads as -x
+    assert xn.is_neg() and torch.equal(xn, -x)
+    out = torch.empty_like(x)
+    _C.moe_experts(xn, ids, tw, gu, None, dn, None, 1, out, 1)
+    np.testing.assert_allclose(out.double().numpy(), want, rtol=1e-5, atol=1e-6)
+    twn = tw._neg_view()  # reads as -tw
+    _C.moe_experts(x, ids, twn, gu, None, dn, None, 1, out, 1)
+    np.testing.assert_allclose(out.double().numpy(), R.ref_moe(x, ids, -tw, gu, dn), rtol=1e-5, atol=1e-6)
+    # routing levels of a lazily negated weight matrix: the negated values
+    w = torch.tensor([[-0.2, -0.8]])._neg_view()  # reads as [[0.2, 0.8]]
+    assert torch.equal(w, torch.tensor([[0.2, 0.8]]))
+    assert ops.route_levels(w, [0.5], normalize=False).tolist() == [[0, 1]]
+    # the ops layer (which also serves the CUDA path) resolves activations
+    # and routing weights, and refuses lazily negated weights
+    np.testing.assert_allclose(ops.moe_experts(xn, ids, tw, gu, dn).double().numpy(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="gate_up_proj is a lazy negative view.*resolve_neg"):
+        ops.moe_experts(x, ids, tw, gu._neg_view(), dn)
+    with pytest.raises(ValueError, match=r"down_proj\[0\] is a lazy negative view"):
+        ops.moe_experts_split(x, ids, tw, list(gu[:, :6]), list(gu[:, 6:]), [d._neg_view() for d in dn])
+    # weights and outputs: refused with what to do
+    rejects(lambda: _C.moe_experts(x, ids, tw, gu._neg_view(), None, dn, None, 1, out, 1), ValueError,
+            ["gate_up_proj is a lazy negative view", "resolve_neg"])
+    rejects(lambda: _C.moe_experts(x, ids, tw, gu, None, dn, None, 1, out._neg_view(), 1), ValueError,
+            ["out is a lazy negative view"])
+    lv = torch.empty((1, 2), dtype=torch.int8)
+    rejects(lambda: _C.route_levels(w, [0.5], False, lv._neg_view()), ValueError, ["levels is a lazy negative"])
+    perm = torch.arange(6).repeat(3, 1)
+    rejects(lambda: _C.permute_neurons(gu, None, dn._neg_view(), perm.numpy(), False, 1), ValueError,
+            ["down_proj is a lazy negative view"])
+
+
+def test_conjugate_views_and_unsupported_dtypes_named():
+    """A complex tensor (lazily conjugated or not) is named by its torch
+    dtype, never by a DLPack code."""
+    x, ids, tw, gu, dn = _small_moe(2)
+    out = torch.empty_like(x)
+    lv = np.empty((1, 2), dtype=np.int8)
+    c = torch.tensor([[0.2 + 1j, 0.8]], dtype=torch.complex64)
+    rejects(lambda: _C.route_levels(c, [0.5], False, lv), TypeError, ["topk_weights has unsupported dtype torch.complex64"])
+    rejects(lambda: _C.route_levels(c.conj(), [0.5], False, lv), (TypeError, ValueError),
+            ["topk_weights", "conj|complex64"])
+    rejects(lambda: _C.moe_experts(x, ids, tw, gu, None, dn, None, 1, out, 1, torch.zeros(4, dtype=torch.complex128)),
+            (TypeError, ValueError), ["timings"])
+    rejects(lambda: _C.moe_experts(x, ids.to(torch.bool), tw, gu, None, dn, None, 1, out, 1), TypeError,
+            ["topk_ids has unsupported dtype torch.bool"])
+    rejects(lambda: _C.moe_experts(x, ids.to(torch.uint16), tw, gu, None, dn, None, 1, out, 1), TypeError,
+            ["topk_ids has unsupported dtype torch.uint16"])
+
+
+def test_self_overlapping_outputs_refused():
+    """A zero-stride or interleaved output would receive two results in one
+    place: refused before anything is written."""
+    w = np.array([[0.2, 0.8], [0.6, 0.4]], dtype=np.float32)
+    base = np.zeros(2, dtype=np.int8)
+    lv0 = np.lib.stride_tricks.as_strided(base, shape=(2, 2), strides=(0, 1))
+    rejects(lambda: _C.route_levels(w, [0.5], True, lv0), ValueError, ["levels has overlapping elements"])
+    lv1 = np.lib.stride_tricks.as_strided(np.zeros(3, dtype=np.int8), shape=(2, 2), strides=(1, 1))
+    rejects(lambda: _C.route_levels(w, [0.5], True, lv1), ValueError, ["levels has overlapping elements"])
+    lvt = torch.zeros(2, dtype=torch.int8).expand(2, 2)
+    rejects(lambda: _C.route_levels(w, [0.5], True, lvt), ValueError,
+            ["levels has overlapping elements"])
+    # distinct strided outputs stay accepted
+    lv2 = np.zeros((2, 4), dtype=np.int32)[:, ::2]
+    _C.route_levels(w, [0.5], True, lv2)
+    assert lv2.tolist() == [[0, 1], [1, 0]]
+    lv3 = np.zeros((2, 2), dtype=np.int8).T
+    _C.route_levels(w, [0.5], True, lv3)
+    assert lv3.tolist() == [[0, 1], [1, 0]]

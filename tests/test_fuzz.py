@@ -200,6 +200,10 @@ def moe_example(seed: int):
     ids = _strided(rng, kind, _tensor(kind, ids_np, ids_dt))
     tw = _strided(rng, kind, _tensor(kind, tw_np, tw_dt))
     levels = _strided(rng, kind, _tensor(kind, lv_np, lv_dt)) if use_levels else None
+    if kind == "torch" and rng.random() < 0.1:  # lazily negated views with the same values
+        x = (-x)._neg_view()
+    if kind == "torch" and tw_dt != "int32" and rng.random() < 0.1:
+        tw = (-tw)._neg_view()
     nt = int(rng.integers(1, 5))
     out = None
     if "num_threads" in faults:
@@ -395,3 +399,104 @@ if HAVE_HYPOTHESIS:
     @given(st.integers(min_value=100_000, max_value=2 ** 32 - 1))
     def test_hypothesis_importance(seed):
         importance_example(seed)
+
+
+# ------------------------------------------- every output over every input
+
+from dualsparse import _C  # noqa: E402
+
+
+class _Arena:
+    """Arrays placed in one shared byte buffer, so that an output can be made
+    to overlap any input at a chosen byte offset."""
+
+    def __init__(self, nbytes):
+        raw = np.zeros(nbytes + 128, dtype=np.uint8)
+        skip = -raw.__array_interface__["data"][0] % 64
+        self.buf = raw[skip:skip + nbytes + 64]  # 64-byte aligned start
+
+    def place(self, offset, shape, dtype, values=None):
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape)) * dtype.itemsize
+        a = self.buf[offset:offset + n].view(dtype).reshape(shape)
+        if values is not None:
+            a[...] = values
+        return a
+
+
+def _overlap_call(op, out_name, in_name, rng):
+    """Builds the call `op` with output `out_name` overlapping input `in_name`
+    (a random byte offset, aligned to the output's elements); every other
+    argument has its own memory."""
+    T, K, E, I, H = 5, 2, 3, 4, 6
+    specs = {  # name: (shape, dtype, values)
+        "x": ((T, H), np.float32, rng.standard_normal((T, H))),
+        "topk_ids": ((T, K), np.int64, np.stack([rng.permutation(E)[:K] for _ in range(T)])),
+        "topk_weights": ((T, K), np.float32, rng.random((T, K)) + 0.1),
+        "levels_in": ((T, K), np.int64, rng.integers(0, 3, (T, K))),
+        "gate_up": ((E, 2 * I, H), np.float32, rng.standard_normal((E, 2 * I, H))),
+        "down": ((E, H, I), np.float32, rng.standard_normal((E, H, I))),
+        "importance": ((E, I), np.float64, rng.standard_normal((E, I))),
+        "perm_in": ((E, I), np.int64, np.stack([rng.permutation(I) for _ in range(E)])),
+        # outputs
+        "out": ((T, H), np.float32, None),
+        "timings": ((4,), np.float64, None),
+        "levels": ((T, K), np.int8, None),
+        "accum": ((4, E, I), np.float64, 0.0),
+        "counts": ((E,), np.float64, 0.0),
+        "perm": ((E, I), np.int64, None),
+    }
+    nbytes = sum(int(np.prod(s)) * np.dtype(d).itemsize + 64 for s, d, _ in specs.values())
+    ar = _Arena(2 * nbytes)
+    arrays, pos = {}, 0
+    for name, (shape, dt, vals) in specs.items():
+        if name == out_name:
+            continue
+        arrays[name] = ar.place(pos, shape, dt, vals)
+        pos += (int(np.prod(shape)) * np.dtype(dt).itemsize + 127) // 64 * 64
+    ishape, idt, _ = specs[in_name]
+    oshape, odt, ovals = specs[out_name]
+    in_off = arrays[in_name].__array_interface__["data"][0] - ar.buf.__array_interface__["data"][0]
+    in_bytes = int(np.prod(ishape)) * np.dtype(idt).itemsize
+    out_bytes = int(np.prod(oshape)) * np.dtype(odt).itemsize
+    osz = np.dtype(odt).itemsize
+    lo = max(0, in_off - out_bytes + osz)
+    off = int(rng.integers(lo, in_off + in_bytes)) // osz * osz
+    off = max(off, lo + (-lo) % osz)
+    arrays[out_name] = ar.place(off, oshape, odt, None)
+    a = arrays
+    calls = {
+        "moe": lambda: _C.moe_experts(a["x"], a["topk_ids"], a["topk_weights"], a["gate_up"], None, a["down"],
+                                      a["levels_in"], 2, a["out"], 2, a["timings"]),
+        "importance": lambda: _C.importance(a["x"], a["topk_ids"], a["topk_weights"], a["gate_up"], None,
+                                            a["accum"], a["counts"], 2),
+        "route": lambda: _C.route_levels(a["topk_weights"], [0.3, 0.6], True, a["levels"]),
+        "order": lambda: _C.importance_order(a["importance"], a["perm"]),
+        "permute": lambda: _C.permute_neurons(a["gate_up"], None, a["down"], a["perm_in"], False, 2),
+    }
+    return calls[op], arrays
+
+
+OVERLAP_CASES = [(op, o, i) for op, outs, ins in [
+    ("moe", ["out", "timings"], ["x", "topk_ids", "topk_weights", "levels_in", "gate_up", "down"]),
+    ("importance", ["accum", "counts"], ["x", "topk_ids", "topk_weights", "gate_up"]),
+    ("route", ["levels"], ["topk_weights"]),
+    ("order", ["perm"], ["importance"]),
+    ("permute", ["gate_up", "down"], ["perm_in"]),  # weights are written in place
+] for o in outs for i in ins] + [("moe", "timings", "out"), ("importance", "counts", "accum")]
+
+
+@pytest.mark.parametrize("op,out_name,in_name", OVERLAP_CASES)
+def test_fuzz_every_output_overlapping_every_input(op, out_name, in_name):
+    """An output placed over any input (random byte offsets) is refused with
+    a ValueError before anything is written: the input's bytes stay as they
+    were."""
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        fn, arrays = _overlap_call(op, out_name, in_name, rng)
+        before = arrays[in_name].tobytes()
+        with pytest.raises(ValueError) as exc:
+            fn()
+        msg = str(exc.value)
+        assert "memory" in msg or "separate" in msg or "share" in msg, msg
+        assert arrays[in_name].tobytes() == before, f"seed {seed}: {in_name} was written"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dualsparse import ops
+from dualsparse import _C, ops
 
 import reference as R
 from cases import (CASE_IDS, CASES_BY_ID, KIND_IDS, KINDS, SMALL_CASE_IDS, TORCH_DTYPES, assert_moe_close,
@@ -500,10 +500,18 @@ def test_importance_accumulator_streams(dtype, weighted):
 
 
 def test_importance_accumulator_checks():
-    with pytest.raises(ValueError, match="num_experts and intermediate_size"):
+    with pytest.raises(ValueError, match="num_experts must be >= 1; got 0"):
         ops.ImportanceAccumulator(0, 4)
-    with pytest.raises(ValueError, match="num_experts and intermediate_size"):
+    with pytest.raises(ValueError, match="intermediate_size must be >= 1; got 0"):
         ops.ImportanceAccumulator(4, 0)
+    # a string or a float is refused by name, never converted (2.7 is not 2)
+    with pytest.raises(TypeError, match=r"ImportanceAccumulator: num_experts must be an int; got str 'a'"):
+        ops.ImportanceAccumulator("a", 5)
+    with pytest.raises(TypeError, match=r"num_experts must be an int; got float 2.7"):
+        ops.ImportanceAccumulator(2.7, 5)
+    with pytest.raises(TypeError, match=r"intermediate_size must be an int; got bool"):
+        ops.ImportanceAccumulator(2, True)
+    assert ops.ImportanceAccumulator(np.int64(2), 5).num_experts == 2
     inp = build(CASES_BY_ID["K1"], "float32")
     acc = ops.ImportanceAccumulator(inp.case.E, inp.case.I, weighted=True)
     with pytest.raises(ValueError, match="needs topk_weights"):
@@ -764,3 +772,144 @@ def test_out_requiring_grad_rejected():
     out = torch.zeros(inp.case.T, inp.case.H, requires_grad=True)
     with pytest.raises(ValueError, match="out must not require grad"):
         run_moe(inp, out=out)
+
+
+# ----------------------------------------------------- hostile arguments
+
+def test_inverse_permutation_validates():
+    """Duplicates, negatives, out-of-range values, non-integers and wrong
+    shapes are refused with the function's name (NumPy would return
+    uninitialised memory for a duplicate and wrap a negative index)."""
+    good = np.array([[2, 0, 1], [0, 1, 2]])
+    np.testing.assert_array_equal(ops.inverse_permutation(good), R.ref_inverse_permutation(good))
+    np.testing.assert_array_equal(ops.inverse_permutation(torch.from_numpy(good)),
+                                  R.ref_inverse_permutation(good))
+    cases = [
+        ([[0, 0, 1]], ValueError, r"inverse_permutation: perm\[0\] is not a permutation: 0 appears twice"),
+        ([[0, -1, 1]], ValueError, r"inverse_permutation: perm\[0, 1\] = -1 is outside \[0, I=3\)"),
+        ([[0, 3, 1]], ValueError, r"inverse_permutation: perm\[0, 1\] = 3 is outside \[0, I=3\)"),
+        ([[0.0, 1.0]], TypeError, r"inverse_permutation: perm must hold integers.*float64"),
+        ([[True, False]], TypeError, r"inverse_permutation: perm must hold integers.*bool"),
+        ([0, 1, 2], ValueError, r"inverse_permutation: perm must be 2-D"),
+        (np.array([[2 ** 64 - 1, 0]], dtype=np.uint64), ValueError, r"inverse_permutation: perm holds 18446744073709551615"),
+    ]
+    for perm, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            ops.inverse_permutation(perm)
+
+
+def test_perm_errors_name_the_function_and_perm():
+    E, I, H = 2, 4, 3
+    gu = torch.randn(E, 2 * I, H)
+    dn = torch.randn(E, H, I)
+    gu0, dn0 = gu.clone(), dn.clone()
+    with pytest.raises(ValueError, match=r"^permute_neurons: perm\[0, 1\] = 7 is outside \[0, I=4\)"):
+        ops.permute_neurons(gu, dn, np.array([[0, 7, 1, 2], [0, 1, 2, 3]]))
+    with pytest.raises(ValueError, match=r"^permute_neurons: perm\[1\] is not a permutation: 1 appears twice"):
+        ops.permute_neurons(gu, dn, np.array([[0, 1, 2, 3], [1, 1, 2, 3]]))
+    with pytest.raises(ValueError, match=r"^permute_neurons: perm holds 18446744073709551615"):
+        ops.permute_neurons(gu, dn, np.full((E, I), 2 ** 64 - 1, dtype=np.uint64))
+    with pytest.raises(TypeError, match=r"^permute_neurons_split: perm must hold integers"):
+        ops.permute_neurons_split(list(gu[:, :I]), list(gu[:, I:]), list(dn), np.zeros((E, I)))
+    assert torch.equal(gu, gu0) and torch.equal(dn, dn0)
+
+
+def test_route_levels_row_sum_overflow():
+    """A float64 row whose sum overflows: the scores are still w / sum
+    (0.5, 0.5 here), not 0 (w / inf)."""
+    w = np.array([[1e308, 1e308], [1.5e308, 0.5e308], [1.0, 3.0]])
+    got = ops.route_levels(w, [0.25, 0.5, 0.7])
+    # scores: (0.5, 0.5), (0.75, 0.25), (0.25, 0.75)
+    assert got.tolist() == [[2, 2], [3, 1], [1, 3]]
+    t = torch.from_numpy(w)
+    assert ops.route_levels(t, [0.25, 0.5, 0.7]).tolist() == [[2, 2], [3, 1], [1, 3]]
+    # the torch path (devices the engine cannot read) follows the same rule
+    lv = torch.empty((3, 2), dtype=torch.int8)
+    ops._route_levels_torch(t, [0.25, 0.5, 0.7], True, lv)
+    assert lv.tolist() == [[2, 2], [3, 1], [1, 3]]
+
+
+@pytest.mark.parametrize("bad,exc,msg", [
+    (True, TypeError, "a bool"),
+    (False, TypeError, "a bool"),
+    ([0.1, True], TypeError, r"thresholds\[1\] is True, a bool"),
+    (np.array([True]), TypeError, "boolean"),
+    ({0.1: 1, 0.2: 2}, TypeError, "got dict"),
+    ({0.1, 0.2}, TypeError, "got set"),
+    ("0.1", TypeError, "got str"),
+    ([10 ** 400], ValueError, r"thresholds\[0\] = 1000.* is too large for a float"),
+    ([0.1, "a"], TypeError, r"thresholds\[1\] must be a real number"),
+])
+def test_route_levels_refuses_non_number_thresholds(bad, exc, msg):
+    w = np.array([[0.2, 0.8]], dtype=np.float32)
+    with pytest.raises(exc, match=msg):
+        ops.route_levels(w, bad)
+
+
+@pytest.mark.parametrize("bad,exc,msg", [
+    (True, TypeError, "bool"),
+    ([0.1, False], TypeError, r"thresholds\[1\] is False, a bool"),
+    ({0.1: 1}, TypeError, "list or tuple"),
+    ({0.1}, TypeError, "list or tuple"),
+    ([10 ** 400], ValueError, r"thresholds\[0\] = 1000.* is too large for a float"),
+])
+def test_raw_route_levels_refuses_non_number_thresholds(bad, exc, msg):
+    w = np.array([[0.2, 0.8]], dtype=np.float32)
+    lv = np.empty((1, 2), dtype=np.int8)
+    with pytest.raises(exc, match=msg):
+        _C.route_levels(w, bad, True, lv)
+
+
+def test_patch_refuses_meta_weights():
+    """A model whose expert weights are on the meta device (no data) is
+    refused at patch time, with what to do, instead of failing later."""
+    import dualsparse as ds
+    from hf_models import build as build_model
+
+    model = build_model("olmoe").to("meta")
+    with pytest.raises(ValueError, match=r"dualsparse.patch: .* is on the 'meta' device.*load the real weights"):
+        ds.patch(model, ds.NoDrop())
+    assert getattr(model, "_dualsparse_handle", None) is None
+
+
+def test_policy_threshold_range_and_types():
+    """Normalised scores lie in [0, 1]: a threshold outside is accepted (it
+    saturates) with a ThresholdRangeWarning naming what it means; bools,
+    dicts, sets and huge integers are refused by name."""
+    import warnings
+
+    import dualsparse as ds
+    from dualsparse.policies import ThresholdRangeWarning
+
+    with pytest.warns(ThresholdRangeWarning, match=r"OneThreshold: threshold 1.5 is above 1.*every pair is dropped"):
+        ds.OneThreshold(1.5)
+    with pytest.warns(ThresholdRangeWarning, match=r"OneThreshold: threshold -0.1 is below 0.*nothing is dropped"):
+        ds.OneThreshold(-0.1)
+    with pytest.warns(ThresholdRangeWarning, match="TwoThreshold: threshold 1.2 is above 1"):
+        ds.TwoThreshold(0.5, 1.2)
+    with pytest.warns(ThresholdRangeWarning, match="Thresholds: threshold -0.5 is below 0"):
+        ds.Thresholds([-0.5, 0.5])
+    with pytest.warns(ThresholdRangeWarning, match="DynamicSkip: beta 1.5 is above 1"):
+        ds.DynamicSkip([[1.5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds.OneThreshold(0.0), ds.OneThreshold(1.0), ds.TwoThreshold(0.1, 0.3), ds.Thresholds([0.2, 0.9])
+        ds.Thresholds([5.0], normalize=False)  # raw weights: any finite value
+    # the saturated values keep their meaning: 1.01 drops every pair, -0.1 none
+    w = torch.tensor([[0.3, 0.7], [1.0, 0.0]])
+    with pytest.warns(ThresholdRangeWarning):
+        assert ds.OneThreshold(1.01).route(w, None, 0)[0].tolist() == [[0, 0], [0, 0]]
+    with pytest.warns(ThresholdRangeWarning):
+        assert ds.OneThreshold(-0.1).route(w, None, 0)[0].tolist() == [[1, 1], [1, 1]]
+    for bad, msg in [(True, "a bool"), ([0.1, True], "a bool"), ({0.1: 1}, "got dict"), ({0.2}, "got set"),
+                     ("0.1", "got str"), (10 ** 400, "too large for a float"), (np.array([True]), "boolean")]:
+        with pytest.raises((TypeError, ValueError), match=msg):
+            ds.OneThreshold(bad)
+    with pytest.raises(TypeError, match="t_minor must be numbers"):
+        ds.TwoThreshold(0.1, False)
+    with pytest.raises(TypeError, match="a bool"):
+        ds.Thresholds([[0.1, True]])
+    with pytest.raises(TypeError, match="RandomDrop: rate must be a number"):
+        ds.RandomDrop(True)
+    with pytest.raises(TypeError, match="DynamicSkip: betas must be numbers"):
+        ds.DynamicSkip([[True]])

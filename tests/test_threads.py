@@ -267,3 +267,344 @@ def test_engine_works_in_forked_child():
     assert msg == b"ok", msg
     # and the parent still works afterwards
     assert bits(_moe(inp, 2)) == bits(want)
+
+
+# ------------------------------------------------ hostile concurrent use
+#
+# These run in a forked child (multiprocessing, 'fork' start method) so that
+# a crash or a hang is reported as a failed test instead of ending the run.
+# The time limits are generous (each case takes well under ten seconds on a
+# busy two-core machine); they only tell a hang from slow progress.
+
+import multiprocessing as mp
+import traceback
+
+from dualsparse import _C
+
+import reference as R
+
+CHILD_TIMEOUT = 300  # seconds; a hang, not slowness, exceeds it
+
+
+def _child_entry(conn, target, args):
+    try:
+        msg = target(*args)
+        conn.send(("ok", msg))
+        code = 0
+    except BaseException:  # reported to the parent
+        conn.send(("fail", traceback.format_exc()[-4000:]))
+        code = 1
+    conn.close()
+    os._exit(code)
+
+
+def _run_forked(target, *args, timeout=CHILD_TIMEOUT):
+    """target(*args) in a forked child; returns its message, fails the test on
+    an exception, a crash (signal) or a hang."""
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_child_entry, args=(child, target, args))
+    p.start()
+    child.close()
+    got = None
+    if parent.poll(timeout):
+        try:
+            got = parent.recv()
+        except EOFError:
+            got = None
+    p.join(timeout=30 if got is not None else 5)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        pytest.fail(f"{target.__name__}: the child hung (no result in {timeout} s)")
+    if got is None:
+        pytest.fail(f"{target.__name__}: the child died with exit code {p.exitcode} "
+                    f"(a negative code is the signal, e.g. -11 = segmentation fault)")
+    status, msg = got
+    assert status == "ok", msg
+    assert p.exitcode == 0, p.exitcode
+    return msg
+
+
+class _Mutator:
+    """A Python thread that keeps assigning the given states to arr[index]
+    until stopped.  The engine releases the GIL while it runs, so the writes
+    land between its reads: a one-element index (the first element the
+    checks read) flips many times during one call."""
+
+    def __init__(self, arr, index, states):
+        self.arr, self.index, self.states = arr, index, states
+        self.stop = threading.Event()
+        self.writes = 0
+        self.th = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.is_set():
+            for s in self.states:
+                self.arr[self.index] = s
+                self.writes += 1
+
+    def __enter__(self):
+        self.th.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.th.join(timeout=60)
+
+
+def _moe_problem(seed=0, T=1 << 18, K=2, E=4, H=4, I=8):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    gu = (rng.standard_normal((E, 2 * I, H)) / H ** 0.5).astype(np.float32)
+    dn = (rng.standard_normal((E, H, I)) / I ** 0.5).astype(np.float32)
+    ids = np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int64)
+    tw = rng.random((T, K)).astype(np.float32)
+    return x, ids, tw, gu, dn
+
+
+def _rows_match_one_of(out, refs, scale, what):
+    """Every row of out equals (within float32 accumulation error) the same
+    row of one of the references: the result of a consistent snapshot of the
+    routing data of that token."""
+    tol = 1e-5 * max(float(scale.max()), 1e-30) + 1e-6
+    ok = np.zeros(out.shape[0], dtype=bool)
+    for ref in refs:
+        ok |= np.all(np.abs(out - ref) <= tol, axis=1)
+    bad = np.nonzero(~ok)[0]
+    assert bad.size == 0, f"{what}: rows {bad[:10].tolist()} match no consistent snapshot"
+
+
+def _hostile_moe_ids(n_calls):
+    """topk_ids[0, 0] flips between two valid experts and values far out of
+    range while the engine runs: never a crash; each call raises a clear
+    error or returns a consistent snapshot's result."""
+    x, ids, tw, gu, dn = _moe_problem()
+    E = gu.shape[0]
+    col_a = int(ids[0, 0])
+    col_b = next(e for e in range(E) if e not in ids[0])  # another valid expert
+    ids_b = ids.copy()
+    ids_b[0, 0] = col_b
+    ref_a, sc = R.ref_moe(x, ids, tw, gu, dn, return_scale=True)
+    ref_b = R.ref_moe(x, ids_b, tw, gu, dn)
+    bad_val = np.int64(1) << 40
+    errors = ok = 0
+    out = np.empty_like(x)
+    with _Mutator(ids, (0, 0), [col_a, bad_val, col_b, -bad_val]) as m:
+        for _ in range(n_calls):
+            out[:] = np.nan
+            try:
+                _C.moe_experts(x, ids, tw, gu, None, dn, None, 1, out, 2)
+            except ValueError as exc:
+                assert "topk_ids" in str(exc) and "outside" in str(exc), str(exc)
+                errors += 1
+                continue
+            _rows_match_one_of(out, [ref_a, ref_b], sc, "moe_experts under mutated topk_ids")
+            ok += 1
+    assert m.writes > 0
+    return f"{ok} results, {errors} errors"
+
+
+def _hostile_moe_levels(n_calls):
+    """levels[0, 0] flips between 2, 1 and far out of range (P = 2)."""
+    x, ids, tw, gu, dn = _moe_problem(1)
+    T, K = ids.shape
+    lv = np.full((T, K), 2, dtype=np.int64)
+    lv_b = lv.copy()
+    lv_b[0, 0] = 1
+    ref_a, sc = R.ref_moe(x, ids, tw, gu, dn, levels=lv, P=2, return_scale=True)
+    ref_b = R.ref_moe(x, ids, tw, gu, dn, levels=lv_b, P=2)
+    big = np.int64(1) << 40
+    errors = ok = 0
+    out = np.empty_like(x)
+    with _Mutator(lv, (0, 0), [2, big, 1, big]) as m:
+        for _ in range(n_calls):
+            out[:] = np.nan
+            try:
+                _C.moe_experts(x, ids, tw, gu, None, dn, lv, 2, out, 2)
+            except ValueError as exc:
+                assert "levels" in str(exc) and "outside" in str(exc), str(exc)
+                errors += 1
+                continue
+            _rows_match_one_of(out, [ref_a, ref_b], sc, "moe_experts under mutated levels")
+            ok += 1
+    assert m.writes > 0
+    return f"{ok} results, {errors} errors"
+
+
+def _hostile_importance(n_calls):
+    """importance: topk_ids[0, 0] flips between a valid expert and far out
+    of range; a result must equal the unmutated reference."""
+    x, ids, tw, gu, dn = _moe_problem(2)
+    E, I = gu.shape[0], gu.shape[1] // 2
+    want, want_cnt = R.ref_importance(x, ids, None, gu)
+    col = int(ids[0, 0])
+    big = np.int64(1) << 40
+    errors = ok = 0
+    with _Mutator(ids, (0, 0), [col, big, col, -big]) as m:
+        for _ in range(n_calls):
+            acc = np.zeros((4, E, I))
+            cnt = np.zeros(E)
+            try:
+                _C.importance(x, ids, None, gu, None, acc, cnt, 2)
+            except ValueError as exc:
+                assert "topk_ids" in str(exc), str(exc)
+                assert not acc.any() and not cnt.any(), "an error after writing accum"
+                errors += 1
+                continue
+            np.testing.assert_allclose(acc, want, rtol=1e-4, atol=1e-4)
+            np.testing.assert_array_equal(cnt, want_cnt)
+            ok += 1
+    assert m.writes > 0
+    return f"{ok} results, {errors} errors"
+
+
+def _hostile_permute(n_calls):
+    """permute_neurons: perm[0, 0] flips between its valid value and far out
+    of range; the weights are either untouched (error) or exactly permuted."""
+    rng = np.random.default_rng(3)
+    E, I, H = 64, 1024, 2
+    gu0 = rng.standard_normal((E, 2 * I, H)).astype(np.float32)
+    dn0 = rng.standard_normal((E, H, I)).astype(np.float32)
+    perm = np.stack([rng.permutation(I) for _ in range(E)]).astype(np.int64)
+    want_gu, want_dn = R.ref_permute(gu0, dn0, perm)
+    col = int(perm[0, 0])
+    big = np.int64(1) << 40
+    errors = ok = 0
+    with _Mutator(perm, (0, 0), [col, big, col, -big]) as m:
+        for _ in range(n_calls):
+            gu, dn = gu0.copy(), dn0.copy()
+            try:
+                _C.permute_neurons(gu, None, dn, perm, False, 2)
+            except ValueError as exc:
+                assert str(exc).startswith("permute_neurons: perm"), str(exc)
+                assert np.array_equal(gu, gu0) and np.array_equal(dn, dn0), "weights changed on error"
+                errors += 1
+                continue
+            assert np.array_equal(gu, want_gu) and np.array_equal(dn, want_dn)
+            ok += 1
+    assert m.writes > 0
+    return f"{ok} results, {errors} errors"
+
+
+def _hostile_route_levels(n_calls):
+    """route_levels: topk_weights[:, 0] flips between 0.9 (row [0.9, 0.5],
+    threshold 0.6: levels [1, 0]) and -0.5 (the row sums to 0: an error).
+    The checks and the levels must see the same values: a row checked at 0.9
+    and computed at -0.5 would divide by zero and give levels [0, 1]."""
+    T = 1 << 16
+    w = np.full((T, 2), 0.5)
+    w[:, 0] = 0.9
+    lv = np.empty((T, 2), dtype=np.int8)
+    errors = ok = 0
+    with _Mutator(w, (slice(None), 0), [0.9, -0.5]) as m:
+        for _ in range(n_calls):
+            try:
+                _C.route_levels(w, [0.6], True, lv)
+            except ValueError as exc:
+                assert "sums to 0" in str(exc), str(exc)
+                errors += 1
+                continue
+            bad = np.nonzero(np.any(lv != np.array([1, 0], dtype=np.int8), axis=1))[0]
+            assert bad.size == 0, f"rows {bad[:5].tolist()} have levels {lv[bad[:5]].tolist()}"
+            ok += 1
+    assert m.writes > 0
+    return f"{ok} results, {errors} errors"
+
+
+HOSTILE = {"moe_ids": _hostile_moe_ids, "moe_levels": _hostile_moe_levels,
+           "importance": _hostile_importance, "permute": _hostile_permute,
+           "route_levels": _hostile_route_levels}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_inputs_mutated_by_another_thread_during_calls(name):
+    """A Python thread keeps writing out-of-range or changing values into an
+    input the engine indexes with (topk_ids, levels, perm) or reads twice
+    (topk_weights) during many calls: never a crash; every call raises a
+    clear error or returns the result of one consistent snapshot, compared
+    with the float64 reference."""
+    _run_forked(HOSTILE[name], 60)
+
+
+def _release_while_calls_run():
+    """release_workspace() in a loop while two threads run engine calls that
+    hold the cached workspace."""
+    x, ids, tw, gu, dn = _moe_problem(4, T=512, H=64, I=128)
+    want = R.ref_moe(x, ids, tw, gu, dn)
+    stop = threading.Event()
+    errors = []
+
+    def calls():
+        out = np.empty_like(x)
+        try:
+            while not stop.is_set():
+                _C.moe_experts(x, ids, tw, gu, None, dn, None, 1, out, 1)
+                if not np.allclose(out, want, rtol=1e-4, atol=1e-4):
+                    errors.append("wrong result")
+        except Exception as exc:  # reported below
+            errors.append(repr(exc))
+
+    ths = [threading.Thread(target=calls) for _ in range(2)]
+    for t in ths:
+        t.start()
+    for _ in range(300):
+        _C.release_workspace()
+        time.sleep(0.001)
+    stop.set()
+    for t in ths:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in ths), "a calling thread hung"
+    assert not errors, errors
+    return "ok"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_release_workspace_concurrent_with_calls_does_not_deadlock():
+    """release_workspace() must not wait for the workspace lock while holding
+    the GIL (a call in another thread needs the GIL to unlock it).  Runs in a
+    child with a generous limit (CHILD_TIMEOUT): a deadlock never finishes,
+    the loop itself takes a few seconds."""
+    _run_forked(_release_while_calls_run)
+
+
+def _child_uses_engine(x, ids, tw, gu, dn, want):
+    _C.release_workspace()  # the workspace lock another parent thread held
+    out = np.empty_like(x)
+    for nt in (1, 2, 3):
+        _C.moe_experts(x, ids, tw, gu, None, dn, None, 1, out, nt)
+        if out.tobytes() != want.tobytes():
+            raise AssertionError(f"child result differs from the parent's (num_threads={nt})")
+    return "ok"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_while_another_thread_is_in_a_call():
+    """Fork while another thread is inside an engine call (holding the
+    workspace and the thread pool): the child can release the workspace and
+    run multi-threaded calls with the parent's results."""
+    x, ids, tw, gu, dn = _moe_problem(5, T=1024, H=64, I=256)
+    want = np.empty_like(x)
+    _C.moe_experts(x, ids, tw, gu, None, dn, None, 1, want, 2)
+    stop = threading.Event()
+    in_call = threading.Event()
+    calls = [0]
+
+    def busy():
+        out = np.empty_like(x)
+        while not stop.is_set():
+            in_call.set()
+            _C.moe_experts(x, ids, tw, gu, None, dn, None, 1, out, 2)
+            calls[0] += 1
+
+    th = threading.Thread(target=busy, daemon=True)
+    th.start()
+    try:
+        assert in_call.wait(60)
+        for _ in range(4):
+            _run_forked(_child_uses_engine, x, ids, tw, gu, dn, want, timeout=120)
+    finally:
+        stop.set()
+        th.join(timeout=120)
+    assert calls[0] > 0

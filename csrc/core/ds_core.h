@@ -78,7 +78,12 @@ int ds_max_threads(void); /* hard cap on n_threads */
  * thresholds:   P ascending finite values
  * levels:       T x K (i8 or i32; element strides ls0, ls1)
  * levels[t,k] = #{ j : s[t,k] >= thresholds[j] }, s = w / sum_k w (float64,
- * summed over k in order) when normalize, else w. */
+ * summed over k in order) when normalize, else w.  A row whose float64 sum
+ * overflows is scaled by a power of two before summing (same scores).
+ *
+ * Every entry point reads its inputs while it runs: a caller must not let
+ * another thread change them during the call (the Python binding copies the
+ * routing data and permutations once before calling). */
 ds_status ds_route_levels(const void *topk_weights, ds_dtype w_dtype, int64_t T, int64_t K,
                           int64_t ws0, int64_t ws1, const double *thresholds, int P,
                           int normalize, void *levels, ds_dtype l_dtype, int64_t ls0,

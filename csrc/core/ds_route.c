@@ -19,6 +19,33 @@ ds_status ds_check_thresholds(const double *thresholds, int P)
     return DS_OK;
 }
 
+/* Sum of row t times *scale.  *scale is 1 unless the plain float64 sum
+ * overflows (float64 weights near DBL_MAX): then the row is scaled by a power
+ * of two (exact) that brings its largest value near 1 before summing, so
+ * that w * scale / (sum * scale) is the normalised score w / sum. */
+static double row_sum(const void *w, ds_dtype dt, int64_t t, int64_t K, int64_t ws0, int64_t ws1,
+                      double *scale)
+{
+    double sum = 0.0, mx = 0.0;
+    *scale = 1.0;
+    for (int64_t k = 0; k < K; k++)
+        sum += ds_load_real(w, dt, t * ws0 + k * ws1);
+    if (isfinite(sum))
+        return sum;
+    for (int64_t k = 0; k < K; k++) {
+        double a = fabs(ds_load_real(w, dt, t * ws0 + k * ws1));
+        if (a > mx)
+            mx = a;
+    }
+    int e;
+    frexp(mx, &e);
+    *scale = ldexp(1.0, -e);
+    sum = 0.0;
+    for (int64_t k = 0; k < K; k++)
+        sum += ds_load_real(w, dt, t * ws0 + k * ws1) * *scale;
+    return sum;
+}
+
 /* topk_weights: T x K, levels: T x K */
 ds_status ds_route_levels(const void *topk_weights, ds_dtype w_dtype, int64_t T, int64_t K,
                           int64_t ws0, int64_t ws1, const double *thresholds, int P,
@@ -41,28 +68,26 @@ ds_status ds_route_levels(const void *topk_weights, ds_dtype w_dtype, int64_t T,
         return ds_error(DS_ERR_VALUE, "route_levels: topk_weights and levels must not be NULL");
     /* Validate every score before writing any level. */
     for (int64_t t = 0; t < T; t++) {
-        double sum = 0.0;
         for (int64_t k = 0; k < K; k++) {
             double v = ds_load_real(topk_weights, w_dtype, t * ws0 + k * ws1);
             if (!isfinite(v))
                 return ds_error(DS_ERR_VALUE, "route_levels: topk_weights[%lld, %lld] = %g is not finite",
                                 (long long)t, (long long)k, v);
-            sum += v;
         }
-        if (normalize && sum == 0.0)
+        double scale;
+        if (normalize && row_sum(topk_weights, w_dtype, t, K, ws0, ws1, &scale) == 0.0)
             return ds_error(DS_ERR_VALUE, "route_levels: topk_weights row %lld sums to 0 and cannot "
                             "be normalised (pass normalize=False to use the raw weights)",
                             (long long)t);
     }
     for (int64_t t = 0; t < T; t++) {
-        double sum = 0.0;
+        double sum = 0.0, scale = 1.0;
         if (normalize)
-            for (int64_t k = 0; k < K; k++)
-                sum += ds_load_real(topk_weights, w_dtype, t * ws0 + k * ws1);
+            sum = row_sum(topk_weights, w_dtype, t, K, ws0, ws1, &scale);
         for (int64_t k = 0; k < K; k++) {
             double s = ds_load_real(topk_weights, w_dtype, t * ws0 + k * ws1);
             if (normalize)
-                s /= sum;
+                s = s * scale / sum;
             int lvl = 0;
             while (lvl < P && s >= thresholds[lvl])
                 lvl++;

@@ -111,9 +111,89 @@ static const char *dev_name(int t)
 
 static const char *type_name(PyObject *o) { return Py_TYPE(o)->tp_name; }
 
+/* A torch tensor with the negative bit set is a lazy view: its memory holds
+ * the un-negated values, and DLPack exports that memory without the flag.
+ * Returns 1 and sets *which for such a tensor, 0 otherwise (errors of the
+ * query are cleared: an object without is_neg() has no such bit).  The
+ * conjugate bit needs no check: it exists only on complex tensors, whose
+ * dtype the engine refuses by name. */
+static int lazy_bit(PyObject *obj, const char **which)
+{
+    static PyObject *name = NULL;
+    if (name == NULL && (name = PyUnicode_InternFromString("is_neg")) == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *argv[1] = {obj};
+    PyObject *r = PyObject_VectorcallMethod(name, argv, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (r == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int set = r == Py_True;
+    Py_DECREF(r);
+    if (set)
+        *which = "negative";
+    return set;
+}
+
+/* The producer's name of an object's dtype (e.g. "torch.complex64"), as a new
+ * reference, or NULL (no error set) when it has none. */
+static PyObject *dtype_repr(PyObject *obj)
+{
+    PyObject *d = PyObject_GetAttrString(obj, "dtype");
+    if (d == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *s = PyObject_Str(d);
+    Py_DECREF(d);
+    if (s == NULL)
+        PyErr_Clear();
+    return s;
+}
+
+static int view_from_obj(PyObject *obj, view_t *v, const char *fn, const char *arg);
+
 /* Fills v from a NumPy array or any object with __dlpack__.  fn/arg name the
- * argument in messages. */
+ * argument in messages.  A tensor with the negative bit set is refused (the engine would read the stored, un-negated values); inputs the
+ * engine only reads go through view_from_input, which resolves such views. */
 static int view_from(PyObject *obj, view_t *v, const char *fn, const char *arg)
+{
+    memset(v, 0, sizeof *v);
+    if (!PyArray_Check(obj)) {
+        const char *which = NULL;
+        if (lazy_bit(obj, &which) > 0) {
+            PyErr_Format(PyExc_ValueError, "%s: %s is a lazy %s view (its memory holds the values "
+                         "before negation); the engine writes or reads this argument in place, so "
+                         "resolve it once first, e.g. t = t.resolve_neg()", fn, arg, which);
+            return -1;
+        }
+    }
+    return view_from_obj(obj, v, fn, arg);
+}
+
+/* view_from for an argument the engine only reads: a lazy negative view is
+ * resolved into a copy (kept alive by the view). */
+static int view_from_input(PyObject *obj, view_t *v, const char *fn, const char *arg)
+{
+    memset(v, 0, sizeof *v);
+    if (!PyArray_Check(obj)) {
+        const char *which = NULL;
+        if (lazy_bit(obj, &which) > 0) {
+            (void)which;
+            PyObject *r = PyObject_CallMethod(obj, "resolve_neg", NULL);
+            if (r == NULL)
+                return -1;
+            int rc = view_from(r, v, fn, arg);
+            Py_DECREF(r);
+            return rc;
+        }
+    }
+    return view_from_obj(obj, v, fn, arg);
+}
+
+static int view_from_obj(PyObject *obj, view_t *v, const char *fn, const char *arg)
 {
     memset(v, 0, sizeof *v);
     if (PyArray_Check(obj)) {
@@ -212,8 +292,15 @@ static int view_from(PyObject *obj, view_t *v, const char *fn, const char *arg)
         v->keep = cap;
         ds_dl_tensor *t = &m->dl_tensor;
         if (!dl_to_dtype(t->dtype, &v->dtype)) {
-            PyErr_Format(PyExc_TypeError, "%s: %s has an unsupported dtype (DLPack code %d, %d bits)",
-                         fn, arg, (int)t->dtype.code, (int)t->dtype.bits);
+            PyObject *dn = dtype_repr(obj);
+            if (dn != NULL) {
+                PyErr_Format(PyExc_TypeError, "%s: %s has unsupported dtype %S (the engine reads "
+                             "float32, bfloat16, float16, float64 and integer tensors)", fn, arg, dn);
+                Py_DECREF(dn);
+            } else {
+                PyErr_Format(PyExc_TypeError, "%s: %s has an unsupported dtype (DLPack code %d, "
+                             "%d bits)", fn, arg, (int)t->dtype.code, (int)t->dtype.bits);
+            }
             goto dl_fail;
         }
         if (t->ndim > DS_MAX_DIMS || t->ndim < 0) {
@@ -342,12 +429,101 @@ static int check_real(const view_t *v, const char *fn, const char *arg)
     return -1;
 }
 
+/* 1 when two different indices of the view address overlapping memory (a
+ * zero stride along a dimension of size > 1, or strides that interleave). */
+static int view_self_overlaps(const view_t *v)
+{
+    int64_t span[DS_MAX_DIMS], ext[DS_MAX_DIMS];
+    int n = 0;
+    if (view_numel(v) == 0)
+        return 0;
+    for (int i = 0; i < v->ndim; i++) {
+        if (v->shape[i] == 1)
+            continue;
+        int64_t st = v->strides[i] < 0 ? -v->strides[i] : v->strides[i];
+        if (st == 0)
+            return 1;
+        /* insert sorted by stride */
+        int j = n++;
+        while (j > 0 && span[j - 1] > st) {
+            span[j] = span[j - 1];
+            ext[j] = ext[j - 1];
+            j--;
+        }
+        span[j] = st;
+        ext[j] = v->shape[i];
+    }
+    /* each stride must step past everything the smaller strides reach */
+    int64_t reach = 1; /* elements covered by the dimensions so far */
+    for (int j = 0; j < n; j++) {
+        if (span[j] < reach)
+            return 1;
+        reach = span[j] * (ext[j] - 1) + reach;
+    }
+    return 0;
+}
+
 static int check_writable_out(const view_t *v, const char *fn, const char *arg)
 {
     if (v->readonly) {
         PyErr_Format(PyExc_ValueError, "%s: %s is read-only", fn, arg);
         return -1;
     }
+    return 0;
+}
+
+/* An output must not write two results to one place. */
+static int check_distinct_out(const view_t *v, const char *fn, const char *arg)
+{
+    if (view_self_overlaps(v)) {
+        PyErr_Format(PyExc_ValueError, "%s: %s has overlapping elements (a zero or interleaved "
+                     "stride, e.g. from expand()); pass an output whose elements are distinct", fn, arg);
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------- snapshots */
+
+/* The engine indexes memory with some inputs (expert ids, levels,
+ * permutations) and reads routing weights more than once.  Each such input
+ * is copied once, before the compute, into memory only this call owns; only
+ * the copy is validated and used, so another thread writing to the caller's
+ * array during the call can never turn a checked value into a bad index. */
+typedef struct {
+    void *buf;
+    ds_mat m;
+} snap_t;
+
+static void snap_release(snap_t *s)
+{
+    free(s->buf);
+    s->buf = NULL;
+}
+
+/* (rows, cols) view -> contiguous copy in the same dtype. */
+static int snap_2d(const view_t *v, snap_t *s)
+{
+    int64_t R = v->ndim >= 1 ? v->shape[0] : 1, C = v->ndim >= 2 ? v->shape[1] : 1;
+    int64_t s0 = v->ndim >= 1 ? v->strides[0] : 0, s1 = v->ndim >= 2 ? v->strides[1] : 0;
+    size_t esz = ds_dtype_size(v->dtype);
+    size_t n = (size_t)(R * C);
+    s->buf = malloc(n ? n * esz : 1);
+    if (s->buf == NULL) {
+        PyErr_Format(PyExc_MemoryError, "could not allocate %zu bytes for a copy of the routing data",
+                     n * esz);
+        return -1;
+    }
+    char *dst = (char *)s->buf;
+    const char *src = v->data;
+    if (v->ndim == 2 && s1 == 1 && s0 == C) {
+        memcpy(dst, src, n * esz);
+    } else {
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t c = 0; c < C; c++)
+                memcpy(dst + (size_t)(r * C + c) * esz, src + (r * s0 + c * s1) * (int64_t)esz, esz);
+    }
+    s->m = (ds_mat){s->buf, v->dtype, C, 1};
     return 0;
 }
 
@@ -425,15 +601,32 @@ static void ws_put(ws_t *w)
     w->ptr = NULL;
 }
 
+/* Waits for a call in another thread to finish with the buffer: never with
+ * the GIL held, since that call needs the GIL back before it can unlock. */
 static PyObject *py_release_workspace(PyObject *self, PyObject *args)
 {
     (void)self; (void)args;
+    void *old;
+    Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&ws_cache.lock);
-    free(ws_cache.buf);
+    old = ws_cache.buf;
     ws_cache.buf = NULL;
     ws_cache.size = 0;
     pthread_mutex_unlock(&ws_cache.lock);
+    free(old);
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
+}
+
+/* In a child after fork() only the forking thread exists: a lock that
+ * another thread of the parent held would never be released, and the cache
+ * may have been caught mid-update.  The child starts with a fresh lock and
+ * an empty cache (the parent's buffer, if any, is left alone). */
+static void ws_after_fork_child(void)
+{
+    pthread_mutex_init(&ws_cache.lock, NULL);
+    ws_cache.buf = NULL;
+    ws_cache.size = 0;
 }
 
 /* ------------------------------------------------------- argument helpers */
@@ -599,9 +792,14 @@ static int experts_split(PyObject *gates, PyObject *ups, PyObject *downs, expert
         }
         Py_ssize_t n = PySequence_Fast_GET_SIZE(seq[l]);
         if (l == 0) E = n;
-        if (n != E || n < 1) {
-            PyErr_Format(PyExc_ValueError, "%s: %s has %zd experts but gate_proj has %zd (need >= 1 "
-                         "and equal counts)", fn, names[l], n, E);
+        if (n < 1) {
+            PyErr_Format(PyExc_ValueError, "%s: %s is empty; pass one weight tensor per expert "
+                         "(at least one expert)", fn, names[l]);
+            goto fail;
+        }
+        if (n != E) {
+            PyErr_Format(PyExc_ValueError, "%s: %s has %zd experts but gate_proj has %zd (one tensor "
+                         "per expert in each list)", fn, names[l], n, E);
             goto fail;
         }
     }
@@ -668,9 +866,9 @@ static int experts_overlap(const experts_t *x, const view_t *v, const char *fn, 
 
 /* (T, K) routing matrices: ids, weights, levels; any strides. */
 static int routing_view(PyObject *o, view_t *v, const char *fn, const char *arg, int64_t T,
-                        int64_t K)
+                        int64_t K, int input)
 {
-    if (view_from(o, v, fn, arg) < 0)
+    if ((input ? view_from_input(o, v, fn, arg) : view_from(o, v, fn, arg)) < 0)
         return -1;
     if (check_cpu(v, fn, arg) < 0 || check_ndim(v, 2, fn, arg, "(tokens, top_k)") < 0)
         goto fail;
@@ -697,8 +895,15 @@ static PyObject *py_route_levels(PyObject *self, PyObject *args)
     view_t w = {0}, lv = {0};
     PyObject *thr_seq = NULL;
     double *thr = NULL;
+    snap_t wsnap = {0};
     if (!PyArg_ParseTuple(args, "OOpO", &w_o, &thr_o, &normalize, &lv_o))
         return NULL;
+    if (PyDict_Check(thr_o) || PyAnySet_Check(thr_o) || PyUnicode_Check(thr_o) ||
+        PyBytes_Check(thr_o) || (PyMapping_Check(thr_o) && !PySequence_Check(thr_o))) {
+        PyErr_Format(PyExc_TypeError, "%s: thresholds must be a list or tuple of numbers (in "
+                     "ascending order); got %s", fn, type_name(thr_o));
+        return NULL;
+    }
     thr_seq = PySequence_Fast(thr_o, "");
     if (thr_seq == NULL) {
         PyErr_Clear();
@@ -714,11 +919,23 @@ static PyObject *py_route_levels(PyObject *self, PyObject *args)
     thr = PyMem_Malloc((size_t)P * sizeof(double));
     if (thr == NULL) { PyErr_NoMemory(); goto fail; }
     for (Py_ssize_t j = 0; j < P; j++) {
-        thr[j] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(thr_seq, j));
+        PyObject *it = PySequence_Fast_GET_ITEM(thr_seq, j);
+        if (PyBool_Check(it) || PyArray_IsScalar(it, Bool)) {
+            PyErr_Format(PyExc_TypeError, "%s: thresholds[%zd] is %R, a bool; thresholds are "
+                         "numbers (normalised scores lie in [0, 1])", fn, j, it);
+            goto fail;
+        }
+        thr[j] = PyFloat_AsDouble(it);
         if (thr[j] == -1.0 && PyErr_Occurred()) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_TypeError, "%s: thresholds[%zd] is not a real number (%s)", fn, j,
-                         type_name(PySequence_Fast_GET_ITEM(thr_seq, j)));
+            if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_ValueError, "%s: thresholds[%zd] = %R is too large for a float "
+                             "(thresholds must be finite)", fn, j, it);
+            } else {
+                PyErr_Clear();
+                PyErr_Format(PyExc_TypeError, "%s: thresholds[%zd] is not a real number (%s)", fn, j,
+                             type_name(it));
+            }
             goto fail;
         }
     }
@@ -727,10 +944,10 @@ static PyObject *py_route_levels(PyObject *self, PyObject *args)
         PyErr_Format(status_exc(st), "%s: %s", fn, ds_last_error());
         goto fail;
     }
-    if (routing_view(w_o, &w, fn, "topk_weights", -1, -1) < 0 || check_weight_dtype(&w, fn, "topk_weights") < 0)
+    if (routing_view(w_o, &w, fn, "topk_weights", -1, -1, 1) < 0 || check_weight_dtype(&w, fn, "topk_weights") < 0)
         goto fail;
-    if (routing_view(lv_o, &lv, fn, "levels", w.shape[0], w.shape[1]) < 0 ||
-        check_writable_out(&lv, fn, "levels") < 0)
+    if (routing_view(lv_o, &lv, fn, "levels", w.shape[0], w.shape[1], 0) < 0 ||
+        check_writable_out(&lv, fn, "levels") < 0 || check_distinct_out(&lv, fn, "levels") < 0)
         goto fail;
     if (lv.dtype != DS_I8 && lv.dtype != DS_I32) {
         PyErr_Format(PyExc_TypeError, "%s: levels must be int8 or int32; got %s", fn,
@@ -745,18 +962,22 @@ static PyObject *py_route_levels(PyObject *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "%s: levels shares memory with topk_weights", fn);
         goto fail;
     }
+    if (snap_2d(&w, &wsnap) < 0)
+        goto fail;
     Py_BEGIN_ALLOW_THREADS
-    st = ds_route_levels(w.data, w.dtype, w.shape[0], w.shape[1], w.strides[0], w.strides[1], thr,
+    st = ds_route_levels(wsnap.m.data, w.dtype, w.shape[0], w.shape[1], wsnap.m.s0, wsnap.m.s1, thr,
                          (int)P, normalize, lv.data, lv.dtype, lv.strides[0], lv.strides[1]);
     Py_END_ALLOW_THREADS
     if (raise_status(st, ds_last_error()) < 0)
         goto fail;
+    snap_release(&wsnap);
     view_release(&w);
     view_release(&lv);
     PyMem_Free(thr);
     Py_DECREF(thr_seq);
     Py_RETURN_NONE;
 fail:
+    snap_release(&wsnap);
     view_release(&w);
     view_release(&lv);
     PyMem_Free(thr);
@@ -777,6 +998,7 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args)
     int P;
     int n_threads;
     view_t x = {0}, ids = {0}, tw = {0}, lv = {0}, out = {0}, tm = {0};
+    snap_t ids_s = {0}, tw_s = {0}, lv_s = {0};
     experts_t ex = {0};
     ws_t ws = {0};
     if (!PyArg_ParseTuple(args, "OOOOOOOOOO|O", &x_o, &ids_o, &tw_o, &gu_o, &up_o, &dn_o, &lv_o,
@@ -804,7 +1026,7 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args)
         return NULL;
     const int64_t H = ex.w.H, I = ex.w.I, E = ex.w.E;
 
-    if (view_from(x_o, &x, fn, "x") < 0)
+    if (view_from_input(x_o, &x, fn, "x") < 0)
         goto fail;
     if (check_cpu(&x, fn, "x") < 0 || check_ndim(&x, 2, fn, "x", "(tokens, hidden)") < 0)
         goto fail;
@@ -829,7 +1051,7 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args)
                      (long long)x.strides[0], (long long)H);
         goto fail;
     }
-    if (view_from(ids_o, &ids, fn, "topk_ids") < 0)
+    if (view_from_input(ids_o, &ids, fn, "topk_ids") < 0)
         goto fail;
     if (check_cpu(&ids, fn, "topk_ids") < 0 || check_ndim(&ids, 2, fn, "topk_ids", "(tokens, top_k)") < 0)
         goto fail;
@@ -853,10 +1075,10 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args)
                      "experts (K must be <= E)", fn, (long long)K, (long long)E);
         goto fail;
     }
-    if (routing_view(tw_o, &tw, fn, "topk_weights", T, K) < 0 || check_weight_dtype(&tw, fn, "topk_weights") < 0)
+    if (routing_view(tw_o, &tw, fn, "topk_weights", T, K, 1) < 0 || check_weight_dtype(&tw, fn, "topk_weights") < 0)
         goto fail;
     if (lv_o != Py_None) {
-        if (routing_view(lv_o, &lv, fn, "levels", T, K) < 0)
+        if (routing_view(lv_o, &lv, fn, "levels", T, K, 1) < 0)
             goto fail;
         if (!(lv.dtype == DS_I8 || lv.dtype == DS_U8 || lv.dtype == DS_I16 || lv.dtype == DS_I32 ||
               lv.dtype == DS_I64)) {
@@ -890,6 +1112,8 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args)
                      "got strides (%lld, %lld)", fn, (long long)out.strides[0], (long long)out.strides[1]);
         goto fail;
     }
+    if (check_distinct_out(&out, fn, "out") < 0)
+        goto fail;
     if (views_overlap(&out, &x) || views_overlap(&out, &ids) || views_overlap(&out, &tw) ||
         (lv.keep && views_overlap(&out, &lv))) {
         PyErr_Format(PyExc_ValueError, "%s: out shares memory with an input (x, topk_ids, "
@@ -908,15 +1132,26 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args)
                              "array of 4 values", fn);
             goto fail;
         }
+        if (views_overlap(&tm, &out) || views_overlap(&tm, &x) || views_overlap(&tm, &ids) ||
+            views_overlap(&tm, &tw) || (lv.keep && views_overlap(&tm, &lv))) {
+            PyErr_Format(PyExc_ValueError, "%s: timings shares memory with another argument (out, x, "
+                         "topk_ids, topk_weights or levels); pass a separate float64 array of 4", fn);
+            goto fail;
+        }
+        if (experts_overlap(&ex, &tm, fn, "timings") < 0)
+            goto fail;
     }
 
+    /* routing data: one read into memory this call owns */
+    if (snap_2d(&ids, &ids_s) < 0 || snap_2d(&tw, &tw_s) < 0 || (lv.keep && snap_2d(&lv, &lv_s) < 0))
+        goto fail;
     ds_moe_args a;
     memset(&a, 0, sizeof a);
     a.T = T; a.K = K; a.P = P;
     a.x = x.data; a.ldx = T > 1 ? x.strides[0] : H;
-    a.topk_ids = (ds_mat){ids.data, ids.dtype, ids.strides[0], ids.strides[1]};
-    a.topk_weights = (ds_mat){tw.data, tw.dtype, tw.strides[0], tw.strides[1]};
-    a.levels = (ds_mat){lv.keep ? lv.data : NULL, lv.dtype, lv.strides[0], lv.strides[1]};
+    a.topk_ids = ids_s.m;
+    a.topk_weights = tw_s.m;
+    a.levels = lv.keep ? lv_s.m : (ds_mat){NULL, lv.dtype, 0, 0};
     a.out = out.data; a.ldo = T > 1 ? out.strides[0] : H;
     a.timings = tm.keep ? (double *)tm.data : NULL;
     ds_status st = DS_OK;
@@ -933,11 +1168,13 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args)
         goto fail;
     view_release(&x); view_release(&ids); view_release(&tw); view_release(&lv); view_release(&out);
     view_release(&tm);
+    snap_release(&ids_s); snap_release(&tw_s); snap_release(&lv_s);
     experts_release(&ex);
     Py_RETURN_NONE;
 fail:
     view_release(&x); view_release(&ids); view_release(&tw); view_release(&lv); view_release(&out);
     view_release(&tm);
+    snap_release(&ids_s); snap_release(&tw_s); snap_release(&lv_s);
     experts_release(&ex);
     return NULL;
 }
@@ -954,6 +1191,7 @@ static PyObject *py_importance(PyObject *self, PyObject *args)
     PyObject *x_o, *ids_o, *tw_o, *gu_o, *up_o, *acc_o, *cnt_o, *nt_o;
     int n_threads;
     view_t x = {0}, ids = {0}, tw = {0}, acc = {0}, cnt = {0};
+    snap_t ids_s = {0}, tw_s = {0};
     experts_t ex = {0};
     ws_t ws = {0};
     if (!PyArg_ParseTuple(args, "OOOOOOOO", &x_o, &ids_o, &tw_o, &gu_o, &up_o, &acc_o, &cnt_o, &nt_o))
@@ -963,7 +1201,7 @@ static PyObject *py_importance(PyObject *self, PyObject *args)
     if (experts_parse(gu_o, up_o, Py_None, &ex, fn) < 0)
         return NULL;
     const int64_t H = ex.w.H, I = ex.w.I, E = ex.w.E;
-    if (view_from(x_o, &x, fn, "x") < 0)
+    if (view_from_input(x_o, &x, fn, "x") < 0)
         goto fail;
     if (check_cpu(&x, fn, "x") < 0 || check_ndim(&x, 2, fn, "x", "(tokens, hidden)") < 0)
         goto fail;
@@ -983,7 +1221,7 @@ static PyObject *py_importance(PyObject *self, PyObject *args)
                      fn);
         goto fail;
     }
-    if (view_from(ids_o, &ids, fn, "topk_ids") < 0)
+    if (view_from_input(ids_o, &ids, fn, "topk_ids") < 0)
         goto fail;
     if (check_cpu(&ids, fn, "topk_ids") < 0 || check_ndim(&ids, 2, fn, "topk_ids", "(tokens, top_k)") < 0)
         goto fail;
@@ -1000,7 +1238,7 @@ static PyObject *py_importance(PyObject *self, PyObject *args)
     }
     const int64_t K = ids.shape[1];
     if (tw_o != Py_None &&
-        (routing_view(tw_o, &tw, fn, "topk_weights", T, K) < 0 || check_weight_dtype(&tw, fn, "topk_weights") < 0))
+        (routing_view(tw_o, &tw, fn, "topk_weights", T, K, 1) < 0 || check_weight_dtype(&tw, fn, "topk_weights") < 0))
         goto fail;
     if (view_from(acc_o, &acc, fn, "accum") < 0)
         goto fail;
@@ -1057,11 +1295,14 @@ static PyObject *py_importance(PyObject *self, PyObject *args)
             PyErr_Format(PyExc_ValueError, "%s: counts shares memory with an input", fn);
         goto fail;
     }
+    /* routing data: one read into memory this call owns */
+    if (snap_2d(&ids, &ids_s) < 0 || (tw.keep && snap_2d(&tw, &tw_s) < 0))
+        goto fail;
     ds_importance_args a;
     memset(&a, 0, sizeof a);
     a.T = T; a.K = K; a.x = x.data; a.ldx = T > 1 ? x.strides[0] : H;
-    a.topk_ids = (ds_mat){ids.data, ids.dtype, ids.strides[0], ids.strides[1]};
-    a.topk_weights = (ds_mat){tw.keep ? tw.data : NULL, tw.dtype, tw.strides[0], tw.strides[1]};
+    a.topk_ids = ids_s.m;
+    a.topk_weights = tw.keep ? tw_s.m : (ds_mat){NULL, tw.dtype, 0, 0};
     a.weighted = tw.keep != NULL;
     a.accum = (double *)acc.data;
     a.counts = cnt.keep ? (double *)cnt.data : NULL;
@@ -1078,10 +1319,12 @@ static PyObject *py_importance(PyObject *self, PyObject *args)
     if (raise_status(st, ds_last_error()) < 0)
         goto fail;
     view_release(&x); view_release(&ids); view_release(&tw); view_release(&acc); view_release(&cnt);
+    snap_release(&ids_s); snap_release(&tw_s);
     experts_release(&ex);
     Py_RETURN_NONE;
 fail:
     view_release(&x); view_release(&ids); view_release(&tw); view_release(&acc); view_release(&cnt);
+    snap_release(&ids_s); snap_release(&tw_s);
     experts_release(&ex);
     return NULL;
 }
@@ -1095,9 +1338,10 @@ static PyObject *py_importance_order(PyObject *self, PyObject *args)
     static const char fn[] = "importance_order";
     PyObject *imp_o, *perm_o;
     view_t imp = {0}, perm = {0};
+    snap_t imp_s = {0};
     if (!PyArg_ParseTuple(args, "OO", &imp_o, &perm_o))
         return NULL;
-    if (view_from(imp_o, &imp, fn, "importance") < 0)
+    if (view_from_input(imp_o, &imp, fn, "importance") < 0)
         goto fail;
     if (check_cpu(&imp, fn, "importance") < 0 || check_ndim(&imp, 2, fn, "importance", "(experts, neurons)") < 0)
         goto fail;
@@ -1116,17 +1360,22 @@ static PyObject *py_importance_order(PyObject *self, PyObject *args)
                      "(%lld, %lld)", fn, (long long)imp.shape[0], (long long)imp.shape[1]);
         goto fail;
     }
+    /* one read of the keys into memory this call owns */
+    if (snap_2d(&imp, &imp_s) < 0)
+        goto fail;
     ds_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = ds_importance_order((const double *)imp.data, imp.shape[0], imp.shape[1], (int64_t *)perm.data);
+    st = ds_importance_order((const double *)imp_s.buf, imp.shape[0], imp.shape[1], (int64_t *)perm.data);
     Py_END_ALLOW_THREADS
     if (st != DS_OK) {
         PyErr_Format(status_exc(st), "%s", ds_last_error());
         goto fail;
     }
+    snap_release(&imp_s);
     view_release(&imp); view_release(&perm);
     Py_RETURN_NONE;
 fail:
+    snap_release(&imp_s);
     view_release(&imp); view_release(&perm);
     return NULL;
 }
@@ -1139,6 +1388,7 @@ static PyObject *py_permute_neurons(PyObject *self, PyObject *args)
     PyObject *gu_o, *up_o, *dn_o, *perm_o, *nt_o;
     int inverse, n_threads;
     view_t perm = {0};
+    snap_t perm_s = {0};
     experts_t ex = {0};
     if (!PyArg_ParseTuple(args, "OOOOpO", &gu_o, &up_o, &dn_o, &perm_o, &inverse, &nt_o))
         return NULL;
@@ -1166,7 +1416,7 @@ static PyObject *py_permute_neurons(PyObject *self, PyObject *args)
                     goto fail;
                 }
     }
-    if (view_from(perm_o, &perm, fn, "perm") < 0)
+    if (view_from_input(perm_o, &perm, fn, "perm") < 0)
         goto fail;
     if (check_cpu(&perm, fn, "perm") < 0)
         goto fail;
@@ -1178,25 +1428,35 @@ static PyObject *py_permute_neurons(PyObject *self, PyObject *args)
     }
     if (experts_overlap(&ex, &perm, fn, "perm") < 0)
         goto fail;
+    /* one read of perm into memory this call owns; only the copy is checked
+     * and used */
+    if (snap_2d(&perm, &perm_s) < 0)
+        goto fail;
+    ds_status st = ds_check_permutation((const int64_t *)perm_s.buf, ex.w.E, ex.w.I);
+    if (st != DS_OK) {
+        PyErr_Format(status_exc(st), "%s: %s", fn, ds_last_error());
+        goto fail;
+    }
     size_t need = ds_permute_workspace_size(&ex.w, n_threads);
     void *wsp = malloc(need);
     if (wsp == NULL) {
         PyErr_NoMemory();
         goto fail;
     }
-    ds_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = ds_permute_neurons(&ex.w, (const int64_t *)perm.data, inverse, wsp, need, n_threads);
+    st = ds_permute_neurons(&ex.w, (const int64_t *)perm_s.buf, inverse, wsp, need, n_threads);
     Py_END_ALLOW_THREADS
     free(wsp);
     if (st != DS_OK) {
         PyErr_Format(status_exc(st), "%s", ds_last_error());
         goto fail;
     }
+    snap_release(&perm_s);
     view_release(&perm);
     experts_release(&ex);
     Py_RETURN_NONE;
 fail:
+    snap_release(&perm_s);
     view_release(&perm);
     experts_release(&ex);
     return NULL;
@@ -1279,6 +1539,14 @@ static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "dualsparse._C",
 
 PyMODINIT_FUNC PyInit__C(void)
 {
+    static int atfork_registered = 0;
     import_array();
+    if (!atfork_registered) {
+        if (pthread_atfork(NULL, NULL, ws_after_fork_child) != 0) {
+            PyErr_SetString(PyExc_RuntimeError, "dualsparse._C: pthread_atfork failed");
+            return NULL;
+        }
+        atfork_registered = 1;
+    }
     return PyModule_Create(&moduledef);
 }

@@ -322,6 +322,17 @@ static void test_route_levels(void)
     float inf_w[4] = {1, INFINITY, 0, 0};
     st = ds_route_levels(inf_w, DS_F32, 1, 4, 4, 1, thr, 2, 1, lv, DS_I8, 4, 1);
     CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "topk_weights[0, 1]"), "inf weight: %s", ds_last_error());
+    /* float64 rows whose plain sum overflows: scores are still w / sum */
+    double big[6] = {1e308, 1e308, 1.5e308, 0.5e308, 1.0, 3.0};
+    double t3b[3] = {0.25, 0.5, 0.7};
+    int8_t lbig[6];
+    st = ds_route_levels(big, DS_F64, 3, 2, 2, 1, t3b, 3, 1, lbig, DS_I8, 2, 1);
+    const int8_t want_big[6] = {2, 2, 3, 1, 1, 3};
+    CHECK(st == DS_OK && memcmp(lbig, want_big, 6) == 0, "overflowing row sums: %s; got %d %d %d %d %d %d",
+          ds_last_error(), lbig[0], lbig[1], lbig[2], lbig[3], lbig[4], lbig[5]);
+    double cancel[2] = {1e308, -1e308};
+    st = ds_route_levels(cancel, DS_F64, 1, 2, 2, 1, t3b, 3, 1, lbig, DS_I8, 2, 1);
+    CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "sums to 0"), "cancelling huge row: %s", ds_last_error());
 }
 
 /* ------------------------------------------------------------ importance */

@@ -515,6 +515,11 @@ def patch(model, policy: Optional[Policy] = None, *, num_threads: Optional[int] 
     if not blocks:
         raise ValueError(f"dualsparse.patch: {type(model).__name__} ({family.model_type}) has no sparse MoE layer "
                          "(every layer is dense?)")
+    meta = next((f"{bn}.{pn}" for bn, block in blocks for pn, p in block.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"dualsparse.patch: {meta} is on the 'meta' device (a model built without its weights, "
+                         "e.g. under init_empty_weights or with device_map='meta'); load the real weights first "
+                         "(from_pretrained with a real device, or load_state_dict(..., assign=True)), then patch")
     policy = NoDrop() if policy is None else policy
     _check_policy(policy, len(blocks))
     if num_threads is not None:
