@@ -235,10 +235,13 @@ def moe_tolerance(dtype: str, ref: np.ndarray, scale: np.ndarray) -> np.ndarray:
     ulp * scale[t, h] (ulp = 2^-7 / 2^-10, relative spacing of the dtype); the
     engine then rounds the float32 sum to the dtype (half an ulp of |out|).
     The float32 part (and float16 subnormal activations) stays inside
-    1e-5 * S.
+    1e-5 * S.  An output in the dtype's subnormal range is rounded with an
+    absolute error of up to half the subnormal spacing (2^-25 for float16,
+    2^-134 for bfloat16), which the relative half ulp does not cover.
     """
     S = max(float(scale.max(initial=0.0)), 1e-30)
     if dtype == "float32":
         return np.full(ref.shape, 1e-5 * S)
     u = ULP[dtype]
-    return u * scale + 0.5 * u * np.abs(ref) + 1e-5 * S
+    sub = {"float16": 2.0 ** -25, "bfloat16": 2.0 ** -134}.get(dtype, 0.0)
+    return u * scale + 0.5 * u * np.abs(ref) + 1e-5 * S + sub
