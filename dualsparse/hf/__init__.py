@@ -6,10 +6,12 @@ from .expert_parallel import ExpertParallel, ExpertParallelError, ExpertParallel
 from .patching import DropStats, DualSparseHandle, drop_stats, ep_stats, patch, reset_stats, set_policy
 from .profile import Importance, profile, reconstruct
 from .search import calibrate_dynamic_skip, find_thresholds, routing_scores
+from .tune import TuneResult, tune_policy
 
 __all__ = [
     "patch", "set_policy", "drop_stats", "reset_stats", "DualSparseHandle", "DropStats",
     "profile", "reconstruct", "Importance", "find_thresholds", "calibrate_dynamic_skip", "routing_scores",
     "complete_partition", "supported_model_types",
     "ExpertParallel", "ExpertParallelError", "ExpertParallelStats", "ep_stats",
+    "tune_policy", "TuneResult",
 ]

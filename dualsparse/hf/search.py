@@ -95,7 +95,8 @@ def find_thresholds(model, batches, target_drop_rate: float, kind: Union[str, in
     in rounds: solve on the scores recorded under the current policy, run the
     model under the new policy, repeat until the measured rate is within
     tolerance.  The result carries ``.search`` (target, measured rates and
-    rounds)."""
+    rounds; ``drop_rate``: the measured overall rate of the returned
+    policy)."""
     if isinstance(kind, str):
         key = kind.lower()
         if key not in ("1t", "2t"):
@@ -132,7 +133,7 @@ def find_thresholds(model, batches, target_drop_rate: float, kind: Union[str, in
                 err = (abs(stats.overall - target) if not per_layer
                        else max(abs(r - target) for r in stats.per_layer))
                 if best is None or err < best[0]:
-                    best = (err, policy)
+                    best = (err, policy, stats.overall)
                 if err <= tolerance:
                     break
             # solve on the recorded scores
@@ -160,7 +161,7 @@ def find_thresholds(model, batches, target_drop_rate: float, kind: Union[str, in
             history.append({"policy": policy, "overall": stats.overall, "per_layer": stats.per_layer})
             err = (abs(stats.overall - target) if not per_layer else max(abs(r - target) for r in stats.per_layer))
             if best is None or err < best[0]:
-                best = (err, policy)
+                best = (err, policy, stats.overall)
     result = best[1]
     if best[0] > tolerance:
         import warnings
@@ -169,7 +170,7 @@ def find_thresholds(model, batches, target_drop_rate: float, kind: Union[str, in
                       f"{target:.3f} by {best[0]:.3f} on these batches (the scores may take too few distinct values "
                       "to reach it)", RuntimeWarning, stacklevel=2)
     result.search = {"target": target, "kind": P, "per_layer": per_layer, "delta": delta,
-                     "error": best[0], "rounds": [{"overall": r["overall"], "per_layer": r["per_layer"]}
+                     "error": best[0], "drop_rate": best[2], "rounds": [{"overall": r["overall"], "per_layer": r["per_layer"]}
                                                   for r in history]}
     return result
 
