@@ -112,7 +112,14 @@ def find_thresholds(model, batches, target_drop_rate: float, kind: Union[str, in
     if not (delta >= 0 and math.isfinite(delta)):
         raise ValueError(f"dualsparse.find_thresholds: delta must be finite and >= 0; got {delta!r}")
     data = collect_batches(model, batches, "find_thresholds")
+    return _search(model, data, target, P, per_layer, delta, tolerance, max_rounds, num_threads, show_progress)
 
+
+def _search(model, data, target, P, per_layer, delta, tolerance, max_rounds, num_threads, show_progress,
+            first_scores=None) -> Policy:
+    """find_thresholds on validated batches; ``first_scores``: a
+    ScoreRecorder of these batches without dropping (the first round's
+    recording; without dropping, the neuron order changes no output)."""
     with patched_for_calibration(model, NoDrop(), num_threads) as h:
         L = len(h.layers)
         history = []
@@ -122,11 +129,14 @@ def find_thresholds(model, batches, target_drop_rate: float, kind: Union[str, in
             # record the scores as they are under the current policy
             h.set_policy(policy)
             h.reset_stats()
-            h.recorder = ScoreRecorder(L)
-            try:
-                run_batches(model, h, data, f"find_thresholds round {rnd + 1}", show_progress)
-            finally:
-                rec, h.recorder = h.recorder, None
+            if rnd == 0 and first_scores is not None:
+                rec = first_scores
+            else:
+                h.recorder = ScoreRecorder(L)
+                try:
+                    run_batches(model, h, data, f"find_thresholds round {rnd + 1}", show_progress)
+                finally:
+                    rec, h.recorder = h.recorder, None
             stats = h.stats()
             if rnd > 0:
                 history.append({"policy": policy, "overall": stats.overall, "per_layer": stats.per_layer})

@@ -16,7 +16,7 @@ from ..policies import NoDrop, Policy
 from .batches import collect_batches
 from .patching import get_handle, patch
 from .profile import METRICS, _permute_gpt_oss, profile
-from .search import find_thresholds
+from .search import _record, _search
 
 #: the default grid (see :func:`tune_policy`)
 DEFAULT_METRICS = ("abs_gate", "abs_gate_up")
@@ -305,6 +305,8 @@ def tune_policy(model, calibration_batches, target_drop_rate: float, *, metrics=
         h.set_policy(NoDrop())
         imp = profile(model, search_batches, metrics[0], num_threads=num_threads, show_progress=False)
         nodrop_loss = _mean_loss(model, h, held)
+        # the scores without dropping, shared by every search (NoDrop outputs do not depend on the order)
+        first, _ = _record(model, search_batches, fn, "recording routing scores", num_threads, False)
 
         cands: List[Candidate] = []
         for m in metrics:
@@ -336,9 +338,8 @@ def tune_policy(model, calibration_batches, target_drop_rate: float, *, metrics=
                     delta = c.band * (c.num_partitions - 1) / 2
                     with warnings.catch_warnings(record=True) as wl:
                         warnings.simplefilter("always")
-                        pol = find_thresholds(model, search_batches, target, c.num_partitions, per_layer=c.per_layer,
-                                              delta=delta, tolerance=tolerance, num_threads=num_threads,
-                                              show_progress=False)
+                        pol = _search(model, search_data, target, c.num_partitions, c.per_layer, delta, tolerance, 6,
+                                      num_threads, False, first_scores=first)
                     c.notes.extend(str(w.message) for w in wl)
                     c.policy = pol
                     c.drop_rate = float(pol.search["drop_rate"])
