@@ -342,12 +342,12 @@ def spread(xs):
 
 
 def speedup(ref_rounds, rounds):
-    """(median(ref) / median(t), first and third quartile of the per-round
-    ratios ref_i / t_i): rounds are interleaved, so each round's pair saw
+    """(median, first and third quartile) of the per-round ratios
+    ref_i / t_i: rounds are interleaved, so each round's pair of times saw
     the same machine."""
     ratios = np.asarray(ref_rounds, dtype=np.float64) / np.asarray(rounds, dtype=np.float64)
-    q1, q3 = np.percentile(ratios, [25, 75])
-    return float(np.median(ref_rounds) / np.median(rounds)), float(q1), float(q3)
+    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+    return float(med), float(q1), float(q3)
 
 
 def timing_flag(speedup_value, drop_rate, control_ratio=None):
@@ -572,7 +572,10 @@ def sweep_model(spec: str, a, paras: List[str], log, progress: bool) -> Dict:
             row["tuned"] = {"metric": tr.metric, "num_partitions": tr.num_partitions, "per_layer": tr.per_layer,
                             "band": tr.band, "calibration_loss": tr.loss, "calibration_nodrop_loss": tr.nodrop_loss,
                             "candidates": sum(1 for c in tr.candidates if not c.skipped),
-                            "skipped": sorted({c.skipped for c in tr.candidates if c.skipped})}
+                            "skipped": sorted({c.skipped for c in tr.candidates if c.skipped}),
+                            "grid": [{"metric": c.metric, "num_partitions": c.num_partitions, "per_layer": c.per_layer,
+                                      "band": c.band, "drop_rate": c.drop_rate, "loss": c.loss}
+                                     for c in tr.candidates if not c.skipped]}
             row["thresholds"] = (f"{tr.metric} P={tr.num_partitions} {'per-layer' if tr.per_layer else 'global'} "
                                  f"band {tr.band:g}: " + _describe(tr.policy))
     step("timing")
