@@ -48,9 +48,9 @@ class Candidate:
     def thresholds(self) -> List[float]:
         """The band's threshold offsets from T (T - b, T + b for two
         partitions; T - 1.5b ... T + 1.5b, b apart, for four)."""
+        half = _half_width(self.num_partitions, self.band)
         P = self.num_partitions
-        half = self.band * (P - 1) / 2
-        return [-half + self.band * j for j in range(P)] if P > 1 else [0.0]
+        return [-half + 2 * half * j / (P - 1) for j in range(P)] if P > 1 else [0.0]
 
     def settings(self) -> str:
         return (f"{self.metric}, P={self.num_partitions}, {'per-layer' if self.per_layer else 'global'}, "
@@ -226,6 +226,13 @@ def _check_grid(name, values, allowed=None, kind=None):
     return vals
 
 
+def _half_width(P: int, band: float) -> float:
+    """Half the span of the thresholds around T: b for two partitions
+    (T - b, T + b), else b (P - 1) / 2 (P thresholds b apart: T - 1.5b ...
+    T + 1.5b for four)."""
+    return band if P == 2 else band * (P - 1) / 2
+
+
 def _skip_reason(h, P: int) -> Optional[str]:
     for layer in h.layers:
         I = layer.intermediate
@@ -257,7 +264,8 @@ def tune_policy(model, calibration_batches, target_drop_rate: float, *, metrics=
     * ``bands``: b, the spacing of the thresholds around the solved T: two
       partitions use ``T - b, T + b`` (the paper's 2T-Drop with b = 0.01);
       four use ``T - 1.5b, T - 0.5b, T + 0.5b, T + 1.5b`` (b apart, spanning
-      3b) (default ``(0.01, 0.03, 0.05)``);
+      3b, about the span of the two-partition band), and any other P spreads
+      P thresholds b apart (default ``(0.01, 0.03, 0.05)``);
     * ``partitions``: P, the number of partitions (default ``(2, 4)``); a P
       that does not divide the experts' intermediate size is skipped and
       listed with the reason;
@@ -335,7 +343,7 @@ def tune_policy(model, calibration_batches, target_drop_rate: float, *, metrics=
                 for c in (c for c in runnable if c.metric == m):
                     if bar is not None:
                         bar.set_postfix_str(c.settings())
-                    delta = c.band * (c.num_partitions - 1) / 2
+                    delta = _half_width(c.num_partitions, c.band)
                     with warnings.catch_warnings(record=True) as wl:
                         warnings.simplefilter("always")
                         pol = _search(model, search_data, target, c.num_partitions, c.per_layer, delta, tolerance, 6,
