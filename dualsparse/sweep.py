@@ -45,9 +45,10 @@ DEFAULT_RATES = (0.10, 0.25, 0.40, 0.50)
 METHODS = ("1T", "2T partition", "2T reconstruct", "tuned", "DynamicSkip", "RandomDrop", "TopKReduce")
 _METHOD_KEYS = {m.lower().replace(" ", "-"): m for m in METHODS}
 
-QUICK = dict(rates=(0.25,), calib_tokens=4096, eval_tokens=8192, mc_items=96, timing_reps=3, timing_tokens=1024)
+QUICK = dict(rates=(0.25,), calib_tokens=4096, eval_tokens=8192, mc_items=96, timing_reps=3, timing_tokens=1024,
+             tune_metrics=("abs_gate_up",), tune_bands=(0.03, 0.05))
 FULL = dict(rates=DEFAULT_RATES, calib_tokens=16384, eval_tokens=65536, mc_items=400, timing_reps=7,
-            timing_tokens=2048)
+            timing_tokens=2048, tune_metrics=None, tune_bands=None)
 
 
 # ----------------------------------------------------------------- arguments
@@ -63,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output folder (default: a new dualsparse-sweep-<time> folder in the current directory)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out folder")
     p.add_argument("--quick", action="store_true",
-                   help="a reduced study (one drop rate, less text, fewer timing rounds) for smoke tests and CI")
+                   help="a reduced study (one drop rate, less text, fewer timing rounds, a smaller tuning grid) for "
+                        "smoke tests and CI; its timings are indicative only")
     p.add_argument("--rates", type=float, nargs="+", default=None, metavar="R",
                    help="target drop rates (default 0.10 0.25 0.40 0.50; --quick: 0.25)")
     p.add_argument("--methods", nargs="+", default=None, metavar="M",
@@ -84,9 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="2T thresholds are T - delta and T + delta (default 0.03; the paper's: 0.01)")
     p.add_argument("--tune-metrics", nargs="+", default=None, metavar="M",
                    choices=["gate", "abs_gate", "gate_up", "abs_gate_up"],
-                   help="importance metrics the tuned method searches (default abs_gate abs_gate_up)")
+                   help="importance metrics the tuned method searches (default abs_gate abs_gate_up; "
+                        "quick: abs_gate_up)")
     p.add_argument("--tune-bands", type=float, nargs="+", default=None, metavar="B",
-                   help="threshold bands the tuned method searches (default 0.01 0.03 0.05)")
+                   help="threshold bands the tuned method searches (default 0.01 0.03 0.05; quick: 0.03 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed of RandomDrop and of the multiple-choice items")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -130,8 +133,8 @@ def resolve(args) -> argparse.Namespace:
         raise SweepError(f"--delta: must be finite and >= 0; got {args.delta}")
     from .hf.tune import DEFAULT_BANDS, DEFAULT_METRICS
 
-    a.tune_metrics = list(dict.fromkeys(args.tune_metrics)) if args.tune_metrics else list(DEFAULT_METRICS)
-    a.tune_bands = list(dict.fromkeys(args.tune_bands)) if args.tune_bands else list(DEFAULT_BANDS)
+    a.tune_metrics = list(dict.fromkeys(args.tune_metrics or preset["tune_metrics"] or DEFAULT_METRICS))
+    a.tune_bands = list(dict.fromkeys(args.tune_bands or preset["tune_bands"] or DEFAULT_BANDS))
     for b in a.tune_bands:
         if not (0.0 <= b < 0.5) or math.isnan(b):
             raise SweepError(f"--tune-bands: every band must be in [0, 0.5); got {b}")
@@ -725,7 +728,7 @@ def format_table(result: Dict) -> str:
                 f"{_fmt(100 * r['mc_acc'], '6.1f')} {_fmt(r.get('d_mc_pts'), '+6.1f')}")
         tuned = [r for r in m["rows"] if r["method"] == "tuned"]
         for r in tuned:
-            lines.append(f"  tuned @ {r['target_rate']:.0%}: {r['thresholds']}")
+            lines.append(f"  tuned @ {r['target_rate']:.0%}: {r.get('thresholds', '')}")
         lines.append("")
         hdr = (f"{'method':<15} {'target':>6} {'drop':>6} {'MoE ms [IQR]':>20} {'MoE x [IQR]':>17} "
                f"{'e2e ms [IQR]':>20} {'e2e x [IQR]':>17} {'ideal':>6}")
@@ -816,6 +819,8 @@ def run(args) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.quick:
+        log("dualsparse sweep --quick: a smoke test; its timings (few rounds, little text) are indicative only")
     text = "\n\n".join(read_text(f) for f in a.data)
     paras = paragraphs(text)
     if len(paras) < 2:
