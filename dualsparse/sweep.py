@@ -366,7 +366,7 @@ def timing_flag(speedup_value, drop_rate, control_ratio=None):
     return ""
 
 
-def _cpu_snapshot():
+def cpu_snapshot():
     """(wall clock, the machine's busy CPU seconds from /proc/stat or None,
     this process's CPU seconds, the load averages)."""
     busy = None
@@ -582,9 +582,9 @@ def sweep_model(spec: str, a, paras: List[str], log, progress: bool) -> Dict:
             row["thresholds"] = (f"{tr.metric} P={tr.num_partitions} {'per-layer' if tr.per_layer else 'global'} "
                                  f"band {tr.band:g}: " + _describe(tr.policy))
     step("timing")
-    before = _cpu_snapshot()
+    before = cpu_snapshot()
     timing, h = _time_policies(model, h, timing_entries, timing_x, a.timing_reps, bar)
-    load = machine_load(before, _cpu_snapshot(), torch.get_num_threads() if a.threads is None else a.threads)
+    load = machine_load(before, cpu_snapshot(), torch.get_num_threads() if a.threads is None else a.threads)
     done()
     add_statistics(rows, timing)
     step("done")

@@ -311,6 +311,10 @@ def tune_policy(model, calibration_batches, target_drop_rate: float, *, metrics=
     ok = False
     try:
         h.set_policy(NoDrop())
+        reasons = {P: _skip_reason(h, P) for P in partitions}
+        if all(reasons.values()):
+            raise ValueError(f"dualsparse.{fn}: every candidate is impossible on this model: "
+                             + "; ".join(f"P={P}: {r}" for P, r in reasons.items()))
         imp = profile(model, search_batches, metrics[0], num_threads=num_threads, show_progress=False)
         nodrop_loss = _mean_loss(model, h, held)
         # the scores without dropping, shared by every search (NoDrop outputs do not depend on the order)
@@ -322,13 +326,9 @@ def tune_policy(model, calibration_batches, target_drop_rate: float, *, metrics=
                 for pl in per_layer:
                     for b in bands:
                         cands.append(Candidate(m, P, pl, b))
-        reasons = {P: _skip_reason(h, P) for P in partitions}
         for c in cands:
             c.skipped = reasons[c.num_partitions]
         runnable = [c for c in cands if c.skipped is None]
-        if not runnable:
-            raise ValueError(f"dualsparse.{fn}: every candidate is impossible on this model: "
-                             + "; ".join(f"P={P}: {r}" for P, r in reasons.items() if r))
         bar = None
         if show_progress:
             try:
