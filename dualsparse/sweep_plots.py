@@ -67,10 +67,13 @@ def plot_accuracy(result: Dict, out: pathlib.Path) -> pathlib.Path:
     """Loss change (nats) and next-token accuracy change, each with its paired
     standard error, and multiple-choice accuracy, against the measured drop
     rate; methods at the same rate are drawn side by side."""
+    import math
+
     models = result["models"]
     panels = [("d_loss", "d_loss_se", 1.0, "loss change (nats/token) ± SE"),
-              ("d_acc_pts", "d_acc_se_pts", 1.0, "next-token accuracy change (points) ± SE"),
-              ("mc_acc", None, 100.0, "next-sentence multiple choice accuracy (%)")]
+              ("d_acc_pts", "d_acc_se_pts", 1.0, "next-token accuracy change (points) ± SE")]
+    if any(r.get("mc_items") for m in models for r in m["rows"]):
+        panels.append(("mc_acc", None, 100.0, "next-sentence multiple choice accuracy (%)"))
     fig = Figure(figsize=(5.4 * len(panels), 3.9 * len(models)))
     axes = fig.subplots(len(models), len(panels), squeeze=False)
     for i, m in enumerate(models):
@@ -83,7 +86,10 @@ def plot_accuracy(result: Dict, out: pathlib.Path) -> pathlib.Path:
             base = scale * nod[key] if key == "mc_acc" else 0.0
             # the y range follows the methods that keep the routing's order;
             # RandomDrop is usually far off and would flatten them
-            near = [scale * y for meth in present if meth != "RandomDrop" for y in _series(rows, meth, key)[1]]
+            near = [scale * y for meth in present if meth != "RandomDrop" for y in _series(rows, meth, key)[1]
+                    if y is not None and math.isfinite(y)]
+            if not math.isfinite(base):
+                base = 0.0
             lo, hi = min(near + [base]), max(near + [base])
             pad = 0.15 * (hi - lo) if hi > lo else 0.5
             for meth in present:
