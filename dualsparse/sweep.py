@@ -46,7 +46,7 @@ METHODS = ("1T", "2T partition", "2T reconstruct", "tuned", "DynamicSkip", "Rand
 _METHOD_KEYS = {m.lower().replace(" ", "-"): m for m in METHODS}
 
 QUICK = dict(rates=(0.25,), calib_tokens=4096, eval_tokens=8192, mc_items=96, timing_reps=3, timing_tokens=1024,
-             tune_metrics=("abs_gate_up",), tune_bands=(0.03, 0.05))
+             tune_metrics=("abs_gate_up",), tune_bands=(0.05, 0.08))
 FULL = dict(rates=DEFAULT_RATES, calib_tokens=16384, eval_tokens=65536, mc_items=400, timing_reps=7,
             timing_tokens=2048, tune_metrics=None, tune_bands=None)
 
@@ -89,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="importance metrics the tuned method searches (default abs_gate abs_gate_up; "
                         "quick: abs_gate_up)")
     p.add_argument("--tune-bands", type=float, nargs="+", default=None, metavar="B",
-                   help="threshold bands the tuned method searches (default 0.01 0.03 0.05; quick: 0.03 0.05)")
+                   help="threshold bands the tuned method searches (default 0.03 0.05 0.08; quick: 0.05 0.08)")
     p.add_argument("--seed", type=int, default=0, help="seed of RandomDrop and of the multiple-choice items")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
