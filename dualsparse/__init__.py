@@ -19,7 +19,7 @@ from .policies import (DynamicSkip, LoadAware, NoDrop, OneThreshold, Policy, Ran
 _HF = ("patch", "set_policy", "drop_stats", "reset_stats", "profile", "reconstruct", "Importance",
        "find_thresholds", "calibrate_dynamic_skip", "routing_scores", "complete_partition", "supported_model_types",
        "DualSparseHandle", "DropStats", "ExpertParallel", "ExpertParallelError", "ExpertParallelStats", "ep_stats",
-       "text_batches")
+       "text_batches", "tune_policy", "TuneResult")
 
 __all__ = ["__version__", "ops", "info", "Policy", "NoDrop", "OneThreshold", "TwoThreshold", "Thresholds",
            "DynamicSkip", "RandomDrop", "TopKReduce", "LoadAware", *_HF]

@@ -41,13 +41,14 @@ import numpy as np
 from . import builtin
 from .text import mc_items, paragraphs, read_text
 
-DEFAULT_RATES = (0.10, 0.25, 0.40)
-METHODS = ("1T", "2T partition", "2T reconstruct", "DynamicSkip", "RandomDrop", "TopKReduce")
+DEFAULT_RATES = (0.10, 0.25, 0.40, 0.50)
+METHODS = ("1T", "2T partition", "2T reconstruct", "tuned", "DynamicSkip", "RandomDrop", "TopKReduce")
 _METHOD_KEYS = {m.lower().replace(" ", "-"): m for m in METHODS}
 
-QUICK = dict(rates=(0.25,), calib_tokens=4096, eval_tokens=8192, mc_items=96, timing_reps=3, timing_tokens=1024)
+QUICK = dict(rates=(0.25,), calib_tokens=4096, eval_tokens=8192, mc_items=96, timing_reps=3, timing_tokens=1024,
+             tune_metrics=("abs_gate_up",), tune_bands=(0.05, 0.08))
 FULL = dict(rates=DEFAULT_RATES, calib_tokens=16384, eval_tokens=65536, mc_items=400, timing_reps=7,
-            timing_tokens=2048)
+            timing_tokens=2048, tune_metrics=None, tune_bands=None)
 
 
 # ----------------------------------------------------------------- arguments
@@ -63,9 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output folder (default: a new dualsparse-sweep-<time> folder in the current directory)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out folder")
     p.add_argument("--quick", action="store_true",
-                   help="a reduced study (one drop rate, less text, fewer timing rounds) for smoke tests and CI")
+                   help="a reduced study (one drop rate, less text, fewer timing rounds, a smaller tuning grid) for "
+                        "smoke tests and CI; its timings are indicative only")
     p.add_argument("--rates", type=float, nargs="+", default=None, metavar="R",
-                   help="target drop rates (default 0.10 0.25 0.40; --quick: 0.25)")
+                   help="target drop rates (default 0.10 0.25 0.40 0.50; --quick: 0.25)")
     p.add_argument("--methods", nargs="+", default=None, metavar="M",
                    help="subset of: " + ", ".join(_METHOD_KEYS) + " (default: all)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -78,9 +80,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timing-reps", type=int, default=None, help="timing rounds (default 7; quick 3)")
     p.add_argument("--timing-tokens", type=int, default=None,
                    help="tokens in the timed forward pass (default 2048; quick 1024)")
-    p.add_argument("--metric", default="abs_gate", choices=["gate", "abs_gate", "gate_up", "abs_gate_up"],
-                   help="neuron-importance metric for reconstruction (default abs_gate)")
-    p.add_argument("--delta", type=float, default=0.01, help="2T thresholds are T - delta and T + delta (default 0.01)")
+    p.add_argument("--metric", default="abs_gate_up", choices=["gate", "abs_gate", "gate_up", "abs_gate_up"],
+                   help="neuron-importance metric of 2T reconstruct (default abs_gate_up; the paper's: abs_gate)")
+    p.add_argument("--delta", type=float, default=0.03,
+                   help="2T thresholds are T - delta and T + delta (default 0.03; the paper's: 0.01)")
+    p.add_argument("--tune-metrics", nargs="+", default=None, metavar="M",
+                   choices=["gate", "abs_gate", "gate_up", "abs_gate_up"],
+                   help="importance metrics the tuned method searches (default abs_gate abs_gate_up; "
+                        "quick: abs_gate_up)")
+    p.add_argument("--tune-bands", type=float, nargs="+", default=None, metavar="B",
+                   help="threshold bands the tuned method searches (default 0.03 0.05 0.08; quick: 0.05 0.08)")
     p.add_argument("--seed", type=int, default=0, help="seed of RandomDrop and of the multiple-choice items")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -122,6 +131,13 @@ def resolve(args) -> argparse.Namespace:
         raise SweepError(f"--threads: must be at least 1; got {args.threads}")
     if not (args.delta >= 0 and math.isfinite(args.delta)):
         raise SweepError(f"--delta: must be finite and >= 0; got {args.delta}")
+    from .hf.tune import DEFAULT_BANDS, DEFAULT_METRICS
+
+    a.tune_metrics = list(dict.fromkeys(args.tune_metrics or preset["tune_metrics"] or DEFAULT_METRICS))
+    a.tune_bands = list(dict.fromkeys(args.tune_bands or preset["tune_bands"] or DEFAULT_BANDS))
+    for b in a.tune_bands:
+        if not (0.0 <= b < 0.5) or math.isnan(b):
+            raise SweepError(f"--tune-bands: every band must be in [0, 0.5); got {b}")
     if args.data:
         for f in args.data:
             if not os.path.isfile(f):
@@ -210,6 +226,8 @@ def evaluate(model, windows, mc, handle=None, batch_rows: int = 16) -> Dict:
 
     res: Dict = {}
     nll, correct, count = 0.0, 0, 0
+    win_nll: List[float] = []
+    win_acc: List[float] = []
     if handle is not None:
         handle.reset_stats()
     with torch.no_grad():
@@ -217,15 +235,21 @@ def evaluate(model, windows, mc, handle=None, batch_rows: int = 16) -> Dict:
             w = windows[b:b + batch_rows]
             logits = model(input_ids=w[:, :-1], use_cache=False).logits.float()
             tgt = w[:, 1:]
-            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                           reduction="sum"))
-            correct += int((logits.argmax(-1) == tgt).sum())
+            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                   reduction="none").double().reshape(tgt.shape)
+            hit = (logits.argmax(-1) == tgt)
+            nll += float(ce.sum())
+            correct += int(hit.sum())
             count += tgt.numel()
+            win_nll.extend(ce.mean(1).tolist())
+            win_acc.extend(hit.double().mean(1).tolist())
         if handle is not None:
             st = handle.stats()
             res["drop_rate"] = st.overall
             res["drop_rate_per_layer"] = st.per_layer
         res["nll"] = nll / count
+        res["window_nll"] = win_nll     # per evaluation window: mean loss (nats/token) and accuracy,
+        res["window_acc"] = win_acc     # for paired standard errors between methods
         res["ppl"] = math.exp(res["nll"])
         res["acc"] = correct / count
         res["eval_tokens"] = count
@@ -248,9 +272,10 @@ def evaluate(model, windows, mc, handle=None, batch_rows: int = 16) -> Dict:
 
 
 def _time_policies(model, handle, entries, x, reps: int, bar=None) -> Dict[str, Dict]:
-    """Median forward and MoE-block times of each (label, policy) entry;
-    label None times the unpatched model.  Rounds interleave the entries so
-    that machine noise hits all of them alike."""
+    """Forward and MoE-block times of each (label, policy) entry in every
+    round; label None times the unpatched model.  Rounds interleave the
+    entries so that machine noise hits all of them alike.  Returns
+    ({label: {"e2e": [...], "moe": [...], "tokens": n}}, handle)."""
     import torch
 
     blocks = [l.block for l in handle.layers]
@@ -264,7 +289,7 @@ def _time_policies(model, handle, entries, x, reps: int, bar=None) -> Dict[str, 
         moe_t[0] += time.perf_counter() - starts.pop(id(mod))
 
     hooks = [b.register_forward_pre_hook(pre) for b in blocks] + [b.register_forward_hook(post) for b in blocks]
-    times: Dict[str, Dict[str, list]] = {lab: {"e2e": [], "moe": []} for lab, _ in entries}
+    times: Dict[str, Dict] = {lab: {"e2e": [], "moe": [], "tokens": int(x.numel())} for lab, _ in entries}
     try:
         with torch.no_grad():
             for rep in range(reps + 1):            # round 0 warms up
@@ -289,11 +314,103 @@ def _time_policies(model, handle, entries, x, reps: int, bar=None) -> Dict[str, 
     finally:
         for hk in hooks:
             hk.remove()
-    out = {}
-    for lab, d in times.items():
-        out[lab] = {"e2e_s": statistics.median(d["e2e"]), "moe_s": statistics.median(d["moe"]),
-                    "tokens": int(x.numel())}
-    return out, handle
+    return times, handle
+
+
+# ----------------------------------------------------------------- statistics
+
+#: a speedup more than this fraction above the ideal 1 / (1 - r) is noise
+IDEAL_SLACK = 0.03
+#: the no-drop control (no drop timed twice per round) must agree within this
+CONTROL_SLACK = 0.10
+
+
+def paired_diff(values, reference):
+    """(mean of values - reference, its paired standard error): the
+    per-window differences' mean and standard deviation / sqrt(n) (n - 1
+    degrees of freedom); the error is nan for fewer than two windows."""
+    a = np.asarray(values, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired_diff: need two equal-length non-empty series; got {a.shape} and {b.shape}")
+    d = a - b
+    se = float(np.std(d, ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
+    return float(d.mean()), se
+
+
+def spread(xs):
+    """(median, first quartile, third quartile) of a series."""
+    q1, med, q3 = np.percentile(np.asarray(xs, dtype=np.float64), [25, 50, 75])
+    return float(med), float(q1), float(q3)
+
+
+def speedup(ref_rounds, rounds):
+    """(median, first and third quartile) of the per-round ratios
+    ref_i / t_i: rounds are interleaved, so each round's pair of times saw
+    the same machine."""
+    ratios = np.asarray(ref_rounds, dtype=np.float64) / np.asarray(rounds, dtype=np.float64)
+    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+    return float(med), float(q1), float(q3)
+
+
+def timing_flag(speedup_value, drop_rate, control_ratio=None):
+    """Why a measured speedup is noise rather than a result ("" if it is
+    not): above the ideal 1 / (1 - drop) (dropping cannot save more than it
+    drops), or the no-drop control (no drop against itself) far from 1."""
+    if control_ratio is not None and abs(control_ratio - 1.0) > CONTROL_SLACK:
+        return f"noise: no-drop control ratio {control_ratio:.2f} (should be 1)"
+    if drop_rate is not None and speedup_value is not None and drop_rate < 1.0:
+        ideal = 1.0 / (1.0 - drop_rate)
+        if speedup_value > ideal * (1.0 + IDEAL_SLACK):
+            return f"noise: {speedup_value:.2f}x above the ideal {ideal:.2f}x"
+    return ""
+
+
+def cpu_snapshot():
+    """(wall clock, the machine's busy CPU seconds from /proc/stat or None,
+    this process's CPU seconds, the load averages)."""
+    busy = None
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]
+        busy = (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")   # all but idle and iowait
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        la = list(os.getloadavg())
+    except (OSError, AttributeError):
+        la = None
+    return time.perf_counter(), busy, time.process_time(), la
+
+
+def machine_load(before, after, threads: int) -> Dict:
+    """The background load while timing: load averages before and after,
+    and the CPU cores other processes kept busy on average (from /proc/stat
+    minus this process's CPU time).  ``loaded`` when others used a quarter
+    of a core or more, or the 1-minute load average exceeded the CPUs."""
+    wall = max(after[0] - before[0], 1e-9)
+    cpus = os.cpu_count() or 1
+    d = {"cpus": cpus, "threads": threads, "seconds": wall, "loadavg_before": before[3], "loadavg_after": after[3],
+         "other_busy_cores": None}
+    if before[1] is not None and after[1] is not None:
+        d["other_busy_cores"] = max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / wall)
+    la = [v for v in (before[3] or [None])[:1] + (after[3] or [None])[:1] if v is not None]
+    d["loaded"] = bool((d["other_busy_cores"] is not None and d["other_busy_cores"] >= 0.25)
+                       or (la and max(la) > cpus))
+    return d
+
+
+def describe_load(load: Dict) -> str:
+    other = load.get("other_busy_cores")
+    la0, la1 = load.get("loadavg_before"), load.get("loadavg_after")
+    parts = []
+    if la0 and la1:
+        parts.append(f"load average {la0[0]:.1f} -> {la1[0]:.1f} on {load['cpus']} CPUs")
+    if other is not None:
+        parts.append(f"other processes kept {other:.2f} cores busy")
+    verdict = ("LOADED machine: timings are disturbed, read them as indicative" if load.get("loaded")
+               else "quiet machine")
+    return "timing: " + ", ".join(parts) + f" ({verdict})"
 
 
 def _repatch(model, old):
@@ -350,7 +467,8 @@ def sweep_model(spec: str, a, paras: List[str], log, progress: bool) -> Dict:
     K = int(model.config.num_experts_per_tok)
 
     steps = 3 + len(a.rates) * (("1T" in a.methods) + ("2T partition" in a.methods) + ("2T reconstruct" in a.methods)
-                                + ("DynamicSkip" in a.methods) + ("RandomDrop" in a.methods)) \
+                                + 2 * ("tuned" in a.methods) + ("DynamicSkip" in a.methods)
+                                + ("RandomDrop" in a.methods)) \
         + ("TopKReduce" in a.methods) * sum(1 for k in range(1, K) if (K - k) / K <= max(a.rates) + 0.1 + 1e-9
                                             or k == K - 1) + 1
     bar = None
@@ -368,7 +486,7 @@ def sweep_model(spec: str, a, paras: List[str], log, progress: bool) -> Dict:
             bar.update(1)
 
     rows: List[Dict] = []
-    timing_entries = [("original", None), ("no drop", NoDrop())]
+    timing_entries = [("original", None), ("no drop", NoDrop()), (CONTROL, NoDrop())]
 
     def add(method, target, policy, res, search=None):
         row = {"model": name, "method": method, "target_rate": target, "policy": repr(policy) if policy else "",
@@ -409,8 +527,9 @@ def sweep_model(spec: str, a, paras: List[str], log, progress: bool) -> Dict:
         step(f"{method} @ {r:.0%}" if r is not None else method)
         h.set_policy(pol)
         res = evaluate(model, evalw, mc, h)
-        add(method, r, pol, res, search_info)
+        row = add(method, r, pol, res, search_info)
         done()
+        return row
 
     for r in a.rates:
         if "1T" in a.methods:
@@ -441,24 +560,33 @@ def sweep_model(spec: str, a, paras: List[str], log, progress: bool) -> Dict:
         for r in a.rates:
             pol = search("2t", r)
             run("2T reconstruct", r, pol, pol.search)
+    if "tuned" in a.methods:
+        # tune_policy profiles the order it finds and leaves the model reconstructed by the chosen metric
+        for r in a.rates:
+            step(f"tuning @ {r:.0%}")
+            with warnings.catch_warnings(record=True) as wlist:
+                warnings.simplefilter("always")
+                tr = ds.tune_policy(model, calib_batches, r, metrics=a.tune_metrics, bands=a.tune_bands,
+                                    num_threads=a.threads, show_progress=False)
+            for w in wlist:
+                log(f"note: {name}: {w.message}")
+            done()
+            row = run("tuned", r, tr.policy, {"rounds": [{"overall": tr.drop_rate}]})
+            row["tuned"] = {"metric": tr.metric, "num_partitions": tr.num_partitions, "per_layer": tr.per_layer,
+                            "band": tr.band, "calibration_loss": tr.loss, "calibration_nodrop_loss": tr.nodrop_loss,
+                            "candidates": sum(1 for c in tr.candidates if not c.skipped),
+                            "skipped": sorted({c.skipped for c in tr.candidates if c.skipped}),
+                            "grid": [{"metric": c.metric, "num_partitions": c.num_partitions, "per_layer": c.per_layer,
+                                      "band": c.band, "drop_rate": c.drop_rate, "loss": c.loss}
+                                     for c in tr.candidates if not c.skipped]}
+            row["thresholds"] = (f"{tr.metric} P={tr.num_partitions} {'per-layer' if tr.per_layer else 'global'} "
+                                 f"band {tr.band:g}: " + _describe(tr.policy))
     step("timing")
+    before = cpu_snapshot()
     timing, h = _time_policies(model, h, timing_entries, timing_x, a.timing_reps, bar)
+    load = machine_load(before, cpu_snapshot(), torch.get_num_threads() if a.threads is None else a.threads)
     done()
-    ref = timing["no drop"]
-    for row in rows:
-        lab = "original" if row["method"] == "original" else (
-            "no drop" if row["method"] == "no drop" else f"{row['method']} @ {row['target_rate']:.2f}")
-        t = timing.get(lab)
-        if t is None:
-            continue
-        row["moe_ms"] = 1e3 * t["moe_s"]
-        row["e2e_ms"] = 1e3 * t["e2e_s"]
-        row["tokens_per_s"] = t["tokens"] / t["e2e_s"]
-        row["moe_speedup"] = ref["moe_s"] / t["moe_s"]
-        row["e2e_speedup"] = ref["e2e_s"] / t["e2e_s"]
-        row["d_acc_pts"] = 100.0 * (row["acc"] - nod["acc"])
-        row["d_ppl_pct"] = 100.0 * (row["ppl"] / nod["ppl"] - 1.0)
-        row["d_mc_pts"] = 100.0 * (row["mc_acc"] - nod["mc_acc"]) if nod.get("mc_items") else float("nan")
+    add_statistics(rows, timing)
     step("done")
     if bar is not None:
         bar.close()
@@ -467,14 +595,62 @@ def sweep_model(spec: str, a, paras: List[str], log, progress: bool) -> Dict:
             "intermediate": int(h.layers[0].intermediate), "hidden": int(h.layers[0].hidden),
             "parameters": int(sum(p.numel() for p in model.parameters())),
             "calibration_tokens": int(calib.shape[0] * a.seq_len), "evaluation_tokens": int(evalw.shape[0] * a.seq_len),
-            "mc_items": len(items), "timing_tokens": int(timing_x.numel()),
+            "mc_items": len(items), "timing_tokens": int(timing_x.numel()), "timing_rounds": int(a.timing_reps),
             "max_abs_nll_change_patched": abs(nod["nll"] - base["nll"])}
     if spec in builtin.NAMES:
         ti = builtin.training_info(spec)
         info["training"] = {k: ti.get(k) for k in ("heldout_ppl_stored_bf16", "final_train_lm_loss_ema")}
     curves = _layer_curves(scores, [l.shared_units for l in h.layers])
     h.revert()
-    return {"info": info, "rows": rows, "timing": timing, "layer_curves": curves}
+    return {"info": info, "rows": rows, "timing": timing, "load": load, "layer_curves": curves}
+
+
+CONTROL = "no drop (control)"
+
+
+def _timing_label(row):
+    if row["method"] in ("original", "no drop"):
+        return row["method"]
+    return f"{row['method']} @ {row['target_rate']:.2f}"
+
+
+def add_statistics(rows: List[Dict], timing: Dict) -> None:
+    """Adds to every row the changes against no drop (and against 1T at the
+    same target) with paired standard errors over the evaluation windows,
+    and its timing with spread and noise flags."""
+    nod = next(r for r in rows if r["method"] == "no drop")
+    one_t = {r["target_rate"]: r for r in rows if r["method"] == "1T"}
+    ref = timing.get("no drop")
+    control = None
+    if ref is not None and CONTROL in timing:
+        control = speedup(ref["e2e"], timing[CONTROL]["e2e"])[0]
+    for row in rows:
+        row["d_acc_pts"] = 100.0 * (row["acc"] - nod["acc"])
+        row["d_ppl_pct"] = 100.0 * (row["ppl"] / nod["ppl"] - 1.0)
+        row["d_mc_pts"] = 100.0 * (row["mc_acc"] - nod["mc_acc"]) if nod.get("mc_items") else float("nan")
+        if row.get("window_nll") and nod.get("window_nll"):
+            row["d_loss"], row["d_loss_se"] = paired_diff(row["window_nll"], nod["window_nll"])
+            d, se = paired_diff(row["window_acc"], nod["window_acc"])
+            row["d_acc_se_pts"] = 100.0 * se
+            ot = one_t.get(row.get("target_rate"))
+            if ot is not None and ot.get("window_nll"):
+                row["d_loss_vs_1t"], row["d_loss_vs_1t_se"] = paired_diff(row["window_nll"], ot["window_nll"])
+                inc = ot["nll"] - nod["nll"]
+                if inc > 0 and row["method"] != "1T":
+                    # the share of 1T's loss increase this method avoids (error: of the numerator)
+                    row["removed_of_1t"] = -row["d_loss_vs_1t"] / inc
+                    row["removed_of_1t_se"] = row["d_loss_vs_1t_se"] / inc
+        t = timing.get(_timing_label(row))
+        if t is None or ref is None:
+            continue
+        for key in ("moe", "e2e"):
+            med, q1, q3 = spread(t[key])
+            row[f"{key}_ms"], row[f"{key}_ms_q1"], row[f"{key}_ms_q3"] = 1e3 * med, 1e3 * q1, 1e3 * q3
+            sp, s1, s3 = speedup(ref[key], t[key])
+            row[f"{key}_speedup"], row[f"{key}_speedup_q1"], row[f"{key}_speedup_q3"] = sp, s1, s3
+            row[f"{key}_flag"] = timing_flag(sp, row.get("drop_rate"), control)
+        row["tokens_per_s"] = t["tokens"] / (row["e2e_ms"] / 1e3)
+        row["control_ratio"] = control
 
 
 def _layer_curves(scores, shared, grid=None):
@@ -490,9 +666,13 @@ def _layer_curves(scores, shared, grid=None):
 
 # ----------------------------------------------------------------- output
 
-CSV_FIELDS = ["model", "method", "target_rate", "thresholds", "drop_rate", "calibration_drop_rate", "ppl", "acc",
-              "mc_acc", "mc_acc_norm", "d_acc_pts", "d_ppl_pct", "d_mc_pts", "moe_ms", "e2e_ms", "tokens_per_s",
-              "moe_speedup", "e2e_speedup", "eval_tokens", "mc_items", "drop_rate_per_layer", "policy"]
+CSV_FIELDS = ["model", "method", "target_rate", "thresholds", "drop_rate", "calibration_drop_rate", "nll", "ppl", "acc",
+              "mc_acc", "mc_acc_norm", "d_loss", "d_loss_se", "d_loss_vs_1t", "d_loss_vs_1t_se", "removed_of_1t",
+              "removed_of_1t_se", "d_acc_pts", "d_acc_se_pts", "d_ppl_pct", "d_mc_pts",
+              "moe_ms", "moe_ms_q1", "moe_ms_q3", "e2e_ms", "e2e_ms_q1", "e2e_ms_q3", "tokens_per_s",
+              "moe_speedup", "moe_speedup_q1", "moe_speedup_q3", "moe_flag",
+              "e2e_speedup", "e2e_speedup_q1", "e2e_speedup_q3", "e2e_flag", "control_ratio",
+              "eval_tokens", "mc_items", "drop_rate_per_layer", "policy"]
 
 
 def _fmt(v, spec):
@@ -502,28 +682,90 @@ def _fmt(v, spec):
     return format(v, spec)
 
 
+def _pm(v, se, spec, se_spec, width):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-".rjust(width)
+    return (format(v, spec) + " ± " + _fmt(se, se_spec).strip()).rjust(width)
+
+
+def _speed(r, key, width=17):
+    v = r.get(f"{key}_speedup")
+    if v is None:
+        return "-".rjust(width)
+    if r.get(f"{key}_flag"):
+        return "noise".rjust(width)
+    return f"{v:.2f} [{r[f'{key}_speedup_q1']:.2f}-{r[f'{key}_speedup_q3']:.2f}]".rjust(width)
+
+
+def _ms(r, key, width=20):
+    v = r.get(f"{key}_ms")
+    if v is None:
+        return "-".rjust(width)
+    return f"{v:.2f} [{r[f'{key}_ms_q1']:.2f}-{r[f'{key}_ms_q3']:.2f}]".rjust(width)
+
+
 def format_table(result: Dict) -> str:
     lines = []
+    quick = bool(result.get("config", {}).get("quick"))
     for m in result["models"]:
         info = m["info"]
         lines.append(f"\n{info['name']} ({info['architecture']}, {info['num_experts']} experts, top-{info['top_k']}, "
-                     f"{info['moe_layers']} MoE layers); {info['evaluation_tokens']} evaluation tokens, "
-                     f"{info['mc_items']} multiple-choice items, timing on {info['timing_tokens']} tokens")
-        hdr = (f"{'method':<15} {'target':>6} {'drop':>6} {'ppl':>8} {'d ppl':>7} {'acc':>6} {'d acc':>7} "
-               f"{'MC':>6} {'d MC':>6} {'MoE ms':>7} {'MoE x':>6} {'e2e x':>6} {'ideal':>6}")
+                     f"{info['moe_layers']} MoE layers); {info['evaluation_tokens']} evaluation tokens in "
+                     f"{info['evaluation_tokens'] // max(1, result.get('config', {}).get('seq_len', 1))} windows, "
+                     f"{info['mc_items']} multiple-choice items")
+        hdr = (f"{'method':<15} {'target':>6} {'drop':>6} {'ppl':>8} {'d loss (nats)':>19} {'vs 1T (nats)':>19} "
+               f"{'removed of 1T':>14} {'d acc (points)':>15} {'MC':>6} {'d MC':>6}")
         lines.append(hdr)
         lines.append("-" * len(hdr))
         for r in m["rows"]:
+            rem = r.get("removed_of_1t")
+            lines.append(
+                f"{r['method']:<15} {_fmt(r['target_rate'], '6.0%')} {_fmt(r.get('drop_rate'), '6.1%')} "
+                f"{_fmt(r['ppl'], '8.2f')} {_pm(r.get('d_loss'), r.get('d_loss_se'), '+.4f', '.4f', 19)} "
+                f"{_pm(r.get('d_loss_vs_1t'), r.get('d_loss_vs_1t_se'), '+.4f', '.4f', 19)} "
+                f"{_pm(None if rem is None else 100 * rem, None if rem is None else 100 * r['removed_of_1t_se'], '.0f', '.0f', 12)} %"
+                f" {_pm(r.get('d_acc_pts'), r.get('d_acc_se_pts'), '+.2f', '.2f', 15)} "
+                f"{_fmt(100 * r['mc_acc'], '6.1f')} {_fmt(r.get('d_mc_pts'), '+6.1f')}")
+        tuned = [r for r in m["rows"] if r["method"] == "tuned"]
+        for r in tuned:
+            lines.append(f"  tuned @ {r['target_rate']:.0%}: {r.get('thresholds', '')}")
+        lines.append("")
+        hdr = (f"{'method':<15} {'target':>6} {'drop':>6} {'MoE ms [IQR]':>20} {'MoE x [IQR]':>17} "
+               f"{'e2e ms [IQR]':>20} {'e2e x [IQR]':>17} {'ideal':>6}")
+        lines.append(f"timing on {info['timing_tokens']} tokens, median of {info.get('timing_rounds', '?')} "
+                     "interleaved rounds")
+        lines.append(hdr)
+        lines.append("-" * len(hdr))
+        flags = []
+        for r in m["rows"]:
             drop = r.get("drop_rate")
             ideal = 1.0 / (1.0 - drop) if drop is not None else None
-            lines.append(
-                f"{r['method']:<15} {_fmt(r['target_rate'], '6.0%')} {_fmt(drop, '6.1%')} {_fmt(r['ppl'], '8.2f')} "
-                f"{_fmt(r.get('d_ppl_pct'), '+6.2f')}% {_fmt(100 * r['acc'], '6.2f')} {_fmt(r.get('d_acc_pts'), '+7.2f')} "
-                f"{_fmt(100 * r['mc_acc'], '6.1f')} {_fmt(r.get('d_mc_pts'), '+6.1f')} {_fmt(r.get('moe_ms'), '7.2f')} "
-                f"{_fmt(r.get('moe_speedup'), '6.2f')} {_fmt(r.get('e2e_speedup'), '6.2f')} {_fmt(ideal, '6.2f')}")
-    lines.append("\nd ppl: % change, d acc / d MC: points, against the patched model without dropping; "
-                 "MoE x / e2e x: speedup of the MoE blocks / the whole forward pass against no drop; "
-                 "ideal: 1 / (1 - drop)")
+            lines.append(f"{r['method']:<15} {_fmt(r['target_rate'], '6.0%')} {_fmt(drop, '6.1%')} {_ms(r, 'moe')} "
+                         f"{_speed(r, 'moe')} {_ms(r, 'e2e')} {_speed(r, 'e2e')} {_fmt(ideal, '6.2f')}")
+            for key in ("moe", "e2e"):
+                if r.get(f"{key}_flag") and "control" not in r[f"{key}_flag"]:
+                    flags.append(f"{r['method']} @ {_fmt(r['target_rate'], '.0%')} {'MoE' if key == 'moe' else key}: "
+                                 f"{r[f'{key}_flag'].replace('noise: ', '')}")
+        ctrl = next((r.get("control_ratio") for r in m["rows"] if r.get("control_ratio") is not None), None)
+        if ctrl is not None:
+            off = abs(ctrl - 1.0) > CONTROL_SLACK
+            lines.append(f"no-drop control (no drop timed twice per round), end-to-end ratio: {ctrl:.3f}"
+                         + (f": more than {CONTROL_SLACK:.0%} from 1, so every speedup above is noise" if off else ""))
+        if m.get("load"):
+            lines.append(describe_load(m["load"]))
+        if flags:
+            lines.append(f"{len(flags)} speedups flagged as noise (printed 'noise'): " + "; ".join(flags[:6])
+                         + (" ..." if len(flags) > 6 else ""))
+    lines.append("\nd loss: change of the mean next-token loss (nats/token) against the patched model without dropping, "
+                 "± its paired standard error over the evaluation windows; vs 1T: the same against 1T at the same "
+                 "target; removed of 1T: the share of 1T's loss increase the method avoids (± the error of the "
+                 "numerator); d acc: next-token accuracy change (points) ± paired standard error; MC: next-sentence "
+                 "multiple choice (%). Timing: medians with interquartile ranges over rounds; MoE x / e2e x: "
+                 "speedup of the MoE blocks / the whole forward pass against no drop, [quartiles of the per-round "
+                 "ratios]; ideal: 1 / (1 - drop); a speedup above the ideal or under a no-drop control far from 1 "
+                 "is printed as noise.")
+    if quick:
+        lines.append("--quick: few timing rounds on little text; the timings are indicative only, not results.")
     return "\n".join(lines)
 
 
@@ -577,6 +819,8 @@ def run(args) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.quick:
+        log("dualsparse sweep --quick: a smoke test; its timings (few rounds, little text) are indicative only")
     text = "\n\n".join(read_text(f) for f in a.data)
     paras = paragraphs(text)
     if len(paras) < 2:

@@ -37,6 +37,7 @@ if [ "${DUALSPARSE_SKIP_TF4:-0}" != "1" ]; then
         torch transformers numpy safetensors tqdm tokenizers matplotlib pytest
     # the extension is built in place by the editable install in .venv (same Python)
     PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" run_pytest .venv-tf4/bin/python -p no:cacheprovider \
-        tests/test_hf.py tests/test_builtin.py tests/test_ep.py tests/test_sweep.py "$@" || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
+        tests/test_hf.py tests/test_builtin.py tests/test_ep.py tests/test_sweep.py tests/test_tune.py tests/test_saved.py \
+        tests/test_textbatches.py "$@" || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
 fi
 exit "$status"

@@ -19,7 +19,8 @@ from dualsparse.__main__ import main  # noqa: E402
 from dualsparse.text import mc_items, paragraphs, read_text  # noqa: E402
 
 SMALL = ["--rates", "0.25", "--calib-tokens", "1024", "--eval-tokens", "2048", "--mc-items", "12",
-         "--timing-reps", "1", "--timing-tokens", "256", "--seq-len", "128", "--no-progress", "--threads", "2"]
+         "--timing-reps", "1", "--timing-tokens", "256", "--seq-len", "128", "--no-progress", "--threads", "2",
+         "--tune-metrics", "abs_gate_up", "--tune-bands", "0.03"]
 
 
 def _args(*argv):
@@ -41,6 +42,7 @@ def _args(*argv):
     (["--seq-len", "4"], "--seq-len"),
     (["--threads", "0"], "--threads"),
     (["--delta", "nan"], "--delta"),
+    (["--tune-bands", "0.7"], "--tune-bands"),
 ])
 def test_bad_arguments_name_the_argument(argv, needle, tmp_path):
     with pytest.raises(sweep.SweepError, match=needle.replace("(", r"\(")):
@@ -71,6 +73,114 @@ def test_quick_defaults():
     a = sweep.resolve(_args("--quick"))
     assert a.rates == [0.25] and a.models == list(builtin.NAMES) and a.methods == list(sweep.METHODS)
     assert a.data == [str(builtin.heldout_path())]
+    assert "tuned" in a.methods and a.tune_metrics == ["abs_gate_up"]
+    full = sweep.resolve(_args())
+    assert full.rates == [0.10, 0.25, 0.40, 0.50] and full.metric == "abs_gate_up" and full.delta == 0.03
+    assert sweep.resolve(_args("--rates", "0.6")).rates == [0.6]
+
+
+# ------------------------------------------------------------- statistics
+
+def test_paired_standard_error_against_a_direct_computation():
+    rng = np.random.default_rng(5)
+    for n in (2, 3, 17, 256):
+        a = 3.0 + rng.normal(size=n)
+        b = a - 0.01 + 0.003 * rng.normal(size=n)
+        mean, se = sweep.paired_diff(a, b)
+        d = [x - y for x, y in zip(a.tolist(), b.tolist())]
+        dbar = sum(d) / n
+        var = sum((x - dbar) ** 2 for x in d) / (n - 1)
+        assert mean == pytest.approx(dbar, rel=1e-12, abs=1e-15)
+        assert se == pytest.approx(math.sqrt(var / n), rel=1e-10)
+    assert math.isnan(sweep.paired_diff([1.0], [0.5])[1])
+    with pytest.raises(ValueError):
+        sweep.paired_diff([1.0, 2.0], [1.0])
+
+
+def _rows(rng, n=40):
+    base = 4.0 + 0.3 * rng.normal(size=n)
+    acc = 0.3 + 0.05 * rng.normal(size=n)
+
+    def row(method, target, dl, da):
+        w = base + dl + 0.002 * rng.normal(size=n)
+        wa = acc + da + 0.004 * rng.normal(size=n)
+        return {"method": method, "target_rate": target, "window_nll": w.tolist(), "window_acc": wa.tolist(),
+                "nll": float(w.mean()), "ppl": math.exp(float(w.mean())), "acc": float(wa.mean()),
+                "mc_acc": 0.5, "drop_rate": target}
+
+    nod = row("no drop", None, 0.0, 0.0)
+    nod["drop_rate"] = 0.0
+    return [nod, row("1T", 0.4, 0.05, -0.01), row("tuned", 0.4, 0.03, -0.004)]
+
+
+def test_statistics_of_rows_against_numpy():
+    rng = np.random.default_rng(1)
+    rows = _rows(rng)
+    sweep.add_statistics(rows, {})
+    nod, one, tuned = rows
+    d = np.asarray(tuned["window_nll"]) - np.asarray(nod["window_nll"])
+    assert tuned["d_loss"] == pytest.approx(d.mean(), rel=1e-12)
+    assert tuned["d_loss"] == pytest.approx(tuned["nll"] - nod["nll"], rel=1e-9)
+    assert tuned["d_loss_se"] == pytest.approx(d.std(ddof=1) / math.sqrt(d.size), rel=1e-12)
+    d1 = np.asarray(tuned["window_nll"]) - np.asarray(one["window_nll"])
+    assert tuned["d_loss_vs_1t"] == pytest.approx(d1.mean(), rel=1e-12)
+    assert tuned["d_loss_vs_1t_se"] == pytest.approx(d1.std(ddof=1) / math.sqrt(d1.size), rel=1e-12)
+    inc = one["nll"] - nod["nll"]
+    assert tuned["removed_of_1t"] == pytest.approx(-d1.mean() / inc, rel=1e-9)
+    assert tuned["removed_of_1t"] == pytest.approx(0.4, abs=0.1)
+    da = 100 * (np.asarray(tuned["window_acc"]) - np.asarray(nod["window_acc"]))
+    assert tuned["d_acc_se_pts"] == pytest.approx(da.std(ddof=1) / math.sqrt(da.size), rel=1e-12)
+    assert tuned["d_acc_pts"] == pytest.approx(da.mean(), rel=1e-9)
+    assert "removed_of_1t" not in one and one["d_loss_vs_1t"] == 0.0
+
+
+def test_speedup_spread_and_noise_flags_on_synthetic_timings():
+    ref = [10.0, 11.0, 10.5, 30.0, 10.2]             # one disturbed round
+    t = [8.0, 8.8, 8.4, 9.0, 8.1]
+    sp, q1, q3 = sweep.speedup(ref, t)
+    ratios = sorted(r / x for r, x in zip(ref, t))
+    assert sp == pytest.approx(ratios[2]) and q1 <= sp <= q3
+    assert q1 == pytest.approx(np.percentile(ratios, 25)) and q3 == pytest.approx(np.percentile(ratios, 75))
+    med, lo, hi = sweep.spread([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert (med, lo, hi) == (3.0, 2.0, 4.0)
+    # at 25% drop the ideal is 1.333x: 1.25x is a result, 1.87x is noise
+    assert sweep.timing_flag(1.25, 0.25) == ""
+    assert "above the ideal 1.33x" in sweep.timing_flag(1.87, 0.25)
+    assert sweep.timing_flag(1.36, 0.25) == ""                 # within the slack
+    assert sweep.timing_flag(0.5, 0.25) == ""                  # slow is not impossible
+    # a no-drop control far from 1 makes every speedup noise
+    assert "control ratio 0.76" in sweep.timing_flag(1.1, 0.25, control_ratio=0.76)
+    assert sweep.timing_flag(1.1, 0.25, control_ratio=1.04) == ""
+    assert sweep.timing_flag(1.0, None) == ""
+
+
+def test_timing_rows_flagged_and_printed_as_noise():
+    rng = np.random.default_rng(2)
+    rows = _rows(rng)
+    rows[2]["drop_rate"] = 0.25
+    rounds = 5
+    timing = {"no drop": {"moe": [1.0] * rounds, "e2e": [2.0] * rounds, "tokens": 256},
+              sweep.CONTROL: {"moe": [1.0] * rounds, "e2e": [2.02] * rounds, "tokens": 256},
+              "1T @ 0.40": {"moe": [0.8] * rounds, "e2e": [1.8] * rounds, "tokens": 256},
+              "tuned @ 0.40": {"moe": [0.5] * rounds, "e2e": [1.9] * rounds, "tokens": 256}}
+    sweep.add_statistics(rows, timing)
+    nod, one, tuned = rows
+    assert one["moe_speedup"] == pytest.approx(1.25) and one["moe_flag"] == ""
+    assert tuned["moe_speedup"] == pytest.approx(2.0) and "above the ideal" in tuned["moe_flag"]
+    assert tuned["e2e_flag"] == "" and tuned["moe_ms_q1"] == tuned["moe_ms"] == pytest.approx(500.0)
+    info = {"name": "m", "architecture": "A", "num_experts": 4, "top_k": 2, "moe_layers": 2,
+            "evaluation_tokens": 40 * 128, "mc_items": 0, "timing_tokens": 256, "timing_rounds": rounds}
+    load = sweep.machine_load((0.0, 100.0, 10.0, [1.0, 1.0, 1.0]), (10.0, 120.0, 15.0, [3.0, 2.0, 1.0]), 2)
+    assert load["other_busy_cores"] == pytest.approx(1.5) and load["loaded"]
+    quiet = sweep.machine_load((0.0, 100.0, 10.0, [0.5, 0.5, 0.5]), (10.0, 110.5, 20.0, [0.6, 0.5, 0.5]), 1)
+    assert quiet["other_busy_cores"] == pytest.approx(0.05) and not quiet["loaded"]
+    res = {"config": {"quick": True, "seq_len": 128}, "models": [{"info": info, "rows": rows, "load": load}]}
+    txt = sweep.format_table(res)
+    tuned_line = [ln for ln in txt.splitlines() if ln.startswith("tuned") and "[" in ln][0]
+    assert "noise" in tuned_line and "2.00" not in tuned_line
+    assert "1.25 [1.25-1.25]" in txt
+    assert "LOADED machine" in txt and "indicative only" in txt and "+0.0" in txt
+    assert "1 speedups flagged as noise" in txt
 
 
 # ------------------------------------------------------------- a real run
@@ -132,6 +242,20 @@ def test_run_writes_every_output(small_run):
         assert math.isclose(float(r["ppl"]), j["ppl"], rel_tol=1e-12)
     methods = {r["method"] for r in jrows}
     assert methods == {"original", "no drop", *sweep.METHODS}
+    assert "tuned" in sweep.METHODS
+    nod = next(r for r in jrows if r["method"] == "no drop")
+    for r in jrows:
+        # the per-window losses average to the loss; the changes and their errors follow from them
+        assert np.mean(r["window_nll"]) == pytest.approx(r["nll"], rel=1e-9)
+        d = np.asarray(r["window_nll"]) - np.asarray(nod["window_nll"])
+        assert r["d_loss"] == pytest.approx(d.mean(), abs=1e-12)
+        assert r["d_loss_se"] == pytest.approx(d.std(ddof=1) / math.sqrt(d.size), rel=1e-9, abs=1e-15)
+        assert math.isfinite(r["d_loss_se"]) and "d_loss_se" in rows[0]
+    m = res["models"][0]
+    assert m["load"]["cpus"] >= 1 and "other_busy_cores" in m["load"]
+    tuned = next(r for r in jrows if r["method"] == "tuned")
+    assert tuned["tuned"]["metric"] == "abs_gate_up" and tuned["tuned"]["band"] == 0.03
+    assert tuned["tuned"]["candidates"] == 4 and len(tuned["tuned"]["grid"]) == 4
 
 
 def test_run_metrics_match_float64_reference(small_run):
@@ -162,7 +286,7 @@ def test_run_drop_rates(small_run):
             # exactly K - k of every K pairs are dropped
             assert r["drop_rate"] == pytest.approx(r["target_rate"], abs=1e-12)
             assert r["target_rate"] in [(K - k) / K for k in range(1, K)]
-        elif r["method"] in ("1T", "2T partition", "2T reconstruct"):
+        elif r["method"] in ("1T", "2T partition", "2T reconstruct", "tuned"):
             # thresholds are found on calibration text; held-out text lands near the target
             assert abs(r["calibration_drop_rate"] - 0.25) <= 0.011
             assert abs(r["drop_rate"] - 0.25) < 0.06
@@ -213,7 +337,9 @@ def test_quick_cli_run(tmp_path):
     assert [m["info"]["name"] for m in res["models"]] == list(builtin.NAMES)
     for m in res["models"]:
         assert {"original", "no drop", *sweep.METHODS} == {r["method"] for r in m["rows"]}
-    assert "2T reconstruct" in r.stdout and "ideal" in r.stdout
+    assert "2T reconstruct" in r.stdout and "ideal" in r.stdout and "tuned" in r.stdout
+    assert "indicative only" in r.stdout and "indicative only" in r.stderr
+    assert "timing: load average" in r.stdout
 
 
 def test_unsupported_model_folder_is_a_clear_error(tmp_path, capsys):

@@ -7,6 +7,7 @@ from .patching import DropStats, DualSparseHandle, drop_stats, ep_stats, patch, 
 from .profile import Importance, profile, reconstruct
 from .search import calibrate_dynamic_skip, find_thresholds, routing_scores
 from .textbatches import text_batches
+from .tune import TuneResult, tune_policy
 from . import experts_backend as _experts_backend
 
 # "dualsparse" in transformers' experts interface (transformers 5.x):
@@ -18,4 +19,5 @@ __all__ = [
     "profile", "reconstruct", "Importance", "find_thresholds", "calibrate_dynamic_skip", "routing_scores",
     "complete_partition", "supported_model_types",
     "ExpertParallel", "ExpertParallelError", "ExpertParallelStats", "ep_stats", "text_batches",
+    "tune_policy", "TuneResult",
 ]

@@ -166,13 +166,16 @@ class Importance:
                                  f"than {layer.name} has now (was the model reconstructed already?)")
 
 
-def profile(model, batches, metric: str = "abs_gate", *, weighted: bool = False, num_threads=None,
+def profile(model, batches, metric: str = "abs_gate_up", *, weighted: bool = False, num_threads=None,
             show_progress: bool = True) -> Importance:
     """Accumulates the four neuron-importance metrics of every MoE layer over
     the tokens routed to each expert, on calibration batches (input_ids
     tensors or tokenizer outputs; padding excluded through attention_mask).
     The model is run without dropping and is left as it was.  ``metric``
-    names the one :func:`reconstruct` uses by default."""
+    names the one :func:`reconstruct` uses by default: ``abs_gate_up``
+    (|act(x W_gate) * x W_up|, the neuron's output size before the down
+    projection), which loses less than the paper's ``abs_gate`` at 40-50%
+    drop on the built-in models."""
     if metric not in METRICS:
         raise ValueError(f"dualsparse.profile: metric must be one of {METRICS}; got {metric!r}")
     data = collect_batches(model, batches, "profile")

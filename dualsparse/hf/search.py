@@ -95,7 +95,8 @@ def find_thresholds(model, batches, target_drop_rate: float, kind: Union[str, in
     in rounds: solve on the scores recorded under the current policy, run the
     model under the new policy, repeat until the measured rate is within
     tolerance.  The result carries ``.search`` (target, measured rates and
-    rounds)."""
+    rounds; ``drop_rate``: the measured overall rate of the returned
+    policy)."""
     if isinstance(kind, str):
         key = kind.lower()
         if key not in ("1t", "2t"):
@@ -111,7 +112,14 @@ def find_thresholds(model, batches, target_drop_rate: float, kind: Union[str, in
     if not (delta >= 0 and math.isfinite(delta)):
         raise ValueError(f"dualsparse.find_thresholds: delta must be finite and >= 0; got {delta!r}")
     data = collect_batches(model, batches, "find_thresholds")
+    return _search(model, data, target, P, per_layer, delta, tolerance, max_rounds, num_threads, show_progress)
 
+
+def _search(model, data, target, P, per_layer, delta, tolerance, max_rounds, num_threads, show_progress,
+            first_scores=None) -> Policy:
+    """find_thresholds on validated batches; ``first_scores``: a
+    ScoreRecorder of these batches without dropping (the first round's
+    recording; without dropping, the neuron order changes no output)."""
     with patched_for_calibration(model, NoDrop(), num_threads) as h:
         L = len(h.layers)
         history = []
@@ -121,18 +129,21 @@ def find_thresholds(model, batches, target_drop_rate: float, kind: Union[str, in
             # record the scores as they are under the current policy
             h.set_policy(policy)
             h.reset_stats()
-            h.recorder = ScoreRecorder(L)
-            try:
-                run_batches(model, h, data, f"find_thresholds round {rnd + 1}", show_progress)
-            finally:
-                rec, h.recorder = h.recorder, None
+            if rnd == 0 and first_scores is not None:
+                rec = first_scores
+            else:
+                h.recorder = ScoreRecorder(L)
+                try:
+                    run_batches(model, h, data, f"find_thresholds round {rnd + 1}", show_progress)
+                finally:
+                    rec, h.recorder = h.recorder, None
             stats = h.stats()
             if rnd > 0:
                 history.append({"policy": policy, "overall": stats.overall, "per_layer": stats.per_layer})
                 err = (abs(stats.overall - target) if not per_layer
                        else max(abs(r - target) for r in stats.per_layer))
                 if best is None or err < best[0]:
-                    best = (err, policy)
+                    best = (err, policy, stats.overall)
                 if err <= tolerance:
                     break
             # solve on the recorded scores
@@ -160,7 +171,7 @@ def find_thresholds(model, batches, target_drop_rate: float, kind: Union[str, in
             history.append({"policy": policy, "overall": stats.overall, "per_layer": stats.per_layer})
             err = (abs(stats.overall - target) if not per_layer else max(abs(r - target) for r in stats.per_layer))
             if best is None or err < best[0]:
-                best = (err, policy)
+                best = (err, policy, stats.overall)
     result = best[1]
     if best[0] > tolerance:
         import warnings
@@ -169,7 +180,7 @@ def find_thresholds(model, batches, target_drop_rate: float, kind: Union[str, in
                       f"{target:.3f} by {best[0]:.3f} on these batches (the scores may take too few distinct values "
                       "to reach it)", RuntimeWarning, stacklevel=2)
     result.search = {"target": target, "kind": P, "per_layer": per_layer, "delta": delta,
-                     "error": best[0], "rounds": [{"overall": r["overall"], "per_layer": r["per_layer"]}
+                     "error": best[0], "drop_rate": best[2], "rounds": [{"overall": r["overall"], "per_layer": r["per_layer"]}
                                                   for r in history]}
     return result
 
