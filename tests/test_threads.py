@@ -388,18 +388,27 @@ def _hostile_moe_ids(n_calls):
     ref_a, sc = R.ref_moe(x, ids, tw, gu, dn, return_scale=True)
     ref_b = R.ref_moe(x, ids_b, tw, gu, dn)
     bad_val = np.int64(1) << 40
+    return _mutated_moe_calls(n_calls, (x, ids, tw, gu, dn, None, 1), ids, [col_a, bad_val, col_b, -bad_val],
+                              "topk_ids", [ref_a, ref_b], sc)
+
+
+def _mutated_moe_calls(n_calls, problem, target, values, name, refs, sc):
+    """Calls _C.moe_experts while another thread cycles target[0, 0]
+    through `values`: every call either refuses `name` as out of range or
+    returns the reference of one consistent snapshot."""
+    x, ids, tw, gu, dn, lv, P = problem
     errors = ok = 0
     out = np.empty_like(x)
-    with _Mutator(ids, (0, 0), [col_a, bad_val, col_b, -bad_val]) as m:
+    with _Mutator(target, (0, 0), values) as m:
         for _ in range(n_calls):
             out[:] = np.nan
             try:
-                _C.moe_experts(x, ids, tw, gu, None, dn, None, 1, out, 2)
+                _C.moe_experts(x, ids, tw, gu, None, dn, lv, P, out, 2)
             except ValueError as exc:
-                assert "topk_ids" in str(exc) and "outside" in str(exc), str(exc)
+                assert name in str(exc) and "outside" in str(exc), str(exc)
                 errors += 1
                 continue
-            _rows_match_one_of(out, [ref_a, ref_b], sc, "moe_experts under mutated topk_ids")
+            _rows_match_one_of(out, refs, sc, f"moe_experts under mutated {name}")
             ok += 1
     assert m.writes > 0
     return f"{ok} results, {errors} errors"
@@ -415,21 +424,8 @@ def _hostile_moe_levels(n_calls):
     ref_a, sc = R.ref_moe(x, ids, tw, gu, dn, levels=lv, P=2, return_scale=True)
     ref_b = R.ref_moe(x, ids, tw, gu, dn, levels=lv_b, P=2)
     big = np.int64(1) << 40
-    errors = ok = 0
-    out = np.empty_like(x)
-    with _Mutator(lv, (0, 0), [2, big, 1, big]) as m:
-        for _ in range(n_calls):
-            out[:] = np.nan
-            try:
-                _C.moe_experts(x, ids, tw, gu, None, dn, lv, 2, out, 2)
-            except ValueError as exc:
-                assert "levels" in str(exc) and "outside" in str(exc), str(exc)
-                errors += 1
-                continue
-            _rows_match_one_of(out, [ref_a, ref_b], sc, "moe_experts under mutated levels")
-            ok += 1
-    assert m.writes > 0
-    return f"{ok} results, {errors} errors"
+    return _mutated_moe_calls(n_calls, (x, ids, tw, gu, dn, lv, 2), lv, [2, big, 1, big], "levels",
+                              [ref_a, ref_b], sc)
 
 
 def _hostile_importance(n_calls):
