@@ -5,8 +5,11 @@
 # newest supported transformers; then the Hugging Face, built-in model,
 # expert-parallel and sweep tests again in .venv-tf4 with the oldest
 # supported transformers (4.57, per-expert layouts; DUALSPARSE_SKIP_TF4=1
-# skips that run).  Extra arguments go to pytest.
-# "No tests collected" is a failure.
+# skips that run; its virtualenv is installed while the first run goes).
+# Tests run in DUALSPARSE_TEST_WORKERS pytest-xdist processes (default: the
+# CPU count, at most 4; 1 runs them in this process), one test file per
+# process at a time.  Extra arguments go to pytest (after ours: `-n 0` there
+# also turns the workers off).  "No tests collected" is a failure.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -26,17 +29,47 @@ run_pytest() {  # python, args...
     return "$rc"
 }
 
-status=0
-run_pytest .venv/bin/python tests "$@" || status=$?
+workers="${DUALSPARSE_TEST_WORKERS:-}"
+if [ -z "$workers" ]; then
+    workers="$(nproc 2>/dev/null || echo 1)"
+    [ "$workers" -le 4 ] || workers=4
+fi
+xdist_args() {  # python: the pytest-xdist options, when it is installed and wanted
+    if [ "$workers" -gt 1 ] && "$1" -c "import xdist" 2>/dev/null; then
+        echo "-n $workers --dist loadfile"
+    fi
+}
 
-if [ "${DUALSPARSE_SKIP_TF4:-0}" != "1" ]; then
-    echo "== Hugging Face tests with transformers 4.57 (.venv-tf4)"
+tf4=0
+[ "${DUALSPARSE_SKIP_TF4:-0}" = "1" ] || tf4=1
+if [ "$tf4" = 1 ]; then
+    # installed in the background while the first run goes (mostly unpacking wheels)
     python="${PYTHON:-python3}"
-    [ -x .venv-tf4/bin/python ] || "$python" -m venv .venv-tf4
-    .venv-tf4/bin/python -m pip install --quiet -c constraints/tf457.txt \
-        torch transformers numpy safetensors tqdm tokenizers matplotlib pytest
+    tf4_log="$(mktemp -t dualsparse-tf4-install.XXXXXX)"
+    (
+        [ -x .venv-tf4/bin/python ] || "$python" -m venv .venv-tf4
+        .venv-tf4/bin/python -m pip install --quiet -c constraints/tf457.txt \
+            torch transformers numpy safetensors tqdm tokenizers matplotlib pytest pytest-xdist
+    ) >"$tf4_log" 2>&1 &
+    tf4_pid=$!
+fi
+
+status=0
+# shellcheck disable=SC2046  # word splitting of the xdist options is wanted
+run_pytest .venv/bin/python $(xdist_args .venv/bin/python) tests "$@" || status=$?
+
+if [ "$tf4" = 1 ]; then
+    echo "== Hugging Face tests with transformers 4.57 (.venv-tf4)"
+    if ! wait "$tf4_pid"; then
+        cat "$tf4_log" >&2
+        echo "scripts/test.sh: installing .venv-tf4 failed (log above)" >&2
+        exit 1
+    fi
+    rm -f "$tf4_log"
     # the extension is built in place by the editable install in .venv (same Python)
+    # shellcheck disable=SC2046
     PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" run_pytest .venv-tf4/bin/python -p no:cacheprovider \
+        $(xdist_args .venv-tf4/bin/python) \
         tests/test_hf.py tests/test_builtin.py tests/test_ep.py tests/test_sweep.py tests/test_tune.py tests/test_saved.py \
         tests/test_textbatches.py "$@" || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
 fi

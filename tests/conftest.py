@@ -17,6 +17,25 @@ except ImportError:  # pragma: no cover
 
 from dualsparse import ops
 
+# Under pytest-xdist (scripts/test.sh runs one worker per CPU) each worker
+# gets its share of the CPUs, so that workers do not oversubscribe the
+# machine; torch's count is also the engine's default.  Tests that need
+# several threads ask for them explicitly.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+# The files that take longest (subprocesses, C builds, end-to-end runs) are
+# collected first, so that xdist's one-file-per-worker scheduling starts them
+# early instead of leaving one of them to run alone at the end.
+SLOW_FILES_FIRST = ("test_sweep.py", "test_core_c.py", "test_lm_eval.py", "test_notebooks.py", "test_readme.py",
+                    "test_ep.py", "test_cuda_emu.py", "test_builtin.py", "test_portability.py", "test_compile.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order inside a file is kept
+
+
 ALL_SIMD_LEVELS = ("generic", "avx2", "avx512", "avx512_bf16")
 DETECTED_SIMD_LEVEL = ops.simd_level()
 

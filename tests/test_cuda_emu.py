@@ -450,6 +450,16 @@ def test_emu_route_levels_equal_cpu(emu, normalize, dtype, out_dtype):
     assert torch.equal(_route(emu, w.t(), [0.1]), ops.route_levels(w.t(), [0.1]))
 
 
+def test_emu_route_levels_row_sum_overflow(emu):
+    """A float64 row whose sum overflows is normalised by w / sum on the
+    device as on the CPU (scores 0.5, 0.5), not to 0 (w / inf)."""
+    w = torch.tensor([[1e308, 1e308], [1.5e308, 0.5e308], [1.0, 3.0], [-1e308, -1e308]],
+                     dtype=torch.float64)
+    want = [[2, 2], [3, 1], [1, 3], [2, 2]]
+    assert ops.route_levels(w, [0.25, 0.5, 0.7]).tolist() == want
+    assert _route(emu, w, [0.25, 0.5, 0.7]).tolist() == want
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("case_id", CASE_IDS)

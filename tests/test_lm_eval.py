@@ -143,9 +143,18 @@ def test_cli_target_drop_rate_on_a_text_file_and_saved_policy(tmp_path):
 
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(builtin.path("olmoe") / f, folder / f)
-    res = _cli(tmp_path, f"pretrained={folder},dtype=float32", limit=4)
-    assert res["dualsparse"]["policy_dict"] == {"type": "OneThreshold", "thresholds": [[0.2]]}
-    assert res["dualsparse"]["drop_rate"] > 0.05
+    # (in this process: the command line's argument passing is what the runs above check)
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from dualsparse.lm_eval_model import DualSparseLM
+
+    lm = DualSparseLM(pretrained=str(folder), dtype="float32", batch_size=8, device="cpu")
+    tm = TaskManager(include_path=str(builtin.lm_eval_tasks_dir()))
+    simple_evaluate(model=lm, tasks=[TASK], task_manager=tm, limit=4, bootstrap_iters=0)
+    rep = lm.drop_report()
+    assert rep["policy_dict"] == {"type": "OneThreshold", "thresholds": [[0.2]]}
+    assert rep["drop_rate"] > 0.05 and rep["tokens"] > 0
 
 
 def test_model_args_errors_are_clear():

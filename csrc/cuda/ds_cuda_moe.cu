@@ -179,6 +179,21 @@ __global__ void route_levels_kernel(const void *w, ds_dtype wdt, int64_t T, int6
         }
         if (bad)
             continue;
+        /* As on the CPU: a row whose float64 sum overflows (weights near
+         * DBL_MAX) is scaled by an exact power of two that brings its largest
+         * value near 1, so that w * scale / (sum * scale) is w / sum. */
+        double scale = 1.0;
+        if (normalize && !isfinite(sum)) {
+            double mx = 0.0;
+            for (int64_t k = 0; k < K; k++)
+                mx = fmax(mx, fabs(load_real(w, wdt, t * ws0 + k * ws1)));
+            int e;
+            frexp(mx, &e);
+            scale = ldexp(1.0, -e);
+            sum = 0.0;
+            for (int64_t k = 0; k < K; k++)
+                sum += load_real(w, wdt, t * ws0 + k * ws1) * scale;
+        }
         if (normalize && sum == 0.0) {
             atomicMin(&err[1], (ull)t);
             continue;
@@ -186,7 +201,7 @@ __global__ void route_levels_kernel(const void *w, ds_dtype wdt, int64_t T, int6
         for (int64_t k = 0; k < K; k++) {
             double s = load_real(w, wdt, t * ws0 + k * ws1);
             if (normalize)
-                s /= sum;
+                s = s * scale / sum;
             int l = 0;
             while (l < P && s >= thr.v[l])
                 l++;
@@ -350,7 +365,7 @@ extern "C" ds_status ds_cuda_importance_check(const ds_cuda_importance_args *a)
 #define GEMM_PTRS(EP) (3 * 2 * (size_t)(EP) + 3 * (size_t)(EP))
 
 struct Layout {
-    size_t err, keys, hist, total, off, row_tok, row_pair, row_lvl, pos, ptrs, xg, gu, act, y, end;
+    size_t err, bad, keys, hist, total, off, row_tok, row_pair, row_lvl, pos, ptrs, xg, gu, act, y, end;
 };
 
 static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
@@ -362,6 +377,7 @@ static Layout layout(const ds_cuda_moe_args *a, int P, int with_down)
     const size_t EP = (size_t)a->E * (size_t)P, esz = dt_size(a->dtype);
     size_t o = 0;
     L.err = o;      o += align256(4 * sizeof(ull));
+    L.bad = o;      o += align256(N * sizeof(int64_t));
     L.keys = o;     o += align256(N * 4);
     L.hist = o;     o += align256(NB * EP * 4);
     L.total = o;    o += align256(EP * 4);
@@ -396,9 +412,11 @@ extern "C" size_t ds_cuda_importance_workspace_size(const ds_cuda_importance_arg
 /* ---- plan kernels ------------------------------------------------------------ */
 
 /* err[0]: first pair with an id outside [0, E); err[1]: first pair with a
- * level outside [0, P]. */
+ * level outside [0, P].  Each id and level is read once; a bad one is kept in
+ * bad[i], so the error message names the value that failed the check even if
+ * another stream changes the input meanwhile. */
 __global__ void plan_count_kernel(ds_mat ids, ds_mat lv, int64_t T, int64_t K, int64_t E, int P,
-                                  int32_t *keys, int32_t *hist, int64_t EP, ull *err)
+                                  int32_t *keys, int32_t *hist, int64_t EP, ull *err, int64_t *bad)
 {
     int64_t i = blockIdx.x * (int64_t)PLAN_BLOCK + threadIdx.x;
     if (i >= T * K)
@@ -407,10 +425,13 @@ __global__ void plan_count_kernel(ds_mat ids, ds_mat lv, int64_t T, int64_t K, i
     int64_t e = load_int(ids.data, ids.dtype, t * ids.s0 + k * ids.s1);
     int64_t l = lv.data ? load_int(lv.data, lv.dtype, t * lv.s0 + k * lv.s1) : P;
     int32_t key = -1;
-    if (e < 0 || e >= E)
+    if (e < 0 || e >= E) {
+        bad[i] = e;
         atomicMin(&err[0], (ull)i);
-    else if (l < 0 || l > P)
+    } else if (l < 0 || l > P) {
+        bad[i] = l;
         atomicMin(&err[1], (ull)i);
+    }
     else if (l > 0)
         key = (int32_t)(e * P + (P - l));
     keys[i] = key;
@@ -779,6 +800,7 @@ static ds_status plan_and_gather(const char *fn, cudaStream_t stream, const ds_c
     const int64_t NB = cdiv(N, PLAN_BLOCK), EP = E * P;
     const size_t esz = dt_size(a->dtype);
     ull *err = (ull *)(ws + L.err);
+    int64_t *bad = (int64_t *)(ws + L.bad);
     int32_t *keys = (int32_t *)(ws + L.keys), *hist = (int32_t *)(ws + L.hist);
     int32_t *total = (int32_t *)(ws + L.total), *off = (int32_t *)(ws + L.off);
     int32_t *row_tok = (int32_t *)(ws + L.row_tok), *row_pair = (int32_t *)(ws + L.row_pair);
@@ -787,7 +809,7 @@ static ds_status plan_and_gather(const char *fn, cudaStream_t stream, const ds_c
     CU(cudaMemsetAsync(err, 0xFF, 4 * sizeof(ull), stream), fn);
     CU(cudaMemsetAsync(hist, 0, (size_t)(NB * EP) * 4, stream), fn);
     DS_LAUNCH(plan_count_kernel, (unsigned)NB, PLAN_BLOCK, stream)(a->topk_ids, *lv, T, K, E, P, keys,
-                                                                    hist, EP, err);
+                                                                    hist, EP, err, bad);
     CU(cudaGetLastError(), fn);
     DS_LAUNCH(plan_scan_kernel, (unsigned)cdiv(EP, 256), 256, stream)(hist, NB, EP, total);
     CU(cudaGetLastError(), fn);
@@ -801,22 +823,19 @@ static ds_status plan_and_gather(const char *fn, cudaStream_t stream, const ds_c
     CU(read_and_sync(stream, plan.total.data(), total, (size_t)EP * 4, h_err, err, sizeof h_err), fn);
     if (h_err[0] != NO_ERR) {
         int64_t t = (int64_t)(h_err[0] / (ull)K), k = (int64_t)(h_err[0] % (ull)K);
-        char buf[8];
-        const ds_mat *m = &a->topk_ids;
-        read_back(buf, (const char *)m->data + (t * m->s0 + k * m->s1) * (int64_t)dt_size(m->dtype),
-                  dt_size(m->dtype));
+        int64_t v;
+        read_back(&v, bad + h_err[0], sizeof v);
         return ds_cuda_error(DS_ERR_VALUE,
                              "%s: topk_ids[%lld, %lld] = %lld is outside [0, %lld) (E = %lld experts)",
-                             fn, (long long)t, (long long)k, (long long)load_int(buf, m->dtype, 0),
+                             fn, (long long)t, (long long)k, (long long)v,
                              (long long)E, (long long)E);
     }
     if (h_err[1] != NO_ERR) {
         int64_t t = (int64_t)(h_err[1] / (ull)K), k = (int64_t)(h_err[1] % (ull)K);
-        char buf[8];
-        read_back(buf, (const char *)lv->data + (t * lv->s0 + k * lv->s1) * (int64_t)dt_size(lv->dtype),
-                  dt_size(lv->dtype));
+        int64_t v;
+        read_back(&v, bad + h_err[1], sizeof v);
         return ds_cuda_error(DS_ERR_VALUE, "%s: levels[%lld, %lld] = %lld is outside [0, num_partitions=%d]",
-                             fn, (long long)t, (long long)k, (long long)load_int(buf, lv->dtype, 0), P);
+                             fn, (long long)t, (long long)k, (long long)v, P);
     }
     plan.off.assign((size_t)EP + 1, 0);
     for (int64_t key = 0; key < EP; key++)
