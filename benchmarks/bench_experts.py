@@ -600,6 +600,11 @@ def run_benchmark(args):
     tf_major = int(tf_ver.split(".")[0])
     gen_tag = f"tf{tf_ver}"
     os.makedirs(args.out, exist_ok=True)
+    if args.simd:
+        usable = [k for k, ok in ops.simd_levels().items() if ok]
+        if args.simd not in usable:
+            raise SystemExit(f"--simd {args.simd}: not usable on this CPU/build (usable: {', '.join(usable)})")
+        ops.set_simd_level(args.simd)
     so = [os.path.join(os.path.dirname(ds.__file__), f) for f in os.listdir(os.path.dirname(ds.__file__))
           if f.startswith("_C.") and f.endswith(".so")]
     meta = {
@@ -1230,6 +1235,9 @@ def parse_args(argv=None):
     p.add_argument("--check-rows", type=int, default=16,
                    help="token rows (from the first batches) checked against the torch fp32 reference (default 16)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--simd", default=None, choices=["generic", "avx2", "avx512", "avx512_bf16"],
+                   help="the engine's SIMD level (default: the best this CPU has); e.g. avx2 measures the AVX2 "
+                        "kernels on an AVX-512 machine")
     p.add_argument("--wait-idle", type=float, default=0.0,
                    help="before the limits and each timed shape, wait up to this many seconds for other processes "
                         "to go quiet (default 0: do not wait; the load is measured and reported either way)")

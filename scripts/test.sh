@@ -36,7 +36,7 @@ if [ -z "$workers" ]; then
 fi
 xdist_args() {  # python: the pytest-xdist options, when it is installed and wanted
     if [ "$workers" -gt 1 ] && "$1" -c "import xdist" 2>/dev/null; then
-        echo "-n $workers --dist loadfile"
+        echo "-n $workers --dist loadfile --no-loadscope-reorder"
     fi
 }
 
@@ -49,7 +49,7 @@ if [ "$tf4" = 1 ]; then
     (
         [ -x .venv-tf4/bin/python ] || "$python" -m venv .venv-tf4
         .venv-tf4/bin/python -m pip install --quiet -c constraints/tf457.txt \
-            torch transformers numpy safetensors tqdm tokenizers matplotlib pytest pytest-xdist
+            torch transformers numpy safetensors tqdm tokenizers matplotlib pytest "pytest-xdist>=3.6"
     ) >"$tf4_log" 2>&1 &
     tf4_pid=$!
 fi

@@ -25,10 +25,12 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 # The files that take longest (subprocesses, C builds, end-to-end runs) are
-# collected first, so that xdist's one-file-per-worker scheduling starts them
-# early instead of leaving one of them to run alone at the end.
-SLOW_FILES_FIRST = ("test_sweep.py", "test_core_c.py", "test_lm_eval.py", "test_notebooks.py", "test_readme.py",
-                    "test_ep.py", "test_cuda_emu.py", "test_builtin.py", "test_portability.py", "test_compile.py")
+# collected first, longest first, so that xdist's one-file-per-worker
+# scheduling (scripts/test.sh passes --no-loadscope-reorder to keep this
+# order) starts them early instead of leaving one to run alone at the end.
+SLOW_FILES_FIRST = ("test_lm_eval.py", "test_core_c.py", "test_readme.py", "test_ep.py", "test_sweep.py",
+                    "test_cuda_emu.py", "test_compile.py", "test_builtin.py", "test_portability.py",
+                    "test_notebooks.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -12,6 +12,11 @@ def test_there_are_notebooks():
     assert NOTEBOOKS, "notebooks/ holds no notebook"
 
 
+# Values for a notebook's cell tagged "parameters" (papermill's convention),
+# set after that cell runs: smaller sizes, the same code paths.
+PARAMETERS = {"CALIB_TOKENS": 2048, "EVAL_TOKENS": 2048, "MC_ITEMS": 16}
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, monkeypatch):
     pytest.importorskip("torch")
@@ -24,3 +29,7 @@ def test_notebook_runs(path, monkeypatch):
             continue
         src = "".join(cell["source"])
         exec(compile(src, f"{path.name}[cell {i}]", "exec"), ns)  # noqa: S102 - the project's own notebook
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            missing = [k for k in PARAMETERS if k not in ns]
+            assert not missing, f"{path.name}: its parameters cell does not set {missing}"
+            ns.update(PARAMETERS)
