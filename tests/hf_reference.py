@@ -321,3 +321,75 @@ def importance_reference(block, x, idx, num_experts, weights=None):
             sums.setdefault(name, np.zeros((num_experts, v.shape[1])))[e] = (c_t * v).sum(0).numpy()
         counts[e] = c.sum()
     return sums, counts
+
+
+class RouterRecord:
+    """Per MoE layer: the router's input (float64) and the experts it
+    selected, for one forward call (hooks on the model's own routers)."""
+
+    def __init__(self, model):
+        self.cfg = model.config
+        self.blocks = moe_blocks(model)
+        self.x, self.idx = {}, {}
+        self.handles = [router_of(b).register_forward_hook(self._hook(i)) for i, (_, b) in enumerate(self.blocks)]
+
+    def _hook(self, i):
+        def hook(mod, args, output):
+            x = args[0]
+            self.x[i] = x.detach().reshape(-1, x.shape[-1]).double()
+            self.idx[i] = routing_from_router(self.cfg, output)[1].detach().clone()
+        return hook
+
+    def logits64(self, i):
+        """The layer's router logits recomputed in float64 from its input."""
+        r = router_of(self.blocks[i][1])
+        out = self.x[i] @ r.weight.detach().double().t()
+        b = getattr(r, "bias", None)
+        return out if b is None else out + b.detach().double()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def partition_divergence(orig: RouterRecord, new: RouterRecord, P: int, K: int, shape, tol_eps: float):
+    """Where the partitioned model's selection, mapped back to experts, is
+    not every originally selected expert P times, in a (batch, seq) forward
+    of both models on the same input.  Returns the positions kept (a bool
+    (batch, seq) mask: those before the first divergence of their sequence
+    in any layer).  Asserts that each divergence at a position whose layer
+    input both models computed alike (no divergence at or before it in an
+    earlier layer) is a tie at the original router's top-K boundary: every
+    expert selected by one model and not the other has a logit within
+    ``tol_eps * max |logit|`` of the lowest selected one.  P = 1 compares
+    two models with the same experts (e.g. unpatched and patched)."""
+    B, S = shape
+    first = [S] * B          # first diverged position of each sequence, over the layers seen so far
+    for i in sorted(orig.idx):
+        io, inn = orig.idx[i], new.idx[i]
+        lg = orig.logits64(i)
+        now = list(first)
+        for t in range(io.shape[0]):
+            b, pos = divmod(t, S)
+            so = sorted(io[t].tolist())
+            sn = sorted((inn[t] // P).tolist())
+            if sn == sorted(so * P):
+                continue
+            now[b] = min(now[b], pos)
+            if pos >= first[b]:
+                continue     # this layer's input already differs here: a consequence, not a cause
+            full = {e for e in set(sn) if sn.count(e) == P}
+            differ = (set(so) ^ full) | {e for e in set(sn) if sn.count(e) != P}
+            boundary = float(lg[t, so].min())
+            tol = tol_eps * float(lg[t].abs().max())
+            gaps = {e: abs(float(lg[t, e]) - boundary) for e in differ}
+            assert max(gaps.values()) <= tol, (f"layer {i} token {t}: selection {so} became {sn} without a tie at "
+                                               f"the top-{K} boundary (logit gaps {gaps}, tolerance {tol})")
+        first = now
+    keep = torch.ones(B, S, dtype=torch.bool)
+    for b in range(B):
+        keep[b, first[b]:] = False
+    return keep

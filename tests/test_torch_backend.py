@@ -490,24 +490,38 @@ def test_patched_model_forced_torch_backend_fp32(hf, family, monkeypatch):
 def test_patched_model_forced_torch_backend_bf16(hf, family, monkeypatch):
     """bfloat16, no drop, backend="torch": as close to the float64 model as
     the unpatched bfloat16 model is (test_hf's criterion for the engine:
-    1.5x its error plus 2 ulps of the largest logit).  With drops, bf16
-    logits of two implementations cannot be compared: a hidden state one ulp
-    apart can cross a threshold; the float32 test covers drops."""
+    1.5x its error plus 2 ulps of the largest logit), on every position
+    before a routing tie.  The experts' outputs are rounded differently, so
+    where a later layer's router logits tie at the top-K boundary (to within
+    such roundings) the two models may choose different experts, which
+    changes that token and, through attention, the later ones (seen on
+    qwen3_moe with torch's AVX2 kernels): such divergences are checked to
+    be ties (test_hf's complete_partition test does the same).  With drops,
+    bf16 logits of two implementations cannot be compared: a hidden state
+    one ulp apart can cross a threshold; the float32 test covers drops."""
     import dualsparse as ds
+    import hf_reference as R
 
     ids = hf.input_ids()
     model = hf.build(family, dtype=torch.bfloat16)
-    unpatched = _logits(model, ids)
+    with R.RouterRecord(model) as ro:
+        unpatched = _logits(model, ids)
     f64 = torch.float32 if (family == "deepseek_v3" and not hasattr(model, "set_experts_implementation")) \
         else torch.float64
     ref = _logits(hf.build(family, dtype=f64), ids)
     calls = _count_torch_calls(monkeypatch)
     ds.patch(model, ds.NoDrop(), backend="torch")
-    patched = _logits(model, ids)
+    with R.RouterRecord(model) as rp:
+        patched = _logits(model, ids)
     assert bool(calls) == (family != "gpt_oss")
-    err_u = float((unpatched - ref).abs().max())
-    err_p = float((patched - ref).abs().max())
-    slack = 2 * torch.finfo(torch.bfloat16).eps * float(ref.abs().max())
+    assert sorted(rp.idx) == sorted(ro.idx) and ro.idx, "the routers' hooks must see every MoE layer"
+    eps = torch.finfo(torch.bfloat16).eps
+    keep = R.partition_divergence(ro, rp, 1, getattr(model.config, "num_experts_per_tok", 0), ids.shape,
+                                  tol_eps=4 * eps)
+    assert keep.float().mean() >= 0.5, f"routing diverged at too many positions ({keep})"
+    err_u = float((unpatched - ref).abs()[keep].max())
+    err_p = float((patched - ref).abs()[keep].max())
+    slack = 2 * eps * float(ref.abs().max())
     assert err_p <= 1.5 * err_u + slack, (err_p, err_u, slack)
     ds.set_policy(model, ds.TwoThreshold(0.3, 0.6))
     assert torch.isfinite(_logits(model, ids)).all() and ds.drop_stats(model).overall > 0
