@@ -1235,8 +1235,8 @@ def parse_args(argv=None):
     p.add_argument("--check-rows", type=int, default=16,
                    help="token rows (from the first batches) checked against the torch fp32 reference (default 16)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--simd", default=None, choices=["generic", "avx2", "avx512", "avx512_bf16"],
-                   help="the engine's SIMD level (default: the best this CPU has); e.g. avx2 measures the AVX2 "
+    p.add_argument("--simd", default=None, metavar="LEVEL",
+                   help="the engine's SIMD level, one of ops.simd_levels() (default: the best this CPU has); e.g. avx2 measures the AVX2 "
                         "kernels on an AVX-512 machine")
     p.add_argument("--wait-idle", type=float, default=0.0,
                    help="before the limits and each timed shape, wait up to this many seconds for other processes "
