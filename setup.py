@@ -124,11 +124,17 @@ class BuildExt(build_ext):
     a record of what happened to CUDA, so `python -m dualsparse info` can say
     why it is missing."""
 
+    def run(self):
+        # setuptools clears `inplace` while it builds, then copies the results into the tree
+        self._into_tree = bool(self.inplace or getattr(self, "editable_mode", False))
+        super().run()
+
     def build_extensions(self):
         mode = os.environ.get("DUALSPARSE_CUDA", "auto").strip().lower()
         if mode not in ("auto", "0", "1"):
             raise SystemExit(f"DUALSPARSE_CUDA must be auto, 0 or 1; got {mode!r}")
         cuda_exts = [e for e in self.extensions if e.name.endswith("_C_cuda")]
+        self._all_cuda_exts = list(cuda_exts)
         core_exts = [e for e in self.extensions if not e.name.endswith("_C_cuda")]
         nvcc = _find_nvcc() if mode != "0" else None
         driver = _nvidia_driver() if mode == "auto" and nvcc else ""
@@ -178,6 +184,16 @@ class BuildExt(build_ext):
                 status = f"not built: nvcc build failed ({first[0][:200]})"
                 self.warn(f"dualsparse: CUDA module skipped: {exc}")
         self.extensions = core_exts + built_cuda
+        for ext in self._all_cuda_exts:
+            if ext in built_cuda:
+                continue
+            # a CUDA module left by an earlier build of this tree would be
+            # imported beside a core that says it was not built
+            if getattr(self, "_into_tree", False):
+                stale = Path(__file__).resolve().parent / self.get_ext_filename(ext.name)
+                if stale.exists():
+                    self.announce(f"dualsparse: removing {stale} from an earlier build ({status})", level=2)
+                    stale.unlink()
         for ext in core_exts:
             ext.define_macros.append(("DS_CUDA_BUILD_STATUS", _c_string(status)))
             ext.define_macros.append(("DS_BUILD_CFLAGS", _c_string(" ".join(ext.extra_compile_args))))
