@@ -55,8 +55,9 @@ FULL = dict(rates=DEFAULT_RATES, calib_tokens=16384, eval_tokens=65536, mc_items
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", nargs="+", default=None, metavar="NAME_OR_DIR",
-                   help=f"built-in model names ({', '.join(builtin.NAMES)}) or local Hugging Face MoE model folders "
-                        f"(default: all built-in models)")
+                   help=f"built-in model names ({', '.join(builtin.ALL_NAMES)}) or local Hugging Face MoE model folders "
+                        f"(default: {' and '.join(builtin.NAMES)}; smollm2-moe needs the [real] extra and is "
+                        f"converted on first use)")
     p.add_argument("--data", nargs="+", default=None, metavar="FILE",
                    help="UTF-8 text files (.txt or .txt.gz); paragraphs are separated by blank lines "
                         "(default: the held-out sample shipped with the package)")
@@ -149,9 +150,17 @@ def resolve(args) -> argparse.Namespace:
             raise SweepError(f"--data: no files given and the packaged held-out sample is missing ({hp})")
         a.data = [str(hp)]
     for m in a.models:
-        if m not in builtin.NAMES and not os.path.isdir(m):
-            raise SweepError(f"--model: {m!r} is neither a built-in model ({', '.join(builtin.NAMES)}) "
+        if m not in builtin.ALL_NAMES and not os.path.isdir(m):
+            raise SweepError(f"--model: {m!r} is neither a built-in model ({', '.join(builtin.ALL_NAMES)}) "
                              "nor a folder")
+        if m in builtin.CONVERTED:
+            from .builtin.converted import MissingExtraError, _require_gguf_reader, find_gguf
+
+            try:
+                find_gguf()
+                _require_gguf_reader()
+            except (MissingExtraError, FileNotFoundError) as e:
+                raise SweepError(f"--model {m}: {e}") from None
     out = pathlib.Path(args.out) if args.out else pathlib.Path(
         f"dualsparse-sweep-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and not out.is_dir():
@@ -447,7 +456,7 @@ def sweep_model(spec: str, a, paras: List[str], log, progress: bool) -> Dict:
 
     dtype = getattr(torch, a.dtype)
     model, tok = builtin.load_model(spec, dtype)
-    name = spec if spec in builtin.NAMES else pathlib.Path(spec).name
+    name = spec if spec in builtin.ALL_NAMES else pathlib.Path(spec).name
     family = family_for(model)
     calib_paras, eval_paras = split_paragraphs(paras)
     calib = token_windows(tok, calib_paras, a.seq_len, a.calib_tokens)
@@ -597,7 +606,10 @@ def sweep_model(spec: str, a, paras: List[str], log, progress: bool) -> Dict:
             "calibration_tokens": int(calib.shape[0] * a.seq_len), "evaluation_tokens": int(evalw.shape[0] * a.seq_len),
             "mc_items": len(items), "timing_tokens": int(timing_x.numel()), "timing_rounds": int(a.timing_reps),
             "max_abs_nll_change_patched": abs(nod["nll"] - base["nll"])}
-    if spec in builtin.NAMES:
+    if spec in builtin.CONVERTED:
+        ti = builtin.training_info(spec)
+        info["training"] = {k: ti.get(k) for k in ("dense_heldout_nll", "moe_heldout_nll")}
+    elif spec in builtin.NAMES:
         ti = builtin.training_info(spec)
         info["training"] = {k: ti.get(k) for k in ("heldout_ppl_stored_bf16", "final_train_lm_loss_ema")}
     curves = _layer_curves(scores, [l.shared_units for l in h.layers])

@@ -28,7 +28,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # collected first, longest first, so that xdist's one-file-per-worker
 # scheduling (scripts/test.sh passes --no-loadscope-reorder to keep this
 # order) starts them early instead of leaving one to run alone at the end.
-SLOW_FILES_FIRST = ("test_lm_eval.py", "test_core_c.py", "test_readme.py", "test_ep.py", "test_sweep.py",
+SLOW_FILES_FIRST = ("test_lm_eval.py", "test_core_c.py", "test_readme.py", "test_ep.py", "test_moefication.py",
+                    "test_sweep.py",
                     "test_cuda_emu.py", "test_compile.py", "test_builtin.py", "test_portability.py",
                     "test_notebooks.py")
 

@@ -24,7 +24,10 @@ DATA = ROOT.parent / "shared" / "data"
 
 
 def test_shipped_files_fit_in_20_mb():
-    files = [f for n in builtin.NAMES for f in builtin.path(n).iterdir()] + [builtin.heldout_path()]
+    from dualsparse.builtin import converted
+
+    files = [f for n in builtin.NAMES for f in builtin.path(n).iterdir()] + [builtin.heldout_path(),
+                                                                          converted.PLAN_PATH, converted.INFO_PATH]
     total = sum(f.stat().st_size for f in files)
     assert total <= 20_000_000, f"{total / 1e6:.2f} MB"
     for n in builtin.NAMES:
