@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -280,6 +280,13 @@ def build_plan(model, batches, *, num_experts: int, top_k: int, shared: int, tem
 
 # ------------------------------------------------------------------ the checkpoint
 
+def transformers_major() -> int:
+    """The installed transformers' major version (config layouts differ)."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
 def moe_config(dense_config, plan: MoEPlan):
     """The Qwen2-MoE config of the MoE model (installed transformers)."""
     from transformers import Qwen2MoeConfig
@@ -302,9 +309,7 @@ def moe_config(dense_config, plan: MoEPlan):
     rs = rope or getattr(c, "rope_scaling", None) or {}
     if rs.get("rope_type", rs.get("type", "default")) != "default":
         raise ValueError("moefication: RoPE scaling is not supported")
-    import transformers
-
-    if int(transformers.__version__.split(".")[0]) >= 5:
+    if transformers_major() >= 5:
         kw["rope_parameters"] = {"rope_type": "default", "rope_theta": float(theta)}
     else:
         kw["rope_theta"] = float(theta)

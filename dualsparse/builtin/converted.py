@@ -89,12 +89,6 @@ def _sha256(path: pathlib.Path) -> str:
     return h.hexdigest()
 
 
-def _transformers_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
-
-
 def cache_key(plan_path: Optional[pathlib.Path] = None, gguf_sha256: Optional[str] = None) -> str:
     """Changes with the plan, the source weights, the cache format and the
     transformers generation (whose config files differ)."""
@@ -102,7 +96,9 @@ def cache_key(plan_path: Optional[pathlib.Path] = None, gguf_sha256: Optional[st
     gguf_sha256 = GGUF_SHA256 if gguf_sha256 is None else gguf_sha256
     h = hashlib.sha256()
     h.update(plan_path.read_bytes())
-    h.update(f"{gguf_sha256}|{CACHE_FORMAT}|tf{_transformers_major()}".encode())
+    from ..moefication import transformers_major
+
+    h.update(f"{gguf_sha256}|{CACHE_FORMAT}|tf{transformers_major()}".encode())
     return h.hexdigest()[:16]
 
 
@@ -173,7 +169,7 @@ def ensure(name: str = "smollm2-moe", *, show_progress: bool = True, log=None) -
         _say(log, f"dualsparse: the cached {name} in {folder} is damaged ({why}); converting it again")
         shutil.rmtree(folder, ignore_errors=True)
     gguf = find_gguf()
-    return convert_to_cache(name, folder, gguf, show_progress=show_progress, log=log)
+    return convert_to_cache(name, folder, gguf, show_progress=show_progress, log=log, expect_sha256=GGUF_SHA256)
 
 
 def _say(log, msg: str) -> None:
@@ -185,15 +181,15 @@ def _say(log, msg: str) -> None:
 
 def convert_to_cache(name: str, folder: pathlib.Path, gguf: pathlib.Path, *, show_progress: bool = True,
                      log=None, load=None, plan_path: Optional[pathlib.Path] = None,
-                     expect_sha256: Optional[str] = "default") -> pathlib.Path:
+                     expect_sha256: Optional[str] = GGUF_SHA256) -> pathlib.Path:
     """Converts into a temporary folder beside ``folder`` and renames it into
     place, so that an interrupted conversion leaves no partial cache.
     ``load(gguf)`` returns the dense (model, tokenizer) (default:
-    :func:`load_dense`)."""
+    :func:`load_dense`); ``expect_sha256`` None skips the check of the
+    source file."""
     from ..moefication import MoEPlan, convert
 
     plan_path = PLAN_PATH if plan_path is None else plan_path
-    expect_sha256 = GGUF_SHA256 if expect_sha256 == "default" else expect_sha256
     folder.parent.mkdir(parents=True, exist_ok=True)
     _say(log, f"dualsparse: converting SmolLM2-135M into the built-in model {name!r} (first use only, about a "
               f"minute) -> {folder}")
