@@ -18,6 +18,8 @@ Environment switches:
                                runtime with LD_PRELOAD when importing)
   DUALSPARSE_CFLAGS="..."      extra compiler flags (e.g. -march=native; never
                                the default: SIMD paths are chosen at run time)
+  DUALSPARSE_BUILD_JOBS=N      compiler processes at a time (default: the CPU
+                               count, at most 8)
 """
 import ctypes
 import os
@@ -26,7 +28,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -119,6 +120,32 @@ def _c_string(s):
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _jobs():
+    try:
+        n = int(os.environ.get("DUALSPARSE_BUILD_JOBS", "0"))
+    except ValueError:
+        raise SystemExit("DUALSPARSE_BUILD_JOBS must be an integer")
+    return n if n > 0 else min(os.cpu_count() or 1, 8)
+
+
+def _parallel_compile(compiler, jobs):
+    """Makes compiler.compile run one compiler process per source file, up
+    to `jobs` at a time (setuptools compiles an extension's sources one after
+    another); the objects come back in source order."""
+    serial = compiler.compile
+
+    def compile(sources, *args, **kwargs):
+        if jobs < 2 or len(sources) < 2:
+            return serial(sources, *args, **kwargs)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(jobs) as pool:
+            parts = list(pool.map(lambda src: serial([src], *args, **kwargs), sources))
+        return [obj for part in parts for obj in part]
+
+    compiler.compile = compile
+
+
 class BuildExt(build_ext):
     """Builds the CUDA module first (if asked), then the core extension with
     a record of what happened to CUDA, so `python -m dualsparse info` can say
@@ -130,6 +157,7 @@ class BuildExt(build_ext):
         super().run()
 
     def build_extensions(self):
+        _parallel_compile(self.compiler, _jobs())
         mode = os.environ.get("DUALSPARSE_CUDA", "auto").strip().lower()
         if mode not in ("auto", "0", "1"):
             raise SystemExit(f"DUALSPARSE_CUDA must be auto, 0 or 1; got {mode!r}")
@@ -220,16 +248,23 @@ class BuildExt(build_ext):
         ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
         objdir = Path(self.build_temp) / "cuda"
         objdir.mkdir(parents=True, exist_ok=True)
-        objs = []
+        objs, cmds = [], []
         for src in cu:
             obj = objdir / (Path(src).stem + ".o")
             cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "--compiler-options",
                    "-fPIC,-fvisibility=hidden", f'-DDS_CUDA_ARCHS="{arch_list}"', *gencode]
             self.announce(" ".join(cmd), level=2)
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            cmds.append((src, cmd))
+            objs.append(str(obj))
+        from concurrent.futures import ThreadPoolExecutor
+
+        # the .cu files compile side by side (nvcc runs one host compiler and
+        # one device pass per architecture, one after another)
+        with ThreadPoolExecutor(_jobs()) as pool:
+            results = list(pool.map(lambda sc: (sc[0], subprocess.run(sc[1], capture_output=True, text=True)), cmds))
+        for src, res in results:
             if res.returncode != 0:
                 raise RuntimeError(f"nvcc failed on {src}:\n{res.stderr}")
-            objs.append(str(obj))
         ext.extra_objects = objs + ext.extra_objects
         ext.depends = list(ext.depends) + cu  # a changed .cu relinks the module
         ext.library_dirs.append(str(_cuda_libdir(nvcc)))

@@ -206,21 +206,29 @@ def wait_idle(max_wait: float, threshold: float, log_fn=log):
 
 # ----------------------------------------------------------- machine limits
 
-def machine_limits(torch, np, quick: bool, log_fn=log):
+def machine_limits(torch, np, quick: bool, log_fn=log, dtypes=("float32", "bfloat16")):
     """GEMM rate per dtype (best of torch.matmul and numpy/OpenBLAS on large
     square shapes) and memory read bandwidth (best of full reductions and a
-    big GEMV over ~1 GiB)."""
+    big GEMV over ~1 GiB); only the dtypes benchmarked (torch's bfloat16
+    matmul held to AVX2 is a slow single-threaded loop)."""
     reps = 3 if quick else 7
     res = {"gemm": [], "bandwidth": []}
     handles = {}
     sizes = [2048] if quick else [2048, 4096]
-    for dt in ("float32", "bfloat16"):
+    for dt in dtypes:
         for n in sizes:
             a = torch.randn(n, n).to(getattr(torch, dt))
             b = torch.randn(n, n).to(getattr(torch, dt))
-            t = timeit(lambda: torch.matmul(a, b), reps)
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            first = time.perf_counter() - t0
+            # a matmul that takes seconds (torch's bfloat16 fallback loop when held
+            # to AVX2) is timed once, and larger sizes are not tried
+            t = first if first > 2.0 else timeit(lambda: torch.matmul(a, b), reps, warmup=0)
             res["gemm"].append({"lib": "torch.matmul", "dtype": dt, "shape": f"{n}x{n}x{n}", "gflops": 2 * n**3 / t / 1e9})
             del a, b
+            if first > 2.0:
+                break
     for n in sizes:
         a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
         b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
@@ -233,7 +241,8 @@ def machine_limits(torch, np, quick: bool, log_fn=log):
     except ImportError:  # pragma: no cover
         load_openblas = None
     if load_openblas is not None:
-        for coretype in (None, "SkylakeX"):
+        held = os.environ.get("OPENBLAS_CORETYPE") == "Haswell"
+        for coretype in (None,) if held else (None, "SkylakeX"):
             sg, core = load_openblas(coretype, torch.get_num_threads(), thread_timeout=4)
             if sg is None:
                 log_fn(f"  (scipy_openblas32 unavailable: {core})")
@@ -285,9 +294,12 @@ class LimitProbes:
     that each shape's efficiency is judged against the machine's speed *while
     that shape ran* (on a shared VM host the speed drifts by 2x and more)."""
 
-    def __init__(self, torch, np, handles, quick: bool):
+    def __init__(self, torch, np, handles, quick: bool, startup_rates=None):
         self.torch = torch
         n = self.n = 2048
+        # a dtype whose start-up GEMM took seconds (torch's bfloat16 fallback held to
+        # AVX2, ~0.4 GFLOP/s) keeps its start-up rate instead of a probe per round
+        self.fixed_rate = {dt: r for dt, r in (startup_rates or {}).items() if 2.0 * n**3 / (r * 1e9) > 2.0}
         self.flops = 2.0 * n**3
         g = torch.Generator().manual_seed(1)
         self.a = {dt: torch.randn(n, n, generator=g).to(getattr(torch, dt)) for dt in ("float32", "bfloat16")}
@@ -301,8 +313,8 @@ class LimitProbes:
 
     def measure(self, dtype: str):
         torch = self.torch
-        best_t = float("inf")
-        fns = [lambda: torch.matmul(self.a[dtype], self.b[dtype])]
+        best_t = self.flops / (self.fixed_rate[dtype] * 1e9) if dtype in self.fixed_rate else float("inf")
+        fns = [] if dtype in self.fixed_rate else [lambda: torch.matmul(self.a[dtype], self.b[dtype])]
         if dtype == "float32" and self.sg is not None:
             fns.append(lambda: self.sg(self.an, self.bn, self.cn))
         for f in fns:
@@ -620,6 +632,7 @@ def run_benchmark(args):
         "dualsparse_path": os.path.dirname(ds.__file__),
         "engine_so": [file_digest(p) for p in so],
         "simd_level": ops.simd_level(),
+        "library_env": {v: os.environ.get(v) for v in AVX2_LIBRARY_ENV},
         "git": git_state(),
         "args": {k: v for k, v in vars(args).items()},
     }
@@ -629,9 +642,9 @@ def run_benchmark(args):
     log("machine limits:")
     wait_idle(args.wait_idle, args.idle_threshold)
     s0 = cpu_snapshot()
-    limits = machine_limits(torch, np, args.quick)
+    limits = machine_limits(torch, np, args.quick, dtypes=tuple(args.dtypes))
     limits["other_load"] = other_load(s0, cpu_snapshot())
-    probes = LimitProbes(torch, np, limits.pop("_handles"), args.quick)
+    probes = LimitProbes(torch, np, limits.pop("_handles"), args.quick, limits.get("gemm_rate_gflops"))
     gemm_rate = limits["gemm_rate_gflops"]
     bw = limits["bandwidth_gbps"]
 
@@ -761,7 +774,9 @@ def run_benchmark(args):
                         continue
                     est = nb * im.slack * max(im.flops / (gemm_rate.get(dname, 50.0) * 1e9),
                                               (im.bytes + 2 * im.extra_bytes) / (bw * 1e9))
-                    if est * (1 + args.min_repeats) > args.config_budget:
+                    # the engine is always timed (a dtype whose measured GEMM rate is a slow
+                    # fallback, bfloat16 held to AVX2, says nothing about the engine)
+                    if im.family != "engine" and est * (1 + args.min_repeats) > args.config_budget:
                         im.skipped = (f"predicted {est:.1f}s per call x {1 + args.min_repeats} "
                                       f"> --config-budget {args.config_budget:g}s")
 
@@ -1031,8 +1046,10 @@ def markdown(runs):
         m, lim = run["meta"], run["limits"]
         out.append(f"### Run: transformers {m['transformers']}, torch {m['torch']}, {m['date']}")
         out.append("")
+        held = {k: v for k, v in (m.get("library_env") or {}).items() if v}
         out.append(f"CPU: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; engine SIMD {m['simd_level']}; "
-                   f"dualsparse {m['dualsparse']} at {m['git'].get('commit', '')[:10]}"
+                   + (f"libraries held by {', '.join(f'{k}={v}' for k, v in held.items())}; " if held else "")
+                   + f"dualsparse {m['dualsparse']} at {m['git'].get('commit', '')[:10]}"
                    f"{' (+uncommitted changes)' if m['git'].get('dirty_files') else ''}; "
                    f"wall {m.get('wall_s', 0):.0f}s, peak RSS {m.get('peak_rss_gib', 0):.2f} GiB")
         out.append("")
@@ -1238,6 +1255,9 @@ def parse_args(argv=None):
     p.add_argument("--simd", default=None, metavar="LEVEL",
                    help="the engine's SIMD level, one of ops.simd_levels() (default: the best this CPU has); e.g. avx2 measures the AVX2 "
                         "kernels on an AVX-512 machine")
+    p.add_argument("--libraries-native", action="store_true",
+                   help="with --simd avx2: leave torch, oneDNN, MKL and OpenBLAS at their best kernels (by default they are "
+                        "held to AVX2 too, through " + ", ".join(AVX2_LIBRARY_ENV) + ")")
     p.add_argument("--wait-idle", type=float, default=0.0,
                    help="before the limits and each timed shape, wait up to this many seconds for other processes "
                         "to go quiet (default 0: do not wait; the load is measured and reported either way)")
@@ -1271,12 +1291,28 @@ def parse_args(argv=None):
     return a
 
 
+#: Environment that holds torch (ATen, oneDNN, MKL) and numpy's OpenBLAS to
+#: AVX2 kernels, so that on an AVX-512 machine `--simd avx2` compares the
+#: engine's AVX2 kernels with libraries limited as on an AVX2 CPU.
+AVX2_LIBRARY_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "OPENBLAS_CORETYPE": "Haswell",
+}
+
+
 def main(argv=None):
     # numpy's bundled OpenBLAS (used only for the machine limits) must not leave
     # its worker threads spinning for ~0.1 s after each call: on 2 cores that
     # slows whatever is timed next.  Read once, when numpy loads it.
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     args = parse_args(argv)
+    if args.simd in ("avx2", "generic") and not args.libraries_native:
+        # the limits and transformers' kernels at the same level as the engine
+        # (each library reads its variable once, when it loads; none is loaded yet)
+        for var, val in AVX2_LIBRARY_ENV.items():
+            os.environ.setdefault(var, val)
     if args.merge:
         merge(args.merge, args.out)
         return 0

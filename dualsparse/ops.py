@@ -713,3 +713,20 @@ def simd_levels() -> dict:
 def set_simd_level(level: str) -> None:
     """Force a kernel level at or below the detected one (tests, benchmarks)."""
     _C.set_simd_level(level)
+
+
+def _simd_from_environment() -> None:
+    """``DUALSPARSE_SIMD=avx2`` (or another level) holds the engine to that
+    level from import on, e.g. to measure or test the AVX2 kernels on an
+    AVX-512 machine; a level the CPU lacks or an unknown name is an error
+    that names the variable."""
+    want = os.environ.get("DUALSPARSE_SIMD", "").strip()
+    if not want:
+        return
+    try:
+        set_simd_level(want)
+    except ValueError as exc:
+        raise ValueError(f"environment variable DUALSPARSE_SIMD={want!r}: {exc}") from None
+
+
+_simd_from_environment()

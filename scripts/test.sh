@@ -5,7 +5,9 @@
 # newest supported transformers; then the Hugging Face, built-in model,
 # expert-parallel and sweep tests again in .venv-tf4 with the oldest
 # supported transformers (4.57, per-expert layouts; DUALSPARSE_SKIP_TF4=1
-# skips that run; its virtualenv is installed while the first run goes).
+# skips that run; its virtualenv is installed while the first run goes; it
+# sets DUALSPARSE_TEST_RERUN=tf4, and the expert-parallel checks that do not
+# depend on transformers are left to the first run).
 # On an AVX-512 CPU the bfloat16 Hugging Face tests also run with torch's
 # AVX2 kernels (DUALSPARSE_SKIP_AVX2_TORCH=1 skips that).
 # Tests run in DUALSPARSE_TEST_WORKERS pytest-xdist processes (default: the
@@ -82,7 +84,7 @@ if [ "$tf4" = 1 ]; then
     rm -f "$tf4_log"
     # the extension is built in place by the editable install in .venv (same Python)
     # shellcheck disable=SC2046
-    PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" run_pytest .venv-tf4/bin/python -p no:cacheprovider \
+    PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" DUALSPARSE_TEST_RERUN=tf4 run_pytest .venv-tf4/bin/python -p no:cacheprovider \
         $(xdist_args .venv-tf4/bin/python) \
         tests/test_hf.py tests/test_builtin.py tests/test_ep.py tests/test_sweep.py tests/test_tune.py tests/test_saved.py \
         tests/test_textbatches.py "$@" || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }

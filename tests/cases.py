@@ -54,6 +54,8 @@ CASES = [
          note=">64 rows per expert, H > 128, I > 128"),
     Case("few_experts", T=200, H=24, I=16, E=8, K=2, P=1, ids="few", levels="full",
          note="200 rows on each of two experts"),
+    Case("rows70_H600_I300", T=140, H=600, I=300, E=2, K=1, P=1, levels="full",
+         note="70 rows per expert, K blocks with a remainder: the AVX2 block GEMM (16-bit)"),
     Case("all_dropped", T=12, H=20, I=12, E=4, K=2, P=2, levels="zero",
          note="every pair at level 0: output is zero"),
     Case("I1", T=6, H=3, I=1, E=2, K=1, P=1),
@@ -70,7 +72,7 @@ CASES_BY_ID = {c.id: c for c in CASES}
 #: A handful of cases that together cover the structure, for tests that
 #: repeat the comparison many times (thread counts, SIMD levels, fuzz seeds).
 SMALL_CASE_IDS = ["T0", "T1", "K_eq_E", "empty_experts", "odd_H67_I77_P2", "odd_I131_P4",
-                  "many_rows", "all_dropped", "H1"]
+                  "many_rows", "few_experts", "rows70_H600_I300", "all_dropped", "H1"]
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}

@@ -41,6 +41,12 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 HERE = os.path.dirname(os.path.abspath(__file__))
 PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ds.__file__)))  # the ranks import this dualsparse
 TOL = dict(rtol=1e-5, atol=1e-5)
+# scripts/test.sh runs this file a second time with the oldest supported
+# transformers (DUALSPARSE_TEST_RERUN=tf4): there the checks that depend on the
+# model layout run on 2 ranks, and those that only exercise torch.distributed
+# and the launch (rank failures) are left to the main run.
+RERUN = os.environ.get("DUALSPARSE_TEST_RERUN", "")
+skip_in_rerun = pytest.mark.skipif(bool(RERUN), reason="does not depend on transformers; the main run covers it")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -93,7 +99,7 @@ def launch_ok(scenario, world, out):
     return res
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["2ranks", "4ranks"])
+@pytest.fixture(scope="module", params=[2] if RERUN else [2, 4], ids=["2ranks"] if RERUN else ["2ranks", "4ranks"])
 def main_run(request, tmp_path_factory):
     world = request.param
     return world, launch_ok("main", world, tmp_path_factory.mktemp(f"ep{world}"))
@@ -326,6 +332,7 @@ def test_load_aware_fill_drops_less_than_uniform_at_same_max_load(main_run, fami
     assert dropped_la < dropped_uni, (dropped_la, dropped_uni, c)
 
 
+@skip_in_rerun
 def test_mismatched_ranks_get_clear_errors(tmp_path):
     res = launch_ok("mismatch", 2, tmp_path)
     for r in range(2):
@@ -336,6 +343,7 @@ def test_mismatched_ranks_get_clear_errors(tmp_path):
         assert "experts, top-k" in m["config"]
 
 
+@skip_in_rerun
 def test_rank_exiting_after_patch_is_an_error_not_a_hang(tmp_path):
     res, codes, logs = launch("exit_after_patch", 2, tmp_path)
     assert codes == [0, 0], logs
@@ -347,6 +355,7 @@ def test_rank_exiting_after_patch_is_an_error_not_a_hang(tmp_path):
     assert res[0]["seconds"] < HANG_S / 2
 
 
+@skip_in_rerun
 def test_rank_absent_at_patch_times_out_with_an_error(tmp_path):
     res, codes, logs = launch("absent_at_patch", 2, tmp_path)
     assert codes == [0, 0], logs

@@ -9,6 +9,9 @@ P equivalences, layouts, stacking, inverse permutation) are checked bitwise.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ import reference as R
 from cases import (CASE_IDS, CASES_BY_ID, KIND_IDS, KINDS, SMALL_CASE_IDS, TORCH_DTYPES, assert_moe_close,
                    assert_same_bits, bits, build)
 from conftest import usable_simd_levels
+from hang import HANG_S
 
 TORCH_DT_IDS = ["float32", "bfloat16", "float16"]
 
@@ -182,14 +186,25 @@ def test_moe_experts_every_simd_level(case_id, dtype, simd_level):
     assert_moe_close(run_moe(inp), inp, what=f"simd={simd_level}")
 
 
+@pytest.mark.parametrize("value", ["generic", "avx2", "sse9", "avx512_bf16"])
+def test_simd_level_from_the_environment(value):
+    env = dict(os.environ, DUALSPARSE_SIMD=value)
+    p = subprocess.run([sys.executable, "-c", "import dualsparse.ops as o; print(o.simd_level())"],
+                       capture_output=True, text=True, env=env, timeout=HANG_S)
+    if ops.simd_levels().get(value, False):
+        assert p.returncode == 0 and p.stdout.strip() == value, p.stderr
+    else:   # unknown, or not on this CPU: an error that names the variable, not a silent other level
+        assert p.returncode != 0 and "DUALSPARSE_SIMD='%s'" % value in p.stderr, p.stderr
+
+
 def test_simd_levels_api():
     levels = ops.simd_levels()
     assert list(levels) == ["generic", "avx2", "avx512", "avx512_bf16"]
     assert levels["generic"] is True
     assert ops.simd_level() in [k for k, v in levels.items() if v]
     usable = usable_simd_levels()
-    # the detected level is the best usable one
-    assert ops.simd_level() == usable[-1]
+    # the level at import is the best usable one, or the one DUALSPARSE_SIMD names
+    assert ops.simd_level() == (os.environ.get("DUALSPARSE_SIMD", "").strip() or usable[-1])
     for name in usable:
         ops.set_simd_level(name)
         assert ops.simd_level() == name

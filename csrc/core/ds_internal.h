@@ -119,12 +119,27 @@ void ds_combine_generic_f32(const float *const *y, const float *w, int nk, int64
 void ds_combine_generic_bf16(const float *const *y, const float *w, int nk, int64_t H, void *out);
 void ds_combine_generic_f16(const float *const *y, const float *w, int nk, int64_t H, void *out);
 
+/* Block GEMM for many rows of x: c[i*ldc + j] (+)= x_i . w_j for i < mb
+ * (mb <= DS_GEMM_MAX_ROWS), j < nw, K <= DS_GEMM_KMAX.  x and each group of
+ * weight rows are copied into pack (DS_GEMM_PACK_FLOATS floats, per thread)
+ * as float32 panels; each
+ * output is one chain of fused multiply-adds in k order, so the summation
+ * order depends only on K. */
+#define DS_GEMM_MAX_ROWS 64
+#define DS_GEMM_KMAX 256
+#define DS_GEMM_PACK_FLOATS ((DS_GEMM_MAX_ROWS + 8) * DS_GEMM_KMAX + 8)
+typedef void (*ds_gemm_fn)(int64_t mb, int64_t nw, const void *const *x, const void *const *w,
+                           int64_t K, float *c, int64_t ldc, int accumulate, float *pack);
+
 typedef struct {
     ds_dot_tile_fn dot;
     ds_dot_rows_fn rows;
     ds_act_fn act;
     ds_combine_fn combine;
     int mr, nr;       /* preferred tile: rows of x, rows of w */
+    ds_gemm_fn gemm;  /* NULL: the tiles serve every row count */
+    int gemm_rows;    /* blocks of at least this many rows go to gemm */
+    int gemm_kmax;    /* K block of gemm (<= DS_GEMM_KMAX): a panel of x in L1 */
 } ds_kernels;
 
 /* Kernel set for (level, dtype); NULL when not compiled in. */

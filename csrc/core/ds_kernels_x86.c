@@ -2,9 +2,11 @@
  * product), each function compiled for its own target and called only after
  * the CPU has been checked (ds_common.c), so one build runs on any x86-64.
  *
- * All are "dot tiles": mr rows of x against nr rows of w, both contiguous
- * along K, one vector accumulator per (row, row) pair, reduced at the end.
- * Weights are read where they lie; no packing, no copies. */
+ * The tiles are "dot tiles": mr rows of x against nr rows of w, both
+ * contiguous along K, one vector accumulator per (row, row) pair, reduced at
+ * the end; weights are read where they lie.  One exception, AVX2 with 16-bit
+ * weights: blocks of 64 rows go through a block GEMM that widens x and weight
+ * rows once into float32 panels (see "AVX2 block GEMM" below). */
 #include "ds_internal.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(DS_NO_X86_KERNELS)
@@ -421,22 +423,6 @@ DEF_COMBINE5(f32, ST5_F32)
 DEF_COMBINE5(bf16, ST5_BF16)
 DEF_COMBINE5(f16, ST5_F16)
 
-static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6};
-static const ds_kernels k5_bf16 = {dot5_bf16, rows5_bf16, act5_bf16, combine5_bf16, 4, 6};
-static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6};
-static const ds_kernels k5b_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5_bf16, 4, 6};
-
-const ds_kernels *ds_kernels_avx512(ds_dtype dt)
-{
-    switch (dt) {
-    case DS_F32: return &k5_f32;
-    case DS_BF16: return &k5_bf16;
-    case DS_F16: return &k5_f16;
-    default: return NULL;
-    }
-}
-
-const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt) { return dt == DS_BF16 ? &k5b_bf16 : NULL; }
 
 /* ============================= AVX2 ====================================== */
 
@@ -528,28 +514,300 @@ DEF_TILE2(f32, 4)
 DEF_TILE2(bf16, 2)
 DEF_TILE2(f16, 2)
 
-static void act2_f32(const float *gu, int64_t n, void *dst)
+/* ---- AVX2 block GEMM ------------------------------------------------------
+ * For blocks of many rows the dot tiles above are limited by their
+ * horizontal reductions and by the three x rows a 16-register tile can hold.
+ * Here the block's x rows are copied once, as float32, into panels of 16
+ * rows laid out k-major (panel[k*16 + r]); a micro-kernel holds 16 rows x 6
+ * weight rows of outputs in 12 accumulators, loads two x vectors per k and
+ * broadcasts one weight element per weight row.  Weight rows are read where
+ * they lie (float32) or widened once per block into float32 rows (16-bit
+ * types: products of two bfloat16 or two float16 values are exact in
+ * float32, so this is the same arithmetic).  Each output is one FMA chain in
+ * k order. */
+#define G2_MR 16
+#define G2_NR 6
+
+/* 8 x 8 transpose of r[0..7] (rows) in place. */
+INL TGT2 void tr8x8(__m256 *r)
+{
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+    r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+    r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+/* t[j] holds rows 0..7 of output column j (columns beyond nr zero):
+ * transposed in place, and columns [0, nr) of the first nrows rows of c
+ * stored or added.  `wide`: columns nr..7 of c belong to this call too (a
+ * later weight group), so whole 8-float rows are read and written, those
+ * columns with their own bits (masked stores are slow on some cores). */
+INL TGT2 void g2_store(__m256 *t, int nr, int nrows, float *c, int64_t ldc, int accumulate,
+                       int wide)
+{
+    tr8x8(t);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(nr),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    if (wide) {
+        const __m256 keep = _mm256_castsi256_ps(mask);
+        for (int i = 0; i < nrows; i++) {
+            const __m256 old = _mm256_loadu_ps(c + i * ldc);
+            const __m256 v = accumulate ? _mm256_add_ps(old, t[i]) : t[i];
+            _mm256_storeu_ps(c + i * ldc, _mm256_blendv_ps(old, v, keep));
+        }
+        return;
+    }
+    for (int i = 0; i < nrows; i++) {
+        __m256 v = t[i];
+        if (accumulate)
+            v = _mm256_add_ps(_mm256_maskload_ps(c + i * ldc, mask), v);
+        _mm256_maskstore_ps(c + i * ldc, mask, v);
+    }
+}
+
+/* While the first panel runs, the next weight group is fetched: one 64-byte
+ * line of each of its rows every 16 k (a float32 row of K has K/16 lines). */
+#define G_PREFETCH(pf, pf_bytes, k, NR)                                             \
+    do {                                                                            \
+        if ((pf) != NULL && ((k) & 15) == 0 && ((k) >> 4) * 64 < (pf_bytes))        \
+            for (int j_ = 0; j_ < (NR); j_++)                                       \
+                if ((pf)[j_] != NULL)                                               \
+                    _mm_prefetch((pf)[j_] + ((k) >> 4) * 64, _MM_HINT_T0);           \
+    } while (0)
+
+/* One 16 x 6 output tile over K: xp is a packed panel of 16 x rows
+ * (xp[k*16 + r]), wk a packed group of 6 weight rows (wk[k*6 + j]); the
+ * first nrows rows and nr columns are written. */
+INL TGT2 void g2_kernel(const float *xp, const float *wk, int64_t K, float *c, int64_t ldc,
+                        int nrows, int nr, int accumulate, const char *const *pf, int64_t pf_bytes,
+                        int wide)
+{
+    __m256 a0[G2_NR], a1[G2_NR];
+    for (int j = 0; j < G2_NR; j++) {
+        a0[j] = _mm256_setzero_ps();
+        a1[j] = _mm256_setzero_ps();
+    }
+    for (int64_t k = 0; k < K; k++) {
+        G_PREFETCH(pf, pf_bytes, k, G2_NR);
+        const __m256 x0 = _mm256_loadu_ps(xp + 16 * k), x1 = _mm256_loadu_ps(xp + 16 * k + 8);
+        for (int j = 0; j < G2_NR; j++) {
+            const __m256 b = _mm256_broadcast_ss(wk + G2_NR * k + j);
+            a0[j] = _mm256_fmadd_ps(x0, b, a0[j]);
+            a1[j] = _mm256_fmadd_ps(x1, b, a1[j]);
+        }
+    }
+    /* the accumulators are copied out by constant index only, so that they
+     * stay in registers through the loop */
+    __m256 t0[8], t1[8];
+    for (int j = 0; j < 8; j++) {
+        t0[j] = j < G2_NR ? a0[j] : _mm256_setzero_ps();
+        t1[j] = j < G2_NR ? a1[j] : _mm256_setzero_ps();
+    }
+    g2_store(t0, nr, nrows < 8 ? nrows : 8, c, ldc, accumulate, wide);
+    if (nrows > 8)
+        g2_store(t1, nr, nrows - 8, c + 8 * ldc, ldc, accumulate, wide);
+}
+
+/* Rows [0, nrows) of x (nrows <= width, a multiple of 8) into one k-major
+ * panel (panel[k*width + r]), rows beyond nrows zero.  Eight rows at a time
+ * are widened and transposed 8 x 8. */
+#define DEF_PACK2(T)                                                                \
+    INL TGT2 void pack2_##T(const void *const *x, int nrows, int64_t K, float *panel, \
+                            const int width)                                        \
+    {                                                                               \
+        for (int h = 0; h < width / 8; h++) {                                       \
+            const int r0 = 8 * h, nh = nrows - r0 < 0 ? 0 : nrows - r0 < 8 ? nrows - r0 : 8; \
+            int64_t k = 0;                                                          \
+            for (; k + 8 <= K; k += 8) {                                            \
+                __m256 t[8];                                                        \
+                for (int r = 0; r < 8; r++)                                         \
+                    t[r] = r < nh ? ld2_##T(x[r0 + r], k) : _mm256_setzero_ps();    \
+                tr8x8(t);                                                           \
+                for (int q = 0; q < 8; q++)                                         \
+                    _mm256_storeu_ps(panel + width * (k + q) + r0, t[q]);           \
+            }                                                                       \
+            for (; k < K; k++)                                                      \
+                for (int r = 0; r < 8; r++)                                         \
+                    panel[width * k + r0 + r] = r < nh ? sc_##T(x[r0 + r], k) : 0.0f; \
+        }                                                                           \
+    }
+DEF_PACK2(bf16)
+DEF_PACK2(f16)
+
+/* Weight rows [0, nr) (nr <= width <= 8) into one k-major group
+ * (wk[k*width + j]), rows beyond nr zero, widened to float32.  With width
+ * < 8 each 8-wide store spills 8 - width zeros into the next k, which the
+ * next store overwrites; the buffer has 8 floats of slack for the last. */
+#define DEF_PACKW(T)                                                                \
+    INL TGT2 void packw_##T(const void *const *w, int nr, int64_t K, float *wk,     \
+                            const int width)                                        \
+    {                                                                               \
+        int64_t k = 0;                                                              \
+        for (; k + 8 <= K; k += 8) {                                                \
+            __m256 t[8];                                                            \
+            for (int r = 0; r < 8; r++)                                             \
+                t[r] = r < nr ? ld2_##T(w[r], k) : _mm256_setzero_ps();             \
+            tr8x8(t);                                                               \
+            for (int q = 0; q < 8; q++)                                             \
+                _mm256_storeu_ps(wk + width * (k + q), t[q]);                       \
+        }                                                                           \
+        for (; k < K; k++)                                                          \
+            for (int r = 0; r < width; r++)                                         \
+                wk[width * k + r] = r < nr ? sc_##T(w[r], k) : 0.0f;                \
+    }
+DEF_PACKW(bf16)
+DEF_PACKW(f16)
+
+/* The block GEMM driver of one level: the block's x rows packed into panels
+ * of MR rows (all of them stay in L2), then for each group of NR weight rows
+ * (packed and widened once, kept in L1) every panel.  While the first panel
+ * runs, the next group's rows are prefetched. */
+#define DEF_GEMM(NAME, TGT, T, ESZ, MR, NR, KERNEL)                                     \
+    static TGT void NAME(int64_t mb, int64_t nw, const void *const *x,                  \
+                         const void *const *w, int64_t K, float *c, int64_t ldc,        \
+                         int accumulate, float *pack)                                   \
+    {                                                                                   \
+        const int64_t np = (mb + (MR) - 1) / (MR);                                      \
+        for (int64_t p = 0; p < np; p++) {                                              \
+            const int64_t left = mb - p * (MR);                                         \
+            pack2_##T(x + p * (MR), (int)(left < (MR) ? left : (MR)), K,                \
+                      pack + p * (MR) * K, (MR));                                       \
+        }                                                                               \
+        float *wk = pack + np * (MR) * K;                                               \
+        for (int64_t j0 = 0; j0 < nw; j0 += (NR)) {                                     \
+            const int nr = (int)(nw - j0 < (NR) ? nw - j0 : (NR));                      \
+            packw_##T(w + j0, nr, K, wk, (NR));                                         \
+            const char *next[NR];                                                       \
+            for (int j = 0; j < (NR); j++)                                              \
+                next[j] = j0 + (NR) + j < nw ? (const char *)w[j0 + (NR) + j] : NULL;   \
+            for (int64_t p = 0; p < np; p++) {                                          \
+                const int64_t left = mb - p * (MR);                                     \
+                KERNEL(pack + p * (MR) * K, wk, K, c + p * (MR) * ldc + j0, ldc,        \
+                       (int)(left < (MR) ? left : (MR)), nr, accumulate,                \
+                       p == 0 ? next : NULL, K * (ESZ), j0 + 8 <= nw);                  \
+            }                                                                           \
+        }                                                                               \
+    }
+DEF_GEMM(gemm2_bf16, TGT2, bf16, 2, G2_MR, G2_NR, g2_kernel)
+DEF_GEMM(gemm2_f16, TGT2, f16, 2, G2_MR, G2_NR, g2_kernel)
+
+/* ---- SiLU(g) * u on AVX2 (the AVX-512 polynomial; 2^n built from two
+ * exponent fields, so that overflow still gives inf and underflow 0) ---- */
+INL TGT2 __m256 exp2v(__m256 v)
+{
+    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+    const __m256 ln2hi = _mm256_set1_ps(0.693359375f);
+    const __m256 ln2lo = _mm256_set1_ps(-2.12194440e-4f);
+    v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(89.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, ln2hi, v);
+    r = _mm256_fnmadd_ps(n, ln2lo, r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 r2 = _mm256_mul_ps(r, r);
+    p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* n in [-150, 129]: 2^n = 2^(n/2) * 2^(n - n/2), both normal */
+    __m256i ni = _mm256_cvtps_epi32(n);
+    __m256i h1 = _mm256_srai_epi32(ni, 1), h2 = _mm256_sub_epi32(ni, h1);
+    __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h1, _mm256_set1_epi32(127)), 23));
+    __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h2, _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+/* silu(g) * u for 8 interleaved (g, u) pairs at gu. */
+INL TGT2 __m256 act2_pairs8(const float *gu)
+{
+    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(gu), even);      /* g0..g3 u0..u3 */
+    __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(gu + 8), even);  /* g4..g7 u4..u7 */
+    __m256 g = _mm256_permute2f128_ps(lo, hi, 0x20), u = _mm256_permute2f128_ps(lo, hi, 0x31);
+    __m256 e = exp2v(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+    return _mm256_mul_ps(s, u);
+}
+
+/* float32 -> bfloat16 (round to nearest even, NaN kept quiet) for 8 values */
+INL TGT2 __m128i cvt2_bf16(__m256 v)
+{
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+    r = _mm256_srli_epi32(r, 16);
+    __m256i packed = _mm256_packus_epi32(r, r); /* per 128-bit lane: r0..3 r0..3 r4..7 r4..7 */
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+static TGT2 void act2_f32(const float *gu, int64_t n, void *dst)
 {
     float *d = (float *)dst;
-    for (int64_t j = 0; j < n; j++)
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(d + j, act2_pairs8(gu + 2 * j));
+    for (; j < n; j++)
         d[j] = ds_silu(gu[2 * j]) * gu[2 * j + 1];
 }
-static void act2_bf16(const float *gu, int64_t n, void *dst)
+static TGT2 void act2_bf16(const float *gu, int64_t n, void *dst)
 {
     uint16_t *d = (uint16_t *)dst;
-    for (int64_t j = 0; j < n; j++)
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm_storeu_si128((__m128i *)(d + j), cvt2_bf16(act2_pairs8(gu + 2 * j)));
+    for (; j < n; j++)
         d[j] = ds_f32_to_bf16(ds_silu(gu[2 * j]) * gu[2 * j + 1]);
 }
-static void act2_f16(const float *gu, int64_t n, void *dst)
+static TGT2 void act2_f16(const float *gu, int64_t n, void *dst)
 {
     uint16_t *d = (uint16_t *)dst;
-    for (int64_t j = 0; j < n; j++)
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm_storeu_si128((__m128i *)(d + j),
+                         _mm256_cvtps_ph(act2_pairs8(gu + 2 * j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; j < n; j++)
         d[j] = ds_f32_to_f16(ds_silu(gu[2 * j]) * gu[2 * j + 1]);
 }
 
-static const ds_kernels k2_f32 = {dot2_f32, rows2_f32, act2_f32, ds_combine_generic_f32, 3, 4};
-static const ds_kernels k2_bf16 = {dot2_bf16, rows2_bf16, act2_bf16, ds_combine_generic_bf16, 3, 4};
-static const ds_kernels k2_f16 = {dot2_f16, rows2_f16, act2_f16, ds_combine_generic_f16, 3, 4};
+static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6, NULL, 0, 0};
+static const ds_kernels k5_bf16 = {dot5_bf16, rows5_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0, 0};
+static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6, NULL, 0, 0};
+static const ds_kernels k5b_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0, 0};
+
+const ds_kernels *ds_kernels_avx512(ds_dtype dt)
+{
+    switch (dt) {
+    case DS_F32: return &k5_f32;
+    case DS_BF16: return &k5_bf16;
+    case DS_F16: return &k5_f16;
+    default: return NULL;
+    }
+}
+
+const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt) { return dt == DS_BF16 ? &k5b_bf16 : NULL; }
+
+static const ds_kernels k2_f32 = {dot2_f32, rows2_f32, act2_f32, ds_combine_generic_f32, 3, 4, NULL, 0, 0};
+static const ds_kernels k2_bf16 = {dot2_bf16, rows2_bf16, act2_bf16, ds_combine_generic_bf16, 3, 4, gemm2_bf16, 64, 256};
+static const ds_kernels k2_f16 = {dot2_f16, rows2_f16, act2_f16, ds_combine_generic_f16, 3, 4, gemm2_f16, 64, 256};
 
 const ds_kernels *ds_kernels_avx2(ds_dtype dt)
 {

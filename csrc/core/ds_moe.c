@@ -21,6 +21,8 @@
 #define MB 64    /* rows per block inside an item */
 #define TB 8     /* tokens per combine item */
 
+_Static_assert(MB <= DS_GEMM_MAX_ROWS, "a block of rows must fit the GEMM's panels");
+
 typedef struct {
     int64_t e, q, j0, j1; /* q = 0: importance (all rows, no levels) */
 } item1_t;
@@ -52,6 +54,7 @@ typedef struct {
     float *Y;           /* R x H */
     float *scratch;     /* per thread */
     int64_t scratch_len;
+    float *pack;        /* per thread: DS_GEMM_PACK_FLOATS */
     const float **cmb_rows; /* per thread: K row pointers for the combine */
     float *cmb_w;           /* per thread: K weights */
     /* moe outputs */
@@ -71,15 +74,25 @@ static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
  * blocks pay it more often. */
 #define L1_TILE_BUDGET (40 * 1024)
 #define L2_BUDGET (384 * 1024)
-static int64_t k_block(int64_t mb, size_t esz, int64_t K)
+static int uses_gemm(const ds_kernels *kn, int64_t mb)
+{
+    return kn->gemm != NULL && mb >= kn->gemm_rows && mb <= DS_GEMM_MAX_ROWS;
+}
+
+static int64_t k_block(const ds_kernels *kn, int64_t mb, size_t esz, int64_t K)
 {
     if (mb <= 3)
         return K; /* GEMV-shaped: each weight row read once, as one stream */
-    int64_t kmax = L1_TILE_BUDGET / ((int64_t)(DS_MAX_MR + 6) * (int64_t)esz);
-    int64_t k2 = L2_BUDGET / (mb * (int64_t)esz);
-    if (k2 < kmax)
-        kmax = k2;
-    kmax = kmax < 256 ? 256 : kmax & ~(int64_t)63;
+    int64_t kmax;
+    if (uses_gemm(kn, mb)) {
+        kmax = kn->gemm_kmax; /* a packed panel of x rows stays in L1 */
+    } else {
+        kmax = L1_TILE_BUDGET / ((int64_t)(DS_MAX_MR + 6) * (int64_t)esz);
+        int64_t k2 = L2_BUDGET / (mb * (int64_t)esz);
+        if (k2 < kmax)
+            kmax = k2;
+        kmax = kmax < 256 ? 256 : kmax & ~(int64_t)63;
+    }
     if (K <= kmax)
         return K;
     int64_t nblocks = (K + kmax - 1) / kmax;
@@ -254,6 +267,7 @@ typedef struct {
     float *c;
     int64_t ldc;
     int accumulate;
+    float *pack;             /* the thread's panel buffer for kn->gemm */
 } tile_job;
 
 static void run_tiles(const tile_job *j)
@@ -266,6 +280,11 @@ static void run_tiles(const tile_job *j)
      * the speed of 4 x 6 tiles), so tiles take over. */
     if (j->mb <= 3) {
         kn->rows((int)j->mb, j->nw, j->xr, j->wr, j->K, j->c, j->ldc, j->accumulate);
+        return;
+    }
+    /* Many rows, where the level has one: a packed block GEMM. */
+    if (uses_gemm(kn, j->mb)) {
+        kn->gemm(j->mb, j->nw, j->xr, j->wr, j->K, j->c, j->ldc, j->accumulate, j->pack);
         return;
     }
     /* More rows: full tiles; row tile i prefetches share i of the next
@@ -304,7 +323,7 @@ static void gate_up_item(void *vctx, int64_t item, int tid)
 
     for (int64_t rb = 0; rb < m; rb += MB) {
         const int64_t mb = m - rb < MB ? m - rb : MB;
-        const int64_t kc = k_block(mb, esz, H);
+        const int64_t kc = k_block(c->kern, mb, esz, H);
         for (int64_t k0 = 0; k0 < H; k0 += kc) {
             /* weight rows interleaved (gate j, up j, ...) so that S holds
              * (a, b) pairs per neuron */
@@ -315,7 +334,8 @@ static void gate_up_item(void *vctx, int64_t item, int tid)
             }
             for (int64_t i = 0; i < mb; i++)
                 xr[i] = (const char *)c->x + (c->row_tok[row0 + rb + i] * c->ldx + k0) * (int64_t)esz;
-            tile_job tj = {c->kern, xr, mb, wr, 2 * nj, H - k0 < kc ? H - k0 : kc, S, ldS, k0 > 0};
+            tile_job tj = {c->kern, xr, mb, wr, 2 * nj, H - k0 < kc ? H - k0 : kc, S, ldS, k0 > 0,
+                           c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS};
             run_tiles(&tj);
         }
         if (c->imp) {
@@ -343,7 +363,6 @@ static void gate_up_item(void *vctx, int64_t item, int tid)
 
 static void down_item(void *vctx, int64_t item, int tid)
 {
-    (void)tid;
     moe_ctx *c = (moe_ctx *)vctx;
     const ds_experts *w = c->w;
     const item2_t *it = &c->items2[item];
@@ -358,14 +377,15 @@ static void down_item(void *vctx, int64_t item, int tid)
         const int64_t rs = em[p + 1], re = em[p], n = (p * I) / P;
         for (int64_t rb = rs; rb < re; rb += MB) {
             const int64_t mb = re - rb < MB ? re - rb : MB;
-            const int64_t kc = k_block(mb, c->act_esz, n);
+            const int64_t kc = k_block(c->kern, mb, c->act_esz, n);
             for (int64_t k0 = 0; k0 < n; k0 += kc) {
                 for (int64_t h = 0; h < nh; h++)
                     wr[h] = down + ((it->h0 + h) * w->ld_down + k0) * (int64_t)esz;
                 for (int64_t i = 0; i < mb; i++)
                     ar[i] = c->A + ((row0 + rb + i) * I + k0) * (int64_t)c->act_esz;
                 tile_job tj = {c->kern, ar, mb, wr, nh, n - k0 < kc ? n - k0 : kc,
-                               c->Y + (row0 + rb) * H + it->h0, H, k0 > 0};
+                               c->Y + (row0 + rb) * H + it->h0, H, k0 > 0,
+                               c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS};
                 run_tiles(&tj);
             }
         }
@@ -412,6 +432,8 @@ static int carve(moe_ctx *c, ds_arena *ar, const ds_experts *w, int64_t T, int64
     c->items1 = ds_arena_take(ar, (size_t)(E * (P + cdiv(w->I, NC))) * sizeof(item1_t));
     c->scratch_len = scratch_floats();
     c->scratch = ds_arena_take(ar, (size_t)(n_threads * c->scratch_len) * sizeof(float));
+    /* reserved whatever the level, so that the size does not depend on it */
+    c->pack = ds_arena_take(ar, (size_t)n_threads * DS_GEMM_PACK_FLOATS * sizeof(float));
     if (!importance) {
         c->items2 = ds_arena_take(ar, (size_t)(E * cdiv(w->H, HC)) * sizeof(item2_t));
         c->act_esz = ds_dtype_size(w->dtype);

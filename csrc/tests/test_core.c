@@ -70,6 +70,10 @@ static const mcase cases[] = {
     {"odd I P=4", 19, 53, 131, 5, 2, 4, 0, 1},
     {"many rows", 150, 96, 160, 4, 2, 2, 0, 1},
     {"long K", 5, 1100, 40, 3, 2, 3, 0, 1},
+    /* blocks of 16-64 rows with K over one K block (the AVX2 block GEMM),
+     * row counts that leave partial panels, weight groups that leave a tail */
+    {"many rows long K", 200, 1100, 24, 2, 1, 1, 0, 0},
+    {"many rows full", 160, 40, 600, 2, 1, 3, 0, 0},
 };
 
 typedef struct {
