@@ -132,7 +132,9 @@ def _parallel_compile(compiler, jobs):
     """Makes compiler.compile run one compiler process per source file, up
     to `jobs` at a time (setuptools compiles an extension's sources one after
     another); the objects come back in source order."""
-    serial = compiler.compile
+    serial = getattr(compiler, "compile", None)
+    if serial is None:   # not a distutils compiler (nothing to compile through it)
+        return
 
     def compile(sources, *args, **kwargs):
         if jobs < 2 or len(sources) < 2:
