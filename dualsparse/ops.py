@@ -725,8 +725,8 @@ def _simd_from_environment() -> None:
         return
     try:
         set_simd_level(want)
-    except ValueError as exc:
-        raise ValueError(f"environment variable DUALSPARSE_SIMD={want!r}: {exc}") from None
+    except (ValueError, NotImplementedError) as exc:   # unknown name / not on this CPU
+        raise type(exc)(f"environment variable DUALSPARSE_SIMD={want!r}: {exc}") from None
 
 
 _simd_from_environment()

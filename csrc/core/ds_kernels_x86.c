@@ -520,11 +520,13 @@ DEF_TILE2(f16, 2)
  * Here the block's x rows are copied once, as float32, into panels of 16
  * rows laid out k-major (panel[k*16 + r]); a micro-kernel holds 16 rows x 6
  * weight rows of outputs in 12 accumulators, loads two x vectors per k and
- * broadcasts one weight element per weight row.  Weight rows are read where
- * they lie (float32) or widened once per block into float32 rows (16-bit
- * types: products of two bfloat16 or two float16 values are exact in
- * float32, so this is the same arithmetic).  Each output is one FMA chain in
- * k order. */
+ * broadcasts one weight element per weight row.  Each group of 6 weight rows
+ * is widened once into a k-major float32 panel (products of two bfloat16 or
+ * two float16 values are exact in float32, so this is the arithmetic of the
+ * tiles, which widen in the loop).  Each output is one FMA chain in k order.
+ * Used for 16-bit weights and full blocks of 64 rows only: measured against
+ * the dot tiles (benchmarks/README.md), float32 and smaller blocks gained
+ * nothing or lost. */
 #define G2_MR 16
 #define G2_NR 6
 
