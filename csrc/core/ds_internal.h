@@ -139,7 +139,6 @@ typedef struct {
     int mr, nr;       /* preferred tile: rows of x, rows of w */
     ds_gemm_fn gemm;  /* NULL: the tiles serve every row count */
     int gemm_rows;    /* blocks of at least this many rows go to gemm */
-    int gemm_kmax;    /* K block of gemm (<= DS_GEMM_KMAX): a panel of x in L1 */
 } ds_kernels;
 
 /* Kernel set for (level, dtype); NULL when not compiled in. */

@@ -626,14 +626,13 @@ INL TGT2 void g2_kernel(const float *xp, const float *wk, int64_t K, float *c, i
         g2_store(t1, nr, nrows - 8, c + 8 * ldc, ldc, accumulate, wide);
 }
 
-/* Rows [0, nrows) of x (nrows <= width, a multiple of 8) into one k-major
- * panel (panel[k*width + r]), rows beyond nrows zero.  Eight rows at a time
- * are widened and transposed 8 x 8. */
+/* Rows [0, nrows) of x (nrows <= 16) into one k-major panel
+ * (panel[k*16 + r]), rows beyond nrows zero.  Eight rows at a time are
+ * widened and transposed 8 x 8. */
 #define DEF_PACK2(T)                                                                \
-    INL TGT2 void pack2_##T(const void *const *x, int nrows, int64_t K, float *panel, \
-                            const int width)                                        \
+    INL TGT2 void pack2_##T(const void *const *x, int nrows, int64_t K, float *panel) \
     {                                                                               \
-        for (int h = 0; h < width / 8; h++) {                                       \
+        for (int h = 0; h < G2_MR / 8; h++) {                                       \
             const int r0 = 8 * h, nh = nrows - r0 < 0 ? 0 : nrows - r0 < 8 ? nrows - r0 : 8; \
             int64_t k = 0;                                                          \
             for (; k + 8 <= K; k += 8) {                                            \
@@ -642,23 +641,22 @@ INL TGT2 void g2_kernel(const float *xp, const float *wk, int64_t K, float *c, i
                     t[r] = r < nh ? ld2_##T(x[r0 + r], k) : _mm256_setzero_ps();    \
                 tr8x8(t);                                                           \
                 for (int q = 0; q < 8; q++)                                         \
-                    _mm256_storeu_ps(panel + width * (k + q) + r0, t[q]);           \
+                    _mm256_storeu_ps(panel + G2_MR * (k + q) + r0, t[q]);           \
             }                                                                       \
             for (; k < K; k++)                                                      \
                 for (int r = 0; r < 8; r++)                                         \
-                    panel[width * k + r0 + r] = r < nh ? sc_##T(x[r0 + r], k) : 0.0f; \
+                    panel[G2_MR * k + r0 + r] = r < nh ? sc_##T(x[r0 + r], k) : 0.0f; \
         }                                                                           \
     }
 DEF_PACK2(bf16)
 DEF_PACK2(f16)
 
-/* Weight rows [0, nr) (nr <= width <= 8) into one k-major group
- * (wk[k*width + j]), rows beyond nr zero, widened to float32.  With width
- * < 8 each 8-wide store spills 8 - width zeros into the next k, which the
- * next store overwrites; the buffer has 8 floats of slack for the last. */
+/* Weight rows [0, nr) (nr <= 6) into one k-major group (wk[k*6 + j]), rows
+ * beyond nr zero, widened to float32.  Each 8-wide store spills two zeros
+ * into the next k, which the next store overwrites; the buffer has 8 floats
+ * of slack for the last. */
 #define DEF_PACKW(T)                                                                \
-    INL TGT2 void packw_##T(const void *const *w, int nr, int64_t K, float *wk,     \
-                            const int width)                                        \
+    INL TGT2 void packw_##T(const void *const *w, int nr, int64_t K, float *wk)     \
     {                                                                               \
         int64_t k = 0;                                                              \
         for (; k + 8 <= K; k += 8) {                                                \
@@ -667,47 +665,47 @@ DEF_PACK2(f16)
                 t[r] = r < nr ? ld2_##T(w[r], k) : _mm256_setzero_ps();             \
             tr8x8(t);                                                               \
             for (int q = 0; q < 8; q++)                                             \
-                _mm256_storeu_ps(wk + width * (k + q), t[q]);                       \
+                _mm256_storeu_ps(wk + G2_NR * (k + q), t[q]);                       \
         }                                                                           \
         for (; k < K; k++)                                                          \
-            for (int r = 0; r < width; r++)                                         \
-                wk[width * k + r] = r < nr ? sc_##T(w[r], k) : 0.0f;                \
+            for (int r = 0; r < G2_NR; r++)                                         \
+                wk[G2_NR * k + r] = r < nr ? sc_##T(w[r], k) : 0.0f;                \
     }
 DEF_PACKW(bf16)
 DEF_PACKW(f16)
 
-/* The block GEMM driver of one level: the block's x rows packed into panels
- * of MR rows (all of them stay in L2), then for each group of NR weight rows
- * (packed and widened once, kept in L1) every panel.  While the first panel
- * runs, the next group's rows are prefetched. */
-#define DEF_GEMM(NAME, TGT, T, ESZ, MR, NR, KERNEL)                                     \
-    static TGT void NAME(int64_t mb, int64_t nw, const void *const *x,                  \
-                         const void *const *w, int64_t K, float *c, int64_t ldc,        \
-                         int accumulate, float *pack)                                   \
+/* The driver: the block's x rows packed into panels of 16 rows (all of them
+ * stay in L2), then for each group of 6 weight rows (packed and widened
+ * once, kept in L1) every panel.  While the first panel runs, the next
+ * group's rows are prefetched. */
+#define DEF_GEMM2(T)                                                                    \
+    static TGT2 void gemm2_##T(int64_t mb, int64_t nw, const void *const *x,            \
+                               const void *const *w, int64_t K, float *c, int64_t ldc,  \
+                               int accumulate, float *pack)                             \
     {                                                                                   \
-        const int64_t np = (mb + (MR) - 1) / (MR);                                      \
+        const int64_t np = (mb + G2_MR - 1) / G2_MR;                                    \
         for (int64_t p = 0; p < np; p++) {                                              \
-            const int64_t left = mb - p * (MR);                                         \
-            pack2_##T(x + p * (MR), (int)(left < (MR) ? left : (MR)), K,                \
-                      pack + p * (MR) * K, (MR));                                       \
+            const int64_t left = mb - p * G2_MR;                                        \
+            pack2_##T(x + p * G2_MR, (int)(left < G2_MR ? left : G2_MR), K,             \
+                      pack + p * G2_MR * K);                                            \
         }                                                                               \
-        float *wk = pack + np * (MR) * K;                                               \
-        for (int64_t j0 = 0; j0 < nw; j0 += (NR)) {                                     \
-            const int nr = (int)(nw - j0 < (NR) ? nw - j0 : (NR));                      \
-            packw_##T(w + j0, nr, K, wk, (NR));                                         \
-            const char *next[NR];                                                       \
-            for (int j = 0; j < (NR); j++)                                              \
-                next[j] = j0 + (NR) + j < nw ? (const char *)w[j0 + (NR) + j] : NULL;   \
+        float *wk = pack + np * G2_MR * K;                                              \
+        for (int64_t j0 = 0; j0 < nw; j0 += G2_NR) {                                    \
+            const int nr = (int)(nw - j0 < G2_NR ? nw - j0 : G2_NR);                    \
+            packw_##T(w + j0, nr, K, wk);                                               \
+            const char *next[G2_NR];                                                    \
+            for (int j = 0; j < G2_NR; j++)                                             \
+                next[j] = j0 + G2_NR + j < nw ? (const char *)w[j0 + G2_NR + j] : NULL; \
             for (int64_t p = 0; p < np; p++) {                                          \
-                const int64_t left = mb - p * (MR);                                     \
-                KERNEL(pack + p * (MR) * K, wk, K, c + p * (MR) * ldc + j0, ldc,        \
-                       (int)(left < (MR) ? left : (MR)), nr, accumulate,                \
-                       p == 0 ? next : NULL, K * (ESZ), j0 + 8 <= nw);                  \
+                const int64_t left = mb - p * G2_MR;                                    \
+                g2_kernel(pack + p * G2_MR * K, wk, K, c + p * G2_MR * ldc + j0, ldc,   \
+                          (int)(left < G2_MR ? left : G2_MR), nr, accumulate,           \
+                          p == 0 ? next : NULL, K * 2, j0 + 8 <= nw);                   \
             }                                                                           \
         }                                                                               \
     }
-DEF_GEMM(gemm2_bf16, TGT2, bf16, 2, G2_MR, G2_NR, g2_kernel)
-DEF_GEMM(gemm2_f16, TGT2, f16, 2, G2_MR, G2_NR, g2_kernel)
+DEF_GEMM2(bf16)
+DEF_GEMM2(f16)
 
 /* ---- SiLU(g) * u on AVX2 (the AVX-512 polynomial; 2^n built from two
  * exponent fields, so that overflow still gives inf and underflow 0) ---- */
@@ -790,10 +788,10 @@ static TGT2 void act2_f16(const float *gu, int64_t n, void *dst)
         d[j] = ds_f32_to_f16(ds_silu(gu[2 * j]) * gu[2 * j + 1]);
 }
 
-static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6, NULL, 0, 0};
-static const ds_kernels k5_bf16 = {dot5_bf16, rows5_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0, 0};
-static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6, NULL, 0, 0};
-static const ds_kernels k5b_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0, 0};
+static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6, NULL, 0};
+static const ds_kernels k5_bf16 = {dot5_bf16, rows5_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0};
+static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6, NULL, 0};
+static const ds_kernels k5b_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0};
 
 const ds_kernels *ds_kernels_avx512(ds_dtype dt)
 {
@@ -807,9 +805,9 @@ const ds_kernels *ds_kernels_avx512(ds_dtype dt)
 
 const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt) { return dt == DS_BF16 ? &k5b_bf16 : NULL; }
 
-static const ds_kernels k2_f32 = {dot2_f32, rows2_f32, act2_f32, ds_combine_generic_f32, 3, 4, NULL, 0, 0};
-static const ds_kernels k2_bf16 = {dot2_bf16, rows2_bf16, act2_bf16, ds_combine_generic_bf16, 3, 4, gemm2_bf16, 64, 256};
-static const ds_kernels k2_f16 = {dot2_f16, rows2_f16, act2_f16, ds_combine_generic_f16, 3, 4, gemm2_f16, 64, 256};
+static const ds_kernels k2_f32 = {dot2_f32, rows2_f32, act2_f32, ds_combine_generic_f32, 3, 4, NULL, 0};
+static const ds_kernels k2_bf16 = {dot2_bf16, rows2_bf16, act2_bf16, ds_combine_generic_bf16, 3, 4, gemm2_bf16, 64};
+static const ds_kernels k2_f16 = {dot2_f16, rows2_f16, act2_f16, ds_combine_generic_f16, 3, 4, gemm2_f16, 64};
 
 const ds_kernels *ds_kernels_avx2(ds_dtype dt)
 {
