@@ -28,6 +28,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -121,10 +122,11 @@ def _c_string(s):
 
 
 def _jobs():
+    raw = os.environ.get("DUALSPARSE_BUILD_JOBS", "0")
     try:
-        n = int(os.environ.get("DUALSPARSE_BUILD_JOBS", "0"))
+        n = int(raw)
     except ValueError:
-        raise SystemExit("DUALSPARSE_BUILD_JOBS must be an integer")
+        raise SystemExit(f"DUALSPARSE_BUILD_JOBS must be an integer; got {raw!r}")
     return n if n > 0 else min(os.cpu_count() or 1, 8)
 
 
@@ -139,8 +141,6 @@ def _parallel_compile(compiler, jobs):
     def compile(sources, *args, **kwargs):
         if jobs < 2 or len(sources) < 2:
             return serial(sources, *args, **kwargs)
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(jobs) as pool:
             parts = list(pool.map(lambda src: serial([src], *args, **kwargs), sources))
         return [obj for part in parts for obj in part]
@@ -258,8 +258,6 @@ class BuildExt(build_ext):
             self.announce(" ".join(cmd), level=2)
             cmds.append((src, cmd))
             objs.append(str(obj))
-        from concurrent.futures import ThreadPoolExecutor
-
         # the .cu files compile side by side (nvcc runs one host compiler and
         # one device pass per architecture, one after another)
         with ThreadPoolExecutor(_jobs()) as pool:
