@@ -125,9 +125,9 @@ void ds_combine_generic_f16(const float *const *y, const float *w, int nk, int64
  * as float32 panels; each
  * output is one chain of fused multiply-adds in k order, so the summation
  * order depends only on K. */
-#define DS_GEMM_MAX_ROWS 64
+#define DS_GEMM_MAX_ROWS 128
 #define DS_GEMM_KMAX 256
-#define DS_GEMM_PACK_FLOATS ((DS_GEMM_MAX_ROWS + 8) * DS_GEMM_KMAX + 8)
+#define DS_GEMM_PACK_FLOATS ((DS_GEMM_MAX_ROWS + 24) * DS_GEMM_KMAX + 16)
 typedef void (*ds_gemm_fn)(int64_t mb, int64_t nw, const void *const *x, const void *const *w,
                            int64_t K, float *c, int64_t ldc, int accumulate, float *pack);
 

@@ -4,9 +4,9 @@
  *
  * The tiles are "dot tiles": mr rows of x against nr rows of w, both
  * contiguous along K, one vector accumulator per (row, row) pair, reduced at
- * the end; weights are read where they lie.  One exception, AVX2 with 16-bit
- * weights: blocks of 64 rows go through a block GEMM that widens x and weight
- * rows once into float32 panels (see "AVX2 block GEMM" below). */
+ * the end; weights are read where they lie.  One exception, AVX2: blocks of
+ * 32 rows and more go through a block GEMM that copies (and widens) x and
+ * weight rows once into float32 panels (see "AVX2 block GEMM" below). */
 #include "ds_internal.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(DS_NO_X86_KERNELS)
@@ -517,18 +517,26 @@ DEF_TILE2(f16, 2)
 /* ---- AVX2 block GEMM ------------------------------------------------------
  * For blocks of many rows the dot tiles above are limited by their
  * horizontal reductions and by the three x rows a 16-register tile can hold.
- * Here the block's x rows are copied once, as float32, into panels of 16
- * rows laid out k-major (panel[k*16 + r]); a micro-kernel holds 16 rows x 6
- * weight rows of outputs in 12 accumulators, loads two x vectors per k and
- * broadcasts one weight element per weight row.  Each group of 6 weight rows
- * is widened once into a k-major float32 panel (products of two bfloat16 or
- * two float16 values are exact in float32, so this is the arithmetic of the
- * tiles, which widen in the loop).  Each output is one FMA chain in k order.
- * Used for 16-bit weights and full blocks of 64 rows only: measured against
- * the dot tiles (benchmarks/README.md), float32 and smaller blocks gained
- * nothing or lost. */
-#define G2_MR 16
-#define G2_NR 6
+ * Here the block's x rows are copied once, as float32, into panels of 6 rows
+ * laid out k-major (xp[k*6 + i]), and each group of 16 weight rows into a
+ * k-major panel (wp[k*16 + j]; 16 KiB at K = 256, kept in L1 while every x
+ * panel of the block runs against it).  The 6 x 16 micro-kernel holds its
+ * outputs in 12 accumulators and, per k, loads two weight vectors and
+ * broadcasts six x values for 12 FMAs; its accumulators are rows of c, so
+ * they are stored without a transpose.  Products of two bfloat16 or two
+ * float16 values are exact in float32, so widening in the panels is the
+ * arithmetic of the tiles, which widen in the loop.  Each output is one FMA
+ * chain in k order.  While the block runs against one weight group, the next
+ * group's rows are prefetched, a share before each x panel.  Used for blocks
+ * of at least 32 rows, all three dtypes: measured against the dot tiles in
+ * one process (benchmarks/README.md), 1.2-1.35x at 64-128 rows per expert
+ * and level at 16-32.  The same scheme in AVX-512 (12 x 32 tiles) was 0.87-1.0x
+ * the AVX-512 dot tiles on a Zen 4 and is not used. */
+#define G2_MR 6
+#define G2_NR 16
+_Static_assert(((DS_GEMM_MAX_ROWS + G2_MR - 1) / G2_MR * G2_MR + G2_NR) * DS_GEMM_KMAX + 8 <=
+                   DS_GEMM_PACK_FLOATS,
+               "the AVX2 GEMM's panels must fit DS_GEMM_PACK_FLOATS");
 
 /* 8 x 8 transpose of r[0..7] (rows) in place. */
 INL TGT2 void tr8x8(__m256 *r)
@@ -555,130 +563,115 @@ INL TGT2 void tr8x8(__m256 *r)
     r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-/* t[j] holds rows 0..7 of output column j (columns beyond nr zero):
- * transposed in place, and columns [0, nr) of the first nrows rows of c
- * stored or added.  `wide`: columns nr..7 of c belong to this call too (a
- * later weight group), so whole 8-float rows are read and written, those
- * columns with their own bits (masked stores are slow on some cores). */
-INL TGT2 void g2_store(__m256 *t, int nr, int nrows, float *c, int64_t ldc, int accumulate,
-                       int wide)
+/* One 6 x 16 output tile over K: xp a packed panel of 6 x rows, wp a packed
+ * group of 16 weight rows; the first nrows rows and ncols columns of c are
+ * written (or added to). */
+INL TGT2 void g2_kernel(const float *xp, const float *wp, int64_t K, float *c, int64_t ldc,
+                        int nrows, int ncols, int accumulate)
 {
-    tr8x8(t);
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(nr),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    if (wide) {
-        const __m256 keep = _mm256_castsi256_ps(mask);
-        for (int i = 0; i < nrows; i++) {
-            const __m256 old = _mm256_loadu_ps(c + i * ldc);
-            const __m256 v = accumulate ? _mm256_add_ps(old, t[i]) : t[i];
-            _mm256_storeu_ps(c + i * ldc, _mm256_blendv_ps(old, v, keep));
+    __m256 a0[G2_MR], a1[G2_MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < G2_MR; i++) {
+        a0[i] = _mm256_setzero_ps();
+        a1[i] = _mm256_setzero_ps();
+    }
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 b0 = _mm256_loadu_ps(wp + G2_NR * k), b1 = _mm256_loadu_ps(wp + G2_NR * k + 8);
+#pragma GCC unroll 8
+        for (int i = 0; i < G2_MR; i++) {
+            const __m256 a = _mm256_broadcast_ss(xp + G2_MR * k + i);
+            a0[i] = _mm256_fmadd_ps(a, b0, a0[i]);
+            a1[i] = _mm256_fmadd_ps(a, b1, a1[i]);
         }
+    }
+    if (ncols == G2_NR) {
+#pragma GCC unroll 8
+        for (int i = 0; i < G2_MR; i++)
+            if (i < nrows) {
+                float *ci = c + i * ldc;
+                __m256 v0 = a0[i], v1 = a1[i];
+                if (accumulate) {
+                    v0 = _mm256_add_ps(_mm256_loadu_ps(ci), v0);
+                    v1 = _mm256_add_ps(_mm256_loadu_ps(ci + 8), v1);
+                }
+                _mm256_storeu_ps(ci, v0);
+                _mm256_storeu_ps(ci + 8, v1);
+            }
         return;
     }
-    for (int i = 0; i < nrows; i++) {
-        __m256 v = t[i];
-        if (accumulate)
-            v = _mm256_add_ps(_mm256_maskload_ps(c + i * ldc, mask), v);
-        _mm256_maskstore_ps(c + i * ldc, mask, v);
-    }
-}
-
-/* While the first panel runs, the next weight group is fetched: one 64-byte
- * line of each of its rows every 16 k (a float32 row of K has K/16 lines). */
-#define G_PREFETCH(pf, pf_bytes, k, NR)                                             \
-    do {                                                                            \
-        if ((pf) != NULL && ((k) & 15) == 0 && ((k) >> 4) * 64 < (pf_bytes))        \
-            for (int j_ = 0; j_ < (NR); j_++)                                       \
-                if ((pf)[j_] != NULL)                                               \
-                    _mm_prefetch((pf)[j_] + ((k) >> 4) * 64, _MM_HINT_T0);           \
-    } while (0)
-
-/* One 16 x 6 output tile over K: xp is a packed panel of 16 x rows
- * (xp[k*16 + r]), wk a packed group of 6 weight rows (wk[k*6 + j]); the
- * first nrows rows and nr columns are written. */
-INL TGT2 void g2_kernel(const float *xp, const float *wk, int64_t K, float *c, int64_t ldc,
-                        int nrows, int nr, int accumulate, const char *const *pf, int64_t pf_bytes,
-                        int wide)
-{
-    __m256 a0[G2_NR], a1[G2_NR];
-    for (int j = 0; j < G2_NR; j++) {
-        a0[j] = _mm256_setzero_ps();
-        a1[j] = _mm256_setzero_ps();
-    }
-    for (int64_t k = 0; k < K; k++) {
-        G_PREFETCH(pf, pf_bytes, k, G2_NR);
-        const __m256 x0 = _mm256_loadu_ps(xp + 16 * k), x1 = _mm256_loadu_ps(xp + 16 * k + 8);
-        for (int j = 0; j < G2_NR; j++) {
-            const __m256 b = _mm256_broadcast_ss(wk + G2_NR * k + j);
-            a0[j] = _mm256_fmadd_ps(x0, b, a0[j]);
-            a1[j] = _mm256_fmadd_ps(x1, b, a1[j]);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(ncols), lane);
+    const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(ncols - 8), lane);
+#pragma GCC unroll 8
+    for (int i = 0; i < G2_MR; i++)
+        if (i < nrows) {
+            float *ci = c + i * ldc;
+            __m256 v0 = a0[i], v1 = a1[i];
+            if (accumulate) {
+                v0 = _mm256_add_ps(_mm256_maskload_ps(ci, m0), v0);
+                v1 = _mm256_add_ps(_mm256_maskload_ps(ci + 8, m1), v1);
+            }
+            _mm256_maskstore_ps(ci, m0, v0);
+            _mm256_maskstore_ps(ci + 8, m1, v1);
         }
-    }
-    /* the accumulators are copied out by constant index only, so that they
-     * stay in registers through the loop */
-    __m256 t0[8], t1[8];
-    for (int j = 0; j < 8; j++) {
-        t0[j] = j < G2_NR ? a0[j] : _mm256_setzero_ps();
-        t1[j] = j < G2_NR ? a1[j] : _mm256_setzero_ps();
-    }
-    g2_store(t0, nr, nrows < 8 ? nrows : 8, c, ldc, accumulate, wide);
-    if (nrows > 8)
-        g2_store(t1, nr, nrows - 8, c + 8 * ldc, ldc, accumulate, wide);
 }
 
-/* Rows [0, nrows) of x (nrows <= 16) into one k-major panel
- * (panel[k*16 + r]), rows beyond nrows zero.  Eight rows at a time are
- * widened and transposed 8 x 8. */
-#define DEF_PACK2(T)                                                                \
-    INL TGT2 void pack2_##T(const void *const *x, int nrows, int64_t K, float *panel) \
-    {                                                                               \
-        for (int h = 0; h < G2_MR / 8; h++) {                                       \
-            const int r0 = 8 * h, nh = nrows - r0 < 0 ? 0 : nrows - r0 < 8 ? nrows - r0 : 8; \
-            int64_t k = 0;                                                          \
-            for (; k + 8 <= K; k += 8) {                                            \
-                __m256 t[8];                                                        \
-                for (int r = 0; r < 8; r++)                                         \
-                    t[r] = r < nh ? ld2_##T(x[r0 + r], k) : _mm256_setzero_ps();    \
-                tr8x8(t);                                                           \
-                for (int q = 0; q < 8; q++)                                         \
-                    _mm256_storeu_ps(panel + G2_MR * (k + q) + r0, t[q]);           \
-            }                                                                       \
-            for (; k < K; k++)                                                      \
-                for (int r = 0; r < 8; r++)                                         \
-                    panel[G2_MR * k + r0 + r] = r < nh ? sc_##T(x[r0 + r], k) : 0.0f; \
-        }                                                                           \
-    }
-DEF_PACK2(bf16)
-DEF_PACK2(f16)
-
-/* Weight rows [0, nr) (nr <= 6) into one k-major group (wk[k*6 + j]), rows
- * beyond nr zero, widened to float32.  Each 8-wide store spills two zeros
- * into the next k, which the next store overwrites; the buffer has 8 floats
- * of slack for the last. */
-#define DEF_PACKW(T)                                                                \
-    INL TGT2 void packw_##T(const void *const *w, int nr, int64_t K, float *wk)     \
+/* Rows [0, nrows) of x (nrows <= 6) into one k-major panel (xp[k*6 + i]),
+ * rows beyond nrows zero: eight k at a time, widened and transposed 8 x 8.
+ * Each 8-wide store spills two zeros into the next k, which the next store
+ * overwrites; the last spills two floats past the panel (slack in the
+ * layout below). */
+#define DEF_PACKX2(T)                                                               \
+    INL TGT2 void packx2_##T(const void *const *x, int nrows, int64_t K, float *xp) \
     {                                                                               \
         int64_t k = 0;                                                              \
         for (; k + 8 <= K; k += 8) {                                                \
             __m256 t[8];                                                            \
             for (int r = 0; r < 8; r++)                                             \
-                t[r] = r < nr ? ld2_##T(w[r], k) : _mm256_setzero_ps();             \
+                t[r] = r < nrows ? ld2_##T(x[r], k) : _mm256_setzero_ps();          \
             tr8x8(t);                                                               \
             for (int q = 0; q < 8; q++)                                             \
-                _mm256_storeu_ps(wk + G2_NR * (k + q), t[q]);                       \
+                _mm256_storeu_ps(xp + G2_MR * (k + q), t[q]);                       \
         }                                                                           \
         for (; k < K; k++)                                                          \
-            for (int r = 0; r < G2_NR; r++)                                         \
-                wk[G2_NR * k + r] = r < nr ? sc_##T(w[r], k) : 0.0f;                \
+            for (int r = 0; r < G2_MR; r++)                                         \
+                xp[G2_MR * k + r] = r < nrows ? sc_##T(x[r], k) : 0.0f;             \
     }
-DEF_PACKW(bf16)
-DEF_PACKW(f16)
+DEF_PACKX2(f32)
+DEF_PACKX2(bf16)
+DEF_PACKX2(f16)
 
-/* The driver: the block's x rows packed into panels of 16 rows (all of them
- * stay in L2), then for each group of 6 weight rows (packed and widened
- * once, kept in L1) every panel.  While the first panel runs, the next
- * group's rows are prefetched. */
-#define DEF_GEMM2(T)                                                                    \
+/* Weight rows [0, nr) (nr <= 16) into one k-major group (wp[k*16 + j]),
+ * widened to float32, rows beyond nr zero. */
+#define DEF_PACKW2(T)                                                               \
+    INL TGT2 void packw2_##T(const void *const *w, int nr, int64_t K, float *wp)    \
+    {                                                                               \
+        for (int r0 = 0; r0 < G2_NR; r0 += 8) {                                     \
+            int64_t k = 0;                                                          \
+            for (; k + 8 <= K; k += 8) {                                            \
+                __m256 t[8];                                                        \
+                for (int r = 0; r < 8; r++)                                         \
+                    t[r] = r0 + r < nr ? ld2_##T(w[r0 + r], k) : _mm256_setzero_ps(); \
+                tr8x8(t);                                                           \
+                for (int q = 0; q < 8; q++)                                         \
+                    _mm256_storeu_ps(wp + G2_NR * (k + q) + r0, t[q]);              \
+            }                                                                       \
+            for (; k < K; k++)                                                      \
+                for (int r = 0; r < 8; r++)                                         \
+                    wp[G2_NR * k + r0 + r] = r0 + r < nr ? sc_##T(w[r0 + r], k) : 0.0f; \
+        }                                                                           \
+    }
+DEF_PACKW2(f32)
+DEF_PACKW2(bf16)
+DEF_PACKW2(f16)
+
+/* The driver: every x panel packed first (at most 22 x 6 rows x K floats:
+ * 132 KiB at K = 256, in L2), then for each group of 16 weight rows, packed
+ * once, all x panels; before panel p the p-th share of the next group's
+ * cache lines is prefetched.  Layout of pack: the x panels, 8 floats of
+ * slack, the weight group. */
+#define DEF_GEMM2(T, ESZ)                                                               \
     static TGT2 void gemm2_##T(int64_t mb, int64_t nw, const void *const *x,            \
                                const void *const *w, int64_t K, float *c, int64_t ldc,  \
                                int accumulate, float *pack)                             \
@@ -686,26 +679,29 @@ DEF_PACKW(f16)
         const int64_t np = (mb + G2_MR - 1) / G2_MR;                                    \
         for (int64_t p = 0; p < np; p++) {                                              \
             const int64_t left = mb - p * G2_MR;                                        \
-            pack2_##T(x + p * G2_MR, (int)(left < G2_MR ? left : G2_MR), K,             \
-                      pack + p * G2_MR * K);                                            \
+            packx2_##T(x + p * G2_MR, (int)(left < G2_MR ? left : G2_MR), K,            \
+                       pack + p * G2_MR * K);                                           \
         }                                                                               \
-        float *wk = pack + np * G2_MR * K;                                              \
+        float *wp = pack + np * G2_MR * K + 8;                                          \
+        const int64_t lines = (K * (ESZ) + 63) / 64;                                    \
         for (int64_t j0 = 0; j0 < nw; j0 += G2_NR) {                                    \
             const int nr = (int)(nw - j0 < G2_NR ? nw - j0 : G2_NR);                    \
-            packw_##T(w + j0, nr, K, wk);                                               \
-            const char *next[G2_NR];                                                    \
-            for (int j = 0; j < G2_NR; j++)                                             \
-                next[j] = j0 + G2_NR + j < nw ? (const char *)w[j0 + G2_NR + j] : NULL; \
+            packw2_##T(w + j0, nr, K, wp);                                              \
+            const int64_t jn = j0 + G2_NR, nn = nw - jn < G2_NR ? nw - jn : G2_NR;      \
             for (int64_t p = 0; p < np; p++) {                                          \
                 const int64_t left = mb - p * G2_MR;                                    \
-                g2_kernel(pack + p * G2_MR * K, wk, K, c + p * G2_MR * ldc + j0, ldc,   \
-                          (int)(left < G2_MR ? left : G2_MR), nr, accumulate,           \
-                          p == 0 ? next : NULL, K * 2, j0 + 8 <= nw);                   \
+                const int64_t l0 = p * lines / np, l1 = (p + 1) * lines / np;           \
+                for (int64_t j = 0; j < nn; j++)                                        \
+                    for (int64_t l = l0; l < l1; l++)                                   \
+                        _mm_prefetch((const char *)w[jn + j] + 64 * l, _MM_HINT_T0);    \
+                g2_kernel(pack + p * G2_MR * K, wp, K, c + p * G2_MR * ldc + j0, ldc,   \
+                          (int)(left < G2_MR ? left : G2_MR), nr, accumulate);          \
             }                                                                           \
         }                                                                               \
     }
-DEF_GEMM2(bf16)
-DEF_GEMM2(f16)
+DEF_GEMM2(f32, 4)
+DEF_GEMM2(bf16, 2)
+DEF_GEMM2(f16, 2)
 
 /* ---- SiLU(g) * u on AVX2 (the AVX-512 polynomial; 2^n built from two
  * exponent fields, so that overflow still gives inf and underflow 0) ---- */
@@ -805,9 +801,9 @@ const ds_kernels *ds_kernels_avx512(ds_dtype dt)
 
 const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt) { return dt == DS_BF16 ? &k5b_bf16 : NULL; }
 
-static const ds_kernels k2_f32 = {dot2_f32, rows2_f32, act2_f32, ds_combine_generic_f32, 3, 4, NULL, 0};
-static const ds_kernels k2_bf16 = {dot2_bf16, rows2_bf16, act2_bf16, ds_combine_generic_bf16, 3, 4, gemm2_bf16, 64};
-static const ds_kernels k2_f16 = {dot2_f16, rows2_f16, act2_f16, ds_combine_generic_f16, 3, 4, gemm2_f16, 64};
+static const ds_kernels k2_f32 = {dot2_f32, rows2_f32, act2_f32, ds_combine_generic_f32, 3, 4, gemm2_f32, 32};
+static const ds_kernels k2_bf16 = {dot2_bf16, rows2_bf16, act2_bf16, ds_combine_generic_bf16, 3, 4, gemm2_bf16, 32};
+static const ds_kernels k2_f16 = {dot2_f16, rows2_f16, act2_f16, ds_combine_generic_f16, 3, 4, gemm2_f16, 32};
 
 const ds_kernels *ds_kernels_avx2(ds_dtype dt)
 {

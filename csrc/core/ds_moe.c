@@ -18,10 +18,21 @@
 
 #define NC 128   /* neurons per phase-1 item */
 #define HC 128   /* hidden rows per phase-2 item */
-#define MB 64    /* rows per block inside an item */
+#define MB 64    /* rows per block inside an item (tiles) */
 #define TB 8     /* tokens per combine item */
 
 _Static_assert(MB <= DS_GEMM_MAX_ROWS, "a block of rows must fit the GEMM's panels");
+
+/* Rows per block: MB for the tiles; up to DS_GEMM_MAX_ROWS where the level
+ * has a block GEMM, split evenly (130 rows: 65 + 65, not 128 + 2, since
+ * every block reads the item's weights once more). */
+static int64_t block_rows(const ds_kernels *kn, int64_t m)
+{
+    if (kn->gemm == NULL || m <= MB)
+        return m < MB ? m : MB;
+    const int64_t nb = (m + DS_GEMM_MAX_ROWS - 1) / DS_GEMM_MAX_ROWS;
+    return (m + nb - 1) / nb;
+}
 
 typedef struct {
     int64_t e, q, j0, j1; /* q = 0: importance (all rows, no levels) */
@@ -85,7 +96,7 @@ static int64_t k_block(const ds_kernels *kn, int64_t mb, size_t esz, int64_t K)
         return K; /* GEMV-shaped: each weight row read once, as one stream */
     int64_t kmax;
     if (uses_gemm(kn, mb)) {
-        kmax = DS_GEMM_KMAX; /* a packed panel of x rows stays in L1 */
+        kmax = DS_GEMM_KMAX; /* a packed weight group stays in L1, the x panels in L2 */
     } else {
         kmax = L1_TILE_BUDGET / ((int64_t)(DS_MAX_MR + 6) * (int64_t)esz);
         int64_t k2 = L2_BUDGET / (mb * (int64_t)esz);
@@ -107,7 +118,7 @@ static double now_seconds(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static int64_t scratch_floats(void) { return MB * 2 * NC; }
+static int64_t scratch_floats(void) { return DS_GEMM_MAX_ROWS * 2 * NC; }
 
 /* ---- validation ---------------------------------------------------------- */
 
@@ -319,10 +330,11 @@ static void gate_up_item(void *vctx, int64_t item, int tid)
     const int64_t H = w->H, ldS = 2 * NC;
     float *S = c->scratch + (int64_t)tid * c->scratch_len;
     const char *gate = (const char *)w->gate[e], *up = (const char *)w->up[e];
-    const void *xr[MB], *wr[2 * NC];
+    const void *xr[DS_GEMM_MAX_ROWS], *wr[2 * NC];
+    const int64_t bm = block_rows(c->kern, m);
 
-    for (int64_t rb = 0; rb < m; rb += MB) {
-        const int64_t mb = m - rb < MB ? m - rb : MB;
+    for (int64_t rb = 0; rb < m; rb += bm) {
+        const int64_t mb = m - rb < bm ? m - rb : bm;
         const int64_t kc = k_block(c->kern, mb, esz, H);
         for (int64_t k0 = 0; k0 < H; k0 += kc) {
             /* weight rows interleaved (gate j, up j, ...) so that S holds
@@ -371,12 +383,13 @@ static void down_item(void *vctx, int64_t item, int tid)
     const int64_t *em = c->e_m + e * (P + 2);
     const size_t esz = ds_dtype_size(w->dtype);
     const char *down = (const char *)w->down[e];
-    const void *ar[MB], *wr[HC];
+    const void *ar[DS_GEMM_MAX_ROWS], *wr[HC];
 
     for (int64_t p = P; p >= 1; p--) {
         const int64_t rs = em[p + 1], re = em[p], n = (p * I) / P;
-        for (int64_t rb = rs; rb < re; rb += MB) {
-            const int64_t mb = re - rb < MB ? re - rb : MB;
+        const int64_t bm = block_rows(c->kern, re - rs);
+        for (int64_t rb = rs; rb < re; rb += bm) {
+            const int64_t mb = re - rb < bm ? re - rb : bm;
             const int64_t kc = k_block(c->kern, mb, c->act_esz, n);
             for (int64_t k0 = 0; k0 < n; k0 += kc) {
                 for (int64_t h = 0; h < nh; h++)

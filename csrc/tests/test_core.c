@@ -70,10 +70,12 @@ static const mcase cases[] = {
     {"odd I P=4", 19, 53, 131, 5, 2, 4, 0, 1},
     {"many rows", 150, 96, 160, 4, 2, 2, 0, 1},
     {"long K", 5, 1100, 40, 3, 2, 3, 0, 1},
-    /* blocks of 16-64 rows with K over one K block (the AVX2 block GEMM),
-     * row counts that leave partial panels, weight groups that leave a tail */
+    /* blocks of 32-128 rows with K over one K block (the AVX2 block GEMM),
+     * row counts that leave partial panels, weight groups that leave a tail,
+     * and experts of over 128 rows (split into even blocks) with levels */
     {"many rows long K", 200, 1100, 24, 2, 1, 1, 0, 0},
     {"many rows full", 160, 40, 600, 2, 1, 3, 0, 0},
+    {"rows over 128", 420, 75, 40, 2, 1, 2, 0, 1},
 };
 
 typedef struct {
