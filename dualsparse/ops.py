@@ -36,6 +36,8 @@ __all__ = [
     "simd_level",
     "set_simd_level",
     "simd_levels",
+    "block_gemm",
+    "set_block_gemm",
 ]
 
 #: The four neuron-importance metrics, in the order of the accumulator's first axis.
@@ -713,6 +715,20 @@ def simd_levels() -> dict:
 def set_simd_level(level: str) -> None:
     """Force a kernel level at or below the detected one (tests, benchmarks)."""
     _C.set_simd_level(level)
+
+
+def block_gemm() -> bool:
+    """Whether levels that have a block GEMM for blocks of many rows (AVX2:
+    32 rows and more) use it; True unless switched off."""
+    return _C.block_gemm()
+
+
+def set_block_gemm(enabled: bool) -> None:
+    """Use (True, the default) or bypass (False) the block GEMM: bypassed,
+    every block goes through the dot tiles.  Process-wide, from the next
+    call on; for benchmarks that compare the two paths (results differ in
+    the last bits: the summation order changes)."""
+    _C.set_block_gemm(enabled)
 
 
 def _simd_from_environment() -> None:

@@ -186,6 +186,37 @@ def test_moe_experts_every_simd_level(case_id, dtype, simd_level):
     assert_moe_close(run_moe(inp), inp, what=f"simd={simd_level}")
 
 
+@pytest.mark.parametrize("dtype", TORCH_DT_IDS)
+@pytest.mark.parametrize("case_id", ["few_experts", "rows70_H600_I300"])
+def test_block_gemm_switch(case_id, dtype):
+    """AVX2 sends blocks of 32 rows and more through its block GEMM; switched
+    off, the dot tiles take them.  Both match the float64 reference, and the
+    switch really changes the path (the summation order, hence some bits of
+    the long sums of rows70_H600_I300; few_experts has 200 rows per expert,
+    two blocks of 100 in the GEMM)."""
+    if not ops.simd_levels()["avx2"]:
+        pytest.skip("the block GEMM is an AVX2 kernel; this CPU/build has no AVX2 level")
+    inp = build(CASES_BY_ID[case_id], dtype)
+    before = ops.simd_level()
+    try:
+        ops.set_simd_level("avx2")
+        assert ops.block_gemm() is True
+        on = run_moe(inp)
+        ops.set_block_gemm(False)
+        assert ops.block_gemm() is False
+        off = run_moe(inp)
+    finally:
+        ops.set_block_gemm(True)
+        ops.set_simd_level(before)
+    assert_moe_close(on, inp, what="block GEMM")
+    assert_moe_close(off, inp, what="dot tiles")
+    if case_id == "rows70_H600_I300":   # long sums: some outputs differ in their last bits
+        assert not torch.equal(on, off), "switching the block GEMM off did not change the path"
+    with pytest.raises(TypeError, match="enabled must be True or False; got int"):
+        ops.set_block_gemm(1)
+    assert ops.block_gemm() is True
+
+
 @pytest.mark.parametrize("value", ["generic", "avx2", "sse9", "avx512_bf16"])
 def test_simd_level_from_the_environment(value):
     env = dict(os.environ, DUALSPARSE_SIMD=value)

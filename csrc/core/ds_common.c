@@ -178,6 +178,12 @@ ds_status ds_simd_set(ds_simd_level level)
     return DS_OK;
 }
 
+static int ds_block_gemm_on = 1;
+
+void ds_block_gemm_set(int on) { ds_block_gemm_on = on != 0; }
+
+int ds_block_gemm_enabled(void) { return ds_block_gemm_on; }
+
 const char *ds_simd_name(ds_simd_level level)
 {
     switch (level) {

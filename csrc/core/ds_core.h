@@ -64,6 +64,11 @@ ds_simd_level ds_simd_active(void);            /* level in use */
 ds_status ds_simd_set(ds_simd_level level);    /* force a lower level (tests, benchmarks) */
 const char *ds_simd_name(ds_simd_level level);
 int ds_simd_compiled(ds_simd_level level);     /* 1 if the build contains that level */
+/* The block GEMM that some levels (AVX2) use for blocks of many rows: on by
+ * default; off, every block goes through the dot tiles, as on the other
+ * levels (benchmarks compare the two).  Read once at the start of each call. */
+void ds_block_gemm_set(int on);
+int ds_block_gemm_enabled(void);
 
 /* ---- threads ----------------------------------------------------------- */
 /* fn(ctx, item) is called once for every item in [0, n_items), by at most

@@ -60,15 +60,25 @@
 /* Every weight row through the (mr x 1) tile, inlined in one loop; rows of
  * at most 2 KiB (short prefixes, e.g. half experts) go four at a time
  * through the (mr x 4) tile instead, so that the per-row reduction and loop
- * overhead do not dominate such short streams. */
+ * overhead do not dominate such short streams.  Each call prefetches the
+ * start of the row(s) after it: a row is one stream of a few KiB, and the
+ * hardware prefetcher only follows a stream after its first misses. */
 #define DS_ROWS_LOOP(FN, MR, nw, x, w, K, c, ldc, accumulate, short_rows)              \
     do {                                                                             \
         int64_t j_ = 0;                                                              \
         if (short_rows)                                                              \
-            for (; j_ + 4 <= (nw); j_ += 4)                                          \
-                FN(MR, 4, x, (w) + j_, K, (c) + j_, ldc, accumulate, NULL);          \
-        for (; j_ < (nw); j_++)                                                      \
-            FN(MR, 1, x, (w) + j_, K, (c) + j_, ldc, accumulate, NULL);              \
+            for (; j_ + 4 <= (nw); j_ += 4) {                                        \
+                const int64_t n_ = (nw) - (j_ + 4) < 4 ? (nw) - (j_ + 4) : 4;        \
+                const void *nx_[4];                                                  \
+                for (int q_ = 0; q_ < 4; q_++)                                       \
+                    nx_[q_] = n_ > 0 ? (w)[j_ + 4 + (q_ < n_ ? q_ : n_ - 1)] : NULL; \
+                const ds_prefetch pf_ = {nx_, 0, 1};                                 \
+                FN(MR, 4, x, (w) + j_, K, (c) + j_, ldc, accumulate, n_ > 0 ? &pf_ : NULL); \
+            }                                                                        \
+        for (; j_ < (nw); j_++) {                                                    \
+            const ds_prefetch pf_ = {(w) + j_ + 1, 0, 1};                            \
+            FN(MR, 1, x, (w) + j_, K, (c) + j_, ldc, accumulate, j_ + 1 < (nw) ? &pf_ : NULL); \
+        }                                                                            \
     } while (0)
 
 #define DS_ROWS_SWITCH(FN, mr, nw, x, w, K, c, ldc, accumulate, esz)                 \

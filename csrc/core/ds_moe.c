@@ -44,7 +44,8 @@ typedef struct {
 
 typedef struct {
     const ds_experts *w;
-    const ds_kernels *kern;
+    const ds_kernels *kern; /* &kern_copy */
+    ds_kernels kern_copy;   /* the level's kernels, without gemm when it is switched off */
     int64_t T, K, P;
     const void *x;
     int64_t ldx;
@@ -554,7 +555,10 @@ ds_status ds_moe_experts(const ds_experts *w, const ds_moe_args *a, void *worksp
     moe_ctx c;
     memset(&c, 0, sizeof c);
     c.w = w;
-    c.kern = kern;
+    c.kern_copy = *kern;
+    if (!ds_block_gemm_enabled())
+        c.kern_copy.gemm = NULL;
+    c.kern = &c.kern_copy;
     c.T = a->T;
     c.K = a->K;
     c.P = a->P;
@@ -631,7 +635,10 @@ ds_status ds_importance_accumulate(const ds_experts *w, const ds_importance_args
     moe_ctx c;
     memset(&c, 0, sizeof c);
     c.w = w;
-    c.kern = kern;
+    c.kern_copy = *kern;
+    if (!ds_block_gemm_enabled())
+        c.kern_copy.gemm = NULL;
+    c.kern = &c.kern_copy;
     c.T = a->T;
     c.K = a->K;
     c.P = 1;

@@ -1488,6 +1488,24 @@ static PyObject *py_simd_levels(PyObject *self, PyObject *args)
     return d;
 }
 
+static PyObject *py_block_gemm(PyObject *self, PyObject *args)
+{
+    (void)self; (void)args;
+    return PyBool_FromLong(ds_block_gemm_enabled());
+}
+
+static PyObject *py_set_block_gemm(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    if (!PyBool_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "set_block_gemm: enabled must be True or False; got %s",
+                     Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    ds_block_gemm_set(arg == Py_True);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_simd_level(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -1529,6 +1547,8 @@ static PyMethodDef methods[] = {
     {"simd_level", py_simd_level, METH_NOARGS, "the SIMD level in use"},
     {"simd_levels", py_simd_levels, METH_NOARGS, "{level: usable here}"},
     {"set_simd_level", py_set_simd_level, METH_VARARGS, "force a SIMD level at or below the detected one"},
+    {"block_gemm", py_block_gemm, METH_NOARGS, "whether levels with a block GEMM use it"},
+    {"set_block_gemm", py_set_block_gemm, METH_O, "use (True) or bypass (False) the block GEMM"},
     {"build_info", py_build_info, METH_NOARGS, "how this extension was built"},
     {"release_workspace", py_release_workspace, METH_NOARGS, "free the cached workspace buffer"},
     {NULL, NULL, 0, NULL}};

@@ -1,0 +1,147 @@
+"""The engine's block GEMM against its dot tiles, side by side in one process.
+
+On levels that have a block GEMM (AVX2: blocks of 32 rows and more of an
+expert), ``ops.set_block_gemm(False)`` sends every block through the dot tiles
+instead.  This script times ``ops.moe_experts`` (no drop) both ways on the
+OLMoE-1B-7B and Mixtral-8x7B expert shapes with random weights: interleaved
+rounds (each round runs both paths once, in a fresh random order, after an idle
+gap), medians with their interquartile range, the ratio of the medians, and
+the share of the CPUs other processes used during the rounds.  Routing: each
+token picks K distinct experts uniformly at random (fixed seed), so an expert
+gets about T*K/E rows.
+
+    python benchmarks/bench_gemm.py --simd avx2 --dtypes float32,bfloat16 --tokens 128,512 \\
+        --out bench-results/gemm-avx2
+
+Prints a markdown table and writes <out>.json and <out>.md when --out is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+SHAPES = {  # name: (E, I, H, K)
+    "olmoe": (64, 1024, 2048, 8),
+    "mixtral": (8, 14336, 4096, 2),
+}
+
+
+def quartiles(v):
+    q = np.percentile(np.asarray(v), [25, 50, 75])
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--simd", default=None, help="engine SIMD level (default: the best this CPU has; "
+                   "the block GEMM exists at avx2)")
+    p.add_argument("--shapes", default="olmoe,mixtral", help="comma list of: " + ", ".join(SHAPES))
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16, float16")
+    p.add_argument("--tokens", default="128,512", help="comma list of T")
+    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds per (shape, dtype, T) (default 9)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gap-ms", type=float, default=20.0, help="idle gap before each timed call")
+    p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    a = p.parse_args(argv)
+    for name, value in (("--rounds", a.rounds), ("--threads", a.threads)):
+        if value < 1:
+            p.error(f"{name} must be >= 1; got {value}")
+
+    import torch
+    from bench_experts import cpu_model, cpu_snapshot, other_load
+    from dualsparse import ops
+
+    if a.simd:
+        ops.set_simd_level(a.simd)
+    torch.set_num_threads(a.threads)
+    shapes = [s.strip() for s in a.shapes.split(",") if s.strip()]
+    for s in shapes:
+        if s not in SHAPES:
+            p.error(f"--shapes: unknown shape {s!r}; choose from {', '.join(SHAPES)}")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dts = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    for d in dts:
+        if d not in dtypes:
+            p.error(f"--dtypes: unknown dtype {d!r}; choose from {', '.join(dtypes)}")
+    try:
+        tokens = [int(t) for t in a.tokens.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--tokens must be a comma list of integers; got {a.tokens!r}")
+    if not tokens or min(tokens) < 1:
+        p.error(f"--tokens must be positive integers; got {a.tokens!r}")
+
+    meta = {"cpu": cpu_model(), "simd_level": ops.simd_level(), "threads": a.threads,
+            "torch": torch.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    print(f"CPU {meta['cpu']}, engine SIMD {meta['simd_level']}, {a.threads} threads, {meta['date_utc']} UTC",
+          flush=True)
+    rows = []
+    rng = np.random.default_rng(0)
+    for shape in shapes:
+        E, I, H, K = SHAPES[shape]
+        for dn in dts:
+            dt = dtypes[dn]
+            g = torch.Generator().manual_seed(0)
+            gu = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(dt)
+            down = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(dt)
+            for T in tokens:
+                x = torch.randn(T, H, generator=g).to(dt)
+                ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+                tw = torch.rand(T, K, generator=g)
+                out = torch.empty(T, H, dtype=dt)
+                times = {True: [], False: []}
+                loads = []
+                ops.moe_experts(x, ids, tw, gu, down, out=out, num_threads=a.threads)   # warm-up
+                try:
+                    for _ in range(a.rounds):
+                        s0 = cpu_snapshot()
+                        for on in rng.permutation([True, False]):
+                            ops.set_block_gemm(bool(on))
+                            time.sleep(a.gap_ms / 1e3)
+                            t0 = time.perf_counter()
+                            ops.moe_experts(x, ids, tw, gu, down, out=out, num_threads=a.threads)
+                            times[bool(on)].append(time.perf_counter() - t0)
+                        loads.append(other_load(s0, cpu_snapshot()))
+                finally:
+                    ops.set_block_gemm(True)
+                flops = 2 * 3 * H * I * T * K
+                q_on, q_off = quartiles(times[True]), quartiles(times[False])
+                row = {"shape": shape, "dtype": dn, "T": T, "rows_per_expert": T * K / E,
+                       "gemm_ms": [1e3 * v for v in q_on], "tiles_ms": [1e3 * v for v in q_off],
+                       "gemm_gflops": flops / q_on[1] / 1e9, "tiles_gflops": flops / q_off[1] / 1e9,
+                       "ratio": q_off[1] / q_on[1], "rounds": a.rounds, "bg_load": statistics.mean(loads)}
+                rows.append(row)
+                print(f"{shape:8s} {dn:9s} T={T:<5d} gemm {row['gemm_ms'][1]:8.1f} ms "
+                      f"({row['gemm_gflops']:.0f} GFLOP/s)  tiles {row['tiles_ms'][1]:8.1f} ms "
+                      f"({row['tiles_gflops']:.0f})  tiles/gemm {row['ratio']:.2f}x  bg {row['bg_load']:.0%}",
+                      flush=True)
+            del gu, down
+
+    md = [f"CPU {meta['cpu']}, engine SIMD {meta['simd_level']}, {a.threads} threads, {meta['date_utc']} UTC, "
+          f"{a.rounds} interleaved rounds; median ms [IQR]", "",
+          "| shape | dtype | T | rows per expert | block GEMM | dot tiles | tiles / GEMM | bg load |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g_, t_ = r["gemm_ms"], r["tiles_ms"]
+        md.append(f"| {r['shape']} | {r['dtype']} | {r['T']} | {r['rows_per_expert']:.0f} | "
+                  f"{g_[1]:.1f} [{g_[0]:.1f}-{g_[2]:.1f}] ({r['gemm_gflops']:.0f} GFLOP/s) | "
+                  f"{t_[1]:.1f} [{t_[0]:.1f}-{t_[2]:.1f}] ({r['tiles_gflops']:.0f} GFLOP/s) | "
+                  f"**{r['ratio']:.2f}x** | {r['bg_load']:.0%} |")
+    print("\n".join(md))
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out + ".json", "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        with open(a.out + ".md", "w") as f:
+            f.write("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()
