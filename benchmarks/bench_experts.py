@@ -772,8 +772,11 @@ def run_benchmark(args):
                         im.skipped = (f"needs {im.extra_bytes / 2**30:.1f} GiB of gathered expert copies "
                                       f"(> --max-extra-gb {args.max_extra_gb:g})")
                         continue
-                    est = nb * im.slack * max(im.flops / (gemm_rate.get(dname, 50.0) * 1e9),
-                                              (im.bytes + 2 * im.extra_bytes) / (bw * 1e9))
+                    # at T = 1 every expert multiplies one row: torch runs matrix-vector
+                    # products, bound by the weight reads whatever the dtype's GEMM rate
+                    # (bfloat16 held to AVX2: a 0.4 GFLOP/s GEMM fallback, 20-30 ms GEMV steps)
+                    flop_s = 0.0 if T == 1 else im.flops / (gemm_rate.get(dname, 50.0) * 1e9)
+                    est = nb * im.slack * max(flop_s, (im.bytes + 2 * im.extra_bytes) / (bw * 1e9))
                     # the engine is always timed (a dtype whose measured GEMM rate is a slow
                     # fallback, bfloat16 held to AVX2, says nothing about the engine)
                     if im.family != "engine" and est * (1 + args.min_repeats) > args.config_budget:
