@@ -1,6 +1,8 @@
 /* Errors, dtypes, half-precision conversions, CPU feature detection. */
 #include "ds_internal.h"
 
+#include <stdatomic.h>
+
 #include <stdarg.h>
 #include <stdio.h>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -178,11 +180,12 @@ ds_status ds_simd_set(ds_simd_level level)
     return DS_OK;
 }
 
-static int ds_block_gemm_on = 1;
+/* atomic: a thread may switch it while another starts a call */
+static atomic_int ds_block_gemm_on = 1;
 
-void ds_block_gemm_set(int on) { ds_block_gemm_on = on != 0; }
+void ds_block_gemm_set(int on) { atomic_store_explicit(&ds_block_gemm_on, on != 0, memory_order_relaxed); }
 
-int ds_block_gemm_enabled(void) { return ds_block_gemm_on; }
+int ds_block_gemm_enabled(void) { return atomic_load_explicit(&ds_block_gemm_on, memory_order_relaxed); }
 
 const char *ds_simd_name(ds_simd_level level)
 {
