@@ -595,21 +595,8 @@ INL TGT2 void g2_kernel(const float *xp, const float *wp, int64_t K, float *c, i
             a1[i] = _mm256_fmadd_ps(a, b1, a1[i]);
         }
     }
-    if (ncols == G2_NR) {
-#pragma GCC unroll 8
-        for (int i = 0; i < G2_MR; i++)
-            if (i < nrows) {
-                float *ci = c + i * ldc;
-                __m256 v0 = a0[i], v1 = a1[i];
-                if (accumulate) {
-                    v0 = _mm256_add_ps(_mm256_loadu_ps(ci), v0);
-                    v1 = _mm256_add_ps(_mm256_loadu_ps(ci + 8), v1);
-                }
-                _mm256_storeu_ps(ci, v0);
-                _mm256_storeu_ps(ci + 8, v1);
-            }
-        return;
-    }
+    /* whole rows with plain loads and stores; the column tail of nw masked */
+    const int full = ncols == G2_NR;
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(ncols), lane);
     const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(ncols - 8), lane);
@@ -619,11 +606,16 @@ INL TGT2 void g2_kernel(const float *xp, const float *wp, int64_t K, float *c, i
             float *ci = c + i * ldc;
             __m256 v0 = a0[i], v1 = a1[i];
             if (accumulate) {
-                v0 = _mm256_add_ps(_mm256_maskload_ps(ci, m0), v0);
-                v1 = _mm256_add_ps(_mm256_maskload_ps(ci + 8, m1), v1);
+                v0 = _mm256_add_ps(full ? _mm256_loadu_ps(ci) : _mm256_maskload_ps(ci, m0), v0);
+                v1 = _mm256_add_ps(full ? _mm256_loadu_ps(ci + 8) : _mm256_maskload_ps(ci + 8, m1), v1);
             }
-            _mm256_maskstore_ps(ci, m0, v0);
-            _mm256_maskstore_ps(ci + 8, m1, v1);
+            if (full) {
+                _mm256_storeu_ps(ci, v0);
+                _mm256_storeu_ps(ci + 8, v1);
+            } else {
+                _mm256_maskstore_ps(ci, m0, v0);
+                _mm256_maskstore_ps(ci + 8, m1, v1);
+            }
         }
 }
 

@@ -29,7 +29,7 @@ _Static_assert(MB <= DS_GEMM_MAX_ROWS, "a block of rows must fit the GEMM's pane
 static int64_t block_rows(const ds_kernels *kn, int64_t m)
 {
     if (kn->gemm == NULL || m <= MB)
-        return m < MB ? m : MB;
+        return MB;
     const int64_t nb = (m + DS_GEMM_MAX_ROWS - 1) / DS_GEMM_MAX_ROWS;
     return (m + nb - 1) / nb;
 }
@@ -74,6 +74,16 @@ typedef struct {
     /* importance */
     const ds_importance_args *imp;
 } moe_ctx;
+
+/* The level's kernels for this call, without the block GEMM when it is
+ * switched off (read once, so that a call never mixes paths). */
+static void use_kernels(moe_ctx *c, const ds_kernels *kern)
+{
+    c->kern_copy = *kern;
+    if (!ds_block_gemm_enabled())
+        c->kern_copy.gemm = NULL;
+    c->kern = &c->kern_copy;
+}
 
 static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -555,10 +565,7 @@ ds_status ds_moe_experts(const ds_experts *w, const ds_moe_args *a, void *worksp
     moe_ctx c;
     memset(&c, 0, sizeof c);
     c.w = w;
-    c.kern_copy = *kern;
-    if (!ds_block_gemm_enabled())
-        c.kern_copy.gemm = NULL;
-    c.kern = &c.kern_copy;
+    use_kernels(&c, kern);
     c.T = a->T;
     c.K = a->K;
     c.P = a->P;
@@ -635,10 +642,7 @@ ds_status ds_importance_accumulate(const ds_experts *w, const ds_importance_args
     moe_ctx c;
     memset(&c, 0, sizeof c);
     c.w = w;
-    c.kern_copy = *kern;
-    if (!ds_block_gemm_enabled())
-        c.kern_copy.gemm = NULL;
-    c.kern = &c.kern_copy;
+    use_kernels(&c, kern);
     c.T = a->T;
     c.K = a->K;
     c.P = 1;
