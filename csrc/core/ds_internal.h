@@ -127,7 +127,8 @@ void ds_combine_generic_f16(const float *const *y, const float *w, int nk, int64
  * order depends only on K. */
 #define DS_GEMM_MAX_ROWS 128
 #define DS_GEMM_KMAX 256
-#define DS_GEMM_PACK_FLOATS ((DS_GEMM_MAX_ROWS + 24) * DS_GEMM_KMAX + 16)
+/* also holds a block of tile rows widened to float32 (up to 32 x 2048) */
+#define DS_GEMM_PACK_FLOATS (32 * 2048 + 16)
 typedef void (*ds_gemm_fn)(int64_t mb, int64_t nw, const void *const *x, const void *const *w,
                            int64_t K, float *c, int64_t ldc, int accumulate, float *pack);
 
@@ -139,6 +140,12 @@ typedef struct {
     int mr, nr;       /* preferred tile: rows of x, rows of w */
     ds_gemm_fn gemm;  /* NULL: the tiles serve every row count */
     int gemm_rows;    /* blocks of at least this many rows go to gemm */
+    /* optional (bfloat16 at AVX2 and AVX-512 without BF16): a dot tile whose
+     * x rows are float32, with the same bits as dot, and the widening that
+     * makes them (n rows of K into dst, row i at dst + i*K), so that a
+     * block's x rows are widened once, not once per weight group */
+    ds_dot_tile_fn dotw;
+    void (*widen)(int64_t n, const void *const *x, int64_t K, float *dst);
 } ds_kernels;
 
 /* Kernel set for (level, dtype); NULL when not compiled in. */

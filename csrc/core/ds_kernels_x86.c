@@ -216,8 +216,8 @@ INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t e
         }                                                                           \
     } while (0)
 
-#define DEF_TILE5(T, ESZ)                                                                 \
-    INL TGT5 void tile5_##T(const int MR, const int NR, const void *const *x,            \
+#define DEF_TILE5X(NAME, XT, T, ESZ)                                                                 \
+    INL TGT5 void tile5_##NAME(const int MR, const int NR, const void *const *x,            \
                              const void *const *w, int64_t K, float *c, int64_t ldc,      \
                              int accumulate, const ds_prefetch *pf)                       \
     {                                                                                     \
@@ -240,7 +240,7 @@ INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t e
             for (int u = 0; u < U; u++) {                                                 \
                 __m512 xv[DS_MAX_MR];                                                     \
                 for (int i = 0; i < MR; i++)                                              \
-                    xv[i] = ld5_##T(xp[i], k + 16 * u);                                   \
+                    xv[i] = ld5_##XT(xp[i], k + 16 * u);                                   \
                 for (int j = 0; j < NR; j++) {                                            \
                     __m512 wv = ld5_##T(wp[j], k + 16 * u);                               \
                     for (int i = 0; i < MR; i++)                                          \
@@ -253,7 +253,7 @@ INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t e
                                       : (__mmask16)((1u << (unsigned)(K - k)) - 1u);      \
             __m512 xv[DS_MAX_MR];                                                         \
             for (int i = 0; i < MR; i++)                                                  \
-                xv[i] = ld5m_##T(xp[i], k, m);                                            \
+                xv[i] = ld5m_##XT(xp[i], k, m);                                            \
             for (int j = 0; j < NR; j++) {                                                \
                 __m512 wv = ld5m_##T(wp[j], k, m);                                        \
                 for (int i = 0; i < MR; i++)                                              \
@@ -261,7 +261,10 @@ INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t e
             }                                                                             \
         }                                                                                 \
         TILE5_STORE(acc, MR, NR, U, c, ldc, accumulate);                                  \
-    }                                                                                     \
+    }
+
+#define DEF_TILE5(T, ESZ)                                                                 \
+    DEF_TILE5X(T, T, T, ESZ)                                                              \
     static TGT5 void dot5_##T(int mr, int nr, const void *const *x, const void *const *w,  \
                               int64_t K, float *c, int64_t ldc, int accumulate,            \
                               const ds_prefetch *pf)                                       \
@@ -278,6 +281,15 @@ INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t e
 DEF_TILE5(f32, 4)
 DEF_TILE5(bf16, 2)
 DEF_TILE5(f16, 2)
+
+/* bfloat16 weights against x rows widened to float32 once per block (see
+ * the AVX2 dotw2_bf16 below; the same products and sums as tile5_bf16). */
+DEF_TILE5X(xw_bf16, f32, bf16, 2)
+static TGT5 void dotw5_bf16(int mr, int nr, const void *const *x, const void *const *w, int64_t K,
+                            float *c, int64_t ldc, int accumulate, const ds_prefetch *pf)
+{
+    DS_TILE_SWITCH(tile5_xw_bf16, mr, nr, x, w, K, c, ldc, accumulate, pf)
+}
 
 /* bf16 with the dot-product instruction: 32 elements per step, pairs summed
  * inside the instruction. */
@@ -458,9 +470,22 @@ INL TGT2 float hsum2(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-/* The K tail (< 8 elements) is added after the vector reduction, in order. */
-#define DEF_TILE2(T, ESZ)                                                                 \
-    INL TGT2 void tile2_##T(const int MR, const int NR, const void *const *x,            \
+/* Lane sums of four vectors at once, ((l0 + l2) + (l1 + l3)) + ((l4 + l6) +
+ * (l5 + l7)) for each: two rounds of unpack-and-add, then the two halves
+ * added (10 instructions for four sums; hsum2 takes 6 for one). */
+INL TGT2 __m128 hsum2x4(const __m256 *v)
+{
+    __m256 t0 = _mm256_add_ps(_mm256_unpacklo_ps(v[0], v[1]), _mm256_unpackhi_ps(v[0], v[1]));
+    __m256 t1 = _mm256_add_ps(_mm256_unpacklo_ps(v[2], v[3]), _mm256_unpackhi_ps(v[2], v[3]));
+    __m256 u = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t1))),
+                             _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t1))));
+    return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+
+/* The K tail (< 8 elements) is added after the vector reduction, in order;
+ * without a tail, groups of four outputs of a row are reduced together. */
+#define DEF_TILE2X(NAME, XT, T, ESZ)                                                                 \
+    INL TGT2 void tile2_##NAME(const int MR, const int NR, const void *const *x,            \
                              const void *const *w, int64_t K, float *c, int64_t ldc,      \
                              int accumulate, const ds_prefetch *pf)                       \
     {                                                                                     \
@@ -478,7 +503,7 @@ INL TGT2 float hsum2(__m256 v)
             for (int u = 0; u < U; u++) {                                                 \
                 __m256 xv[DS_MAX_MR];                                                     \
                 for (int i = 0; i < MR; i++)                                              \
-                    xv[i] = ld2_##T(x[i], k + 8 * u);                                     \
+                    xv[i] = ld2_##XT(x[i], k + 8 * u);                                     \
                 for (int j = 0; j < NR; j++) {                                            \
                     __m256 wv = ld2_##T(w[j], k + 8 * u);                                 \
                     for (int i = 0; i < MR; i++)                                          \
@@ -489,24 +514,40 @@ INL TGT2 float hsum2(__m256 v)
         for (; k + 8 <= K; k += 8) {                                                      \
             __m256 xv[DS_MAX_MR];                                                         \
             for (int i = 0; i < MR; i++)                                                  \
-                xv[i] = ld2_##T(x[i], k);                                                 \
+                xv[i] = ld2_##XT(x[i], k);                                                 \
             for (int j = 0; j < NR; j++) {                                                \
                 __m256 wv = ld2_##T(w[j], k);                                             \
                 for (int i = 0; i < MR; i++)                                              \
                     acc[i][j][0] = _mm256_fmadd_ps(xv[i], wv, acc[i][j][0]);              \
             }                                                                             \
         }                                                                                 \
-        for (int i = 0; i < MR; i++)                                                      \
+        for (int i = 0; i < MR; i++) {                                                    \
+            __m256 sum[DS_MAX_NR];                                                        \
             for (int j = 0; j < NR; j++) {                                                \
-                __m256 sum = acc[i][j][0];                                                \
+                sum[j] = acc[i][j][0];                                                    \
                 for (int u = 1; u < U; u++)                                               \
-                    sum = _mm256_add_ps(sum, acc[i][j][u]);                               \
-                float v = hsum2(sum);                                                     \
-                for (int64_t kk = k; kk < K; kk++)                                        \
-                    v += sc_##T(x[i], kk) * sc_##T(w[j], kk);                             \
-                c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;                     \
+                    sum[j] = _mm256_add_ps(sum[j], acc[i][j][u]);                         \
             }                                                                             \
-    }                                                                                     \
+            float *ci = c + i * ldc;                                                      \
+            int j = 0;                                                                    \
+            if (k == K) /* no K tail: four outputs per tree, one vector store */          \
+                for (; j + 4 <= NR; j += 4) {                                             \
+                    __m128 v = hsum2x4(sum + j);                                          \
+                    if (accumulate)                                                       \
+                        v = _mm_add_ps(_mm_loadu_ps(ci + j), v);                          \
+                    _mm_storeu_ps(ci + j, v);                                             \
+                }                                                                         \
+            for (; j < NR; j++) {                                                         \
+                float v = hsum2(sum[j]);                                                  \
+                for (int64_t kk = k; kk < K; kk++)                                        \
+                    v += sc_##XT(x[i], kk) * sc_##T(w[j], kk);                             \
+                ci[j] = accumulate ? ci[j] + v : v;                                       \
+            }                                                                             \
+        }                                                                                 \
+    }
+
+#define DEF_TILE2(T, ESZ)                                                                 \
+    DEF_TILE2X(T, T, T, ESZ)                                                              \
     static TGT2 void dot2_##T(int mr, int nr, const void *const *x, const void *const *w,  \
                               int64_t K, float *c, int64_t ldc, int accumulate,            \
                               const ds_prefetch *pf)                                       \
@@ -523,6 +564,34 @@ INL TGT2 float hsum2(__m256 v)
 DEF_TILE2(f32, 4)
 DEF_TILE2(bf16, 2)
 DEF_TILE2(f16, 2)
+
+/* bfloat16 weights against x rows already widened to float32 (once per
+ * block, by widen2_bf16): the same products and sums as tile2_bf16, which
+ * widens every x row again for each group of weight rows.  bfloat16 has no
+ * conversion instruction (a zero-extension and a shift per vector), so this
+ * takes 3 of the 7 widenings per step off a 3 x 4 tile: measured 1.05-1.11x
+ * at AVX2 and 1.02-1.04x at AVX-512 (benchmarks/README.md).  float16 widens
+ * with one instruction (vcvtph2ps), and widening its x rows first measured no
+ * faster, so it keeps tile2_f16. */
+DEF_TILE2X(xw_bf16, f32, bf16, 2)
+static TGT2 void dotw2_bf16(int mr, int nr, const void *const *x, const void *const *w, int64_t K,
+                            float *c, int64_t ldc, int accumulate, const ds_prefetch *pf)
+{
+    DS_TILE_SWITCH(tile2_xw_bf16, mr, nr, x, w, K, c, ldc, accumulate, pf)
+}
+#define DEF_WIDEN2(T)                                                                  \
+    static TGT2 void widen2_##T(int64_t n, const void *const *x, int64_t K, float *dst) \
+    {                                                                                  \
+        for (int64_t r = 0; r < n; r++) {                                              \
+            float *d = dst + r * K;                                                    \
+            int64_t k = 0;                                                             \
+            for (; k + 8 <= K; k += 8)                                                 \
+                _mm256_storeu_ps(d + k, ld2_##T(x[r], k));                             \
+            for (; k < K; k++)                                                         \
+                d[k] = sc_##T(x[r], k);                                                \
+        }                                                                              \
+    }
+DEF_WIDEN2(bf16)
 
 /* ---- AVX2 block GEMM ------------------------------------------------------
  * For blocks of many rows the dot tiles above are limited by their
@@ -786,10 +855,11 @@ static TGT2 void act2_f16(const float *gu, int64_t n, void *dst)
         d[j] = ds_f32_to_f16(ds_silu(gu[2 * j]) * gu[2 * j + 1]);
 }
 
-static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6, NULL, 0};
-static const ds_kernels k5_bf16 = {dot5_bf16, rows5_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0};
-static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6, NULL, 0};
-static const ds_kernels k5b_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0};
+static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6, NULL, 0, NULL, NULL};
+static const ds_kernels k5_bf16 = {dot5_bf16, rows5_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0,
+                                   dotw5_bf16, widen2_bf16};
+static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6, NULL, 0, NULL, NULL};
+static const ds_kernels k5b_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0, NULL, NULL};
 
 const ds_kernels *ds_kernels_avx512(ds_dtype dt)
 {
@@ -803,9 +873,10 @@ const ds_kernels *ds_kernels_avx512(ds_dtype dt)
 
 const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt) { return dt == DS_BF16 ? &k5b_bf16 : NULL; }
 
-static const ds_kernels k2_f32 = {dot2_f32, rows2_f32, act2_f32, ds_combine_generic_f32, 3, 4, gemm2_f32, 32};
-static const ds_kernels k2_bf16 = {dot2_bf16, rows2_bf16, act2_bf16, ds_combine_generic_bf16, 3, 4, gemm2_bf16, 32};
-static const ds_kernels k2_f16 = {dot2_f16, rows2_f16, act2_f16, ds_combine_generic_f16, 3, 4, gemm2_f16, 32};
+static const ds_kernels k2_f32 = {dot2_f32, rows2_f32, act2_f32, ds_combine_generic_f32, 3, 4, gemm2_f32, 32, NULL, NULL};
+static const ds_kernels k2_bf16 = {dot2_bf16, rows2_bf16, act2_bf16, ds_combine_generic_bf16, 3, 4, gemm2_bf16, 32,
+                                   dotw2_bf16, widen2_bf16};
+static const ds_kernels k2_f16 = {dot2_f16, rows2_f16, act2_f16, ds_combine_generic_f16, 3, 4, gemm2_f16, 32, NULL, NULL};
 
 const ds_kernels *ds_kernels_avx2(ds_dtype dt)
 {

@@ -313,6 +313,19 @@ static void run_tiles(const tile_job *j)
      * weight group while the current one is in use. */
     const int mr = kn->mr, nr = kn->nr;
     const int n_row_tiles = (int)cdiv(j->mb, mr);
+    /* bfloat16 x rows widened to float32 once for the whole block, where the
+     * level has tiles for that (the same bits as the tiles that widen them
+     * for each weight group; blocks beyond the pack area keep those) */
+    const void *const *xr = j->xr;
+    ds_dot_tile_fn dot = kn->dot;
+    const void *xw[MB];
+    if (kn->dotw != NULL && j->mb <= MB && j->mb * j->K <= DS_GEMM_PACK_FLOATS) {
+        kn->widen(j->mb, j->xr, j->K, j->pack);
+        for (int64_t i = 0; i < j->mb; i++)
+            xw[i] = j->pack + i * j->K;
+        xr = xw;
+        dot = kn->dotw;
+    }
     for (int64_t q = 0; q < j->nw; q += nr) {
         const int nq = (int)(j->nw - q < nr ? j->nw - q : nr);
         const void *next[DS_MAX_NR];
@@ -323,8 +336,8 @@ static void run_tiles(const tile_job *j)
         for (int64_t i = 0; i < j->mb; i += mr) {
             const int ni = (int)(j->mb - i < mr ? j->mb - i : mr);
             pf.part = (int)(i / mr);
-            kn->dot(ni, nq, j->xr + i, j->wr + q, j->K, j->c + i * j->ldc + q, j->ldc,
-                    j->accumulate, nn > 0 ? &pf : NULL);
+            dot(ni, nq, xr + i, j->wr + q, j->K, j->c + i * j->ldc + q, j->ldc, j->accumulate,
+                nn > 0 ? &pf : NULL);
         }
     }
 }
