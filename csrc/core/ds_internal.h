@@ -140,12 +140,14 @@ typedef struct {
     int mr, nr;       /* preferred tile: rows of x, rows of w */
     ds_gemm_fn gemm;  /* NULL: the tiles serve every row count */
     int gemm_rows;    /* blocks of at least this many rows go to gemm */
-    /* optional (bfloat16 at AVX2 and AVX-512 without BF16): a dot tile whose
-     * x rows are float32, with the same bits as dot, and the widening that
-     * makes them (n rows of K into dst, row i at dst + i*K), so that a
-     * block's x rows are widened once, not once per weight group */
+    /* optional: a dot tile whose x rows are float32, with the same bits as
+     * dot, and the copy that makes them (n rows of K into dst, row i at
+     * dst + i*ldd; bfloat16 widened), so that a block's x rows are read from
+     * one contiguous buffer and widened once, not once per weight group.
+     * float32 at AVX2 and AVX-512 (dotw == dot), bfloat16 at AVX2 and at
+     * AVX-512 without BF16. */
     ds_dot_tile_fn dotw;
-    void (*widen)(int64_t n, const void *const *x, int64_t K, float *dst);
+    void (*widen)(int64_t n, const void *const *x, int64_t K, float *dst, int64_t ldd);
 } ds_kernels;
 
 /* Kernel set for (level, dtype); NULL when not compiled in. */

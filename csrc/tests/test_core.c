@@ -228,66 +228,71 @@ static void test_moe_all_levels(void)
     ds_simd_set(best);
 }
 
-/* The bfloat16 tiles that take x rows widened to float32 once per block
- * (kernels' dotw + widen): the same bits as the tile that widens x itself,
- * and within rounding of a float64 reference, for every tile shape, K with
- * and without a tail, with and without accumulation. */
+/* The tiles that take x rows copied (bfloat16: widened) to float32 once per
+ * block (kernels' dotw + widen): the same bits as the tile that reads x in
+ * place, and within rounding of a float64 reference, for every tile shape,
+ * K with and without a tail, with and without accumulation, copied rows
+ * packed and with a padded stride. */
 static void test_widened_tiles(void)
 {
     ds_simd_level best = ds_simd_detected();
     const int64_t Ks[4] = {8, 75, 256, 1088};
+    const ds_dtype dts[2] = {DS_BF16, DS_F32};
     for (int l = 0; l <= (int)best; l++) {
         if (!ds_simd_compiled((ds_simd_level)l) || ds_simd_set((ds_simd_level)l) != DS_OK)
             continue;
-        const ds_kernels *kn = ds_kernels_get(DS_BF16);
-        if (kn == NULL || kn->dotw == NULL)
-            continue;
-        for (int ki = 0; ki < 4; ki++) {
-            const int64_t K = Ks[ki];
-            uint16_t *xb = malloc((size_t)(DS_MAX_MR * K) * 2), *wb = malloc((size_t)(DS_MAX_NR * K) * 2);
-            float *xf = malloc((size_t)(DS_MAX_MR * K) * sizeof(float));
-            for (int64_t i = 0; i < DS_MAX_MR * K; i++)
-                xb[i] = ds_f32_to_bf16((float)rng_normal());
-            for (int64_t i = 0; i < DS_MAX_NR * K; i++)
-                wb[i] = ds_f32_to_bf16((float)rng_normal());
-            const void *xr[DS_MAX_MR], *wr[DS_MAX_NR], *xw[DS_MAX_MR];
-            for (int i = 0; i < DS_MAX_MR; i++)
-                xr[i] = xb + i * K;
-            for (int j = 0; j < DS_MAX_NR; j++)
-                wr[j] = wb + j * K;
-            kn->widen(DS_MAX_MR, xr, K, xf);
-            for (int i = 0; i < DS_MAX_MR; i++)
-                xw[i] = xf + i * K;
-            int same = 1, close = 1;
-            for (int mr = 1; mr <= DS_MAX_MR; mr++)
-                for (int nr = 1; nr <= DS_MAX_NR; nr++)
-                    for (int acc = 0; acc < 2; acc++) {
-                        float c1[DS_MAX_MR * DS_MAX_NR], c2[DS_MAX_MR * DS_MAX_NR];
-                        for (int q = 0; q < DS_MAX_MR * DS_MAX_NR; q++)
-                            c1[q] = c2[q] = acc ? (float)q : -1.0f;
-                        kn->dot(mr, nr, xr, wr, K, c1, DS_MAX_NR, acc, NULL);
-                        kn->dotw(mr, nr, xw, wr, K, c2, DS_MAX_NR, acc, NULL);
-                        for (int i = 0; i < mr; i++)
-                            for (int j = 0; j < nr; j++) {
-                                const int q = i * DS_MAX_NR + j;
-                                if (memcmp(&c1[q], &c2[q], sizeof(float)) != 0)
-                                    same = 0;
-                                double ref = acc ? (double)q : 0.0, mag = 0.0;
-                                for (int64_t k = 0; k < K; k++) {
-                                    double p = (double)ds_bf16_to_f32(xb[i * K + k]) *
-                                               (double)ds_bf16_to_f32(wb[j * K + k]);
-                                    ref += p;
-                                    mag += fabs(p);
+        for (int d = 0; d < 2; d++) {
+            const ds_dtype dt = dts[d];
+            const ds_kernels *kn = ds_kernels_get(dt);
+            if (kn == NULL || kn->dotw == NULL)
+                continue;
+            const size_t esz = ds_dtype_size(dt);
+            for (int ki = 0; ki < 8; ki++) {
+                const int64_t K = Ks[ki % 4], ldd = ki < 4 ? K : K + 13;
+                char *xb = malloc((size_t)(DS_MAX_MR * K) * esz), *wb = malloc((size_t)(DS_MAX_NR * K) * esz);
+                float *xf = malloc((size_t)(DS_MAX_MR * ldd) * sizeof(float));
+                for (int64_t i = 0; i < DS_MAX_MR * K; i++)
+                    store(xb, dt, i, rng_normal());
+                for (int64_t i = 0; i < DS_MAX_NR * K; i++)
+                    store(wb, dt, i, rng_normal());
+                const void *xr[DS_MAX_MR], *wr[DS_MAX_NR], *xw[DS_MAX_MR];
+                for (int i = 0; i < DS_MAX_MR; i++)
+                    xr[i] = xb + (size_t)(i * K) * esz;
+                for (int j = 0; j < DS_MAX_NR; j++)
+                    wr[j] = wb + (size_t)(j * K) * esz;
+                kn->widen(DS_MAX_MR, xr, K, xf, ldd);
+                for (int i = 0; i < DS_MAX_MR; i++)
+                    xw[i] = xf + i * ldd;
+                int same = 1, close = 1;
+                for (int mr = 1; mr <= DS_MAX_MR; mr++)
+                    for (int nr = 1; nr <= DS_MAX_NR; nr++)
+                        for (int acc = 0; acc < 2; acc++) {
+                            float c1[DS_MAX_MR * DS_MAX_NR], c2[DS_MAX_MR * DS_MAX_NR];
+                            for (int q = 0; q < DS_MAX_MR * DS_MAX_NR; q++)
+                                c1[q] = c2[q] = acc ? (float)q : -1.0f;
+                            kn->dot(mr, nr, xr, wr, K, c1, DS_MAX_NR, acc, NULL);
+                            kn->dotw(mr, nr, xw, wr, K, c2, DS_MAX_NR, acc, NULL);
+                            for (int i = 0; i < mr; i++)
+                                for (int j = 0; j < nr; j++) {
+                                    const int q = i * DS_MAX_NR + j;
+                                    if (memcmp(&c1[q], &c2[q], sizeof(float)) != 0)
+                                        same = 0;
+                                    double ref = acc ? (double)q : 0.0, mag = 0.0;
+                                    for (int64_t k = 0; k < K; k++) {
+                                        double p = load(xb, dt, i * K + k) * load(wb, dt, j * K + k);
+                                        ref += p;
+                                        mag += fabs(p);
+                                    }
+                                    if (fabs((double)c2[q] - ref) > 1e-5 * (mag + fabs(ref)) + 1e-6)
+                                        close = 0;
                                 }
-                                if (fabs((double)c2[q] - ref) > 1e-5 * (mag + fabs(ref)) + 1e-6)
-                                    close = 0;
-                            }
-                    }
-            CHECK(same, "%s bf16 dotw: same bits as dot (K=%lld)", ds_simd_name((ds_simd_level)l),
-                  (long long)K);
-            CHECK(close, "%s bf16 dotw: matches float64 (K=%lld)", ds_simd_name((ds_simd_level)l),
-                  (long long)K);
-            free(xb); free(wb); free(xf);
+                        }
+                CHECK(same, "%s %s dotw: same bits as dot (K=%lld, ldd=%lld)",
+                      ds_simd_name((ds_simd_level)l), ds_dtype_name(dt), (long long)K, (long long)ldd);
+                CHECK(close, "%s %s dotw: matches float64 (K=%lld, ldd=%lld)",
+                      ds_simd_name((ds_simd_level)l), ds_dtype_name(dt), (long long)K, (long long)ldd);
+                free(xb); free(wb); free(xf);
+            }
         }
     }
     ds_simd_set(best);
