@@ -140,14 +140,15 @@ typedef struct {
     int mr, nr;       /* preferred tile: rows of x, rows of w */
     ds_gemm_fn gemm;  /* NULL: the tiles serve every row count */
     int gemm_rows;    /* blocks of at least this many rows go to gemm */
-    /* optional: a dot tile whose x rows are float32, with the same bits as
-     * dot, and the copy that makes them (n rows of K into dst, row i at
-     * dst + i*ldd; bfloat16 widened), so that a block's x rows are read from
-     * one contiguous buffer and widened once, not once per weight group.
-     * float32 at AVX2 and AVX-512 (dotw == dot), bfloat16 at AVX2 and at
-     * AVX-512 without BF16. */
+    /* optional: a dot tile with the same bits as dot whose x rows are copies
+     * made by widen (n rows of K into dst, row i at element i*ldd; float32,
+     * bfloat16 widened to it, or, where xw_esz is 2, bfloat16 as it is), so
+     * that a block's x rows are read from one contiguous buffer and widened
+     * once, not once per weight group.  float32 at AVX2 and AVX-512 (dotw ==
+     * dot), bfloat16 at every x86 level. */
     ds_dot_tile_fn dotw;
-    void (*widen)(int64_t n, const void *const *x, int64_t K, float *dst, int64_t ldd);
+    void (*widen)(int64_t n, const void *const *x, int64_t K, void *dst, int64_t ldd);
+    int xw_esz;       /* bytes per element of the copies (0: 4, float32) */
 } ds_kernels;
 
 /* Kernel set for (level, dtype); NULL when not compiled in. */

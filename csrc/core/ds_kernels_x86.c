@@ -580,11 +580,11 @@ static TGT2 void dotw2_bf16(int mr, int nr, const void *const *x, const void *co
     DS_TILE_SWITCH(tile2_xw_bf16, mr, nr, x, w, K, c, ldc, accumulate, pf)
 }
 #define DEF_WIDEN2(T)                                                                  \
-    static TGT2 void widen2_##T(int64_t n, const void *const *x, int64_t K, float *dst, \
+    static TGT2 void widen2_##T(int64_t n, const void *const *x, int64_t K, void *dst,  \
                                 int64_t ldd)                                           \
     {                                                                                  \
         for (int64_t r = 0; r < n; r++) {                                              \
-            float *d = dst + r * ldd;                                                  \
+            float *d = (float *)dst + r * ldd;                                         \
             int64_t k = 0;                                                             \
             for (; k + 8 <= K; k += 8)                                                 \
                 _mm256_storeu_ps(d + k, ld2_##T(x[r], k));                             \
@@ -857,11 +857,20 @@ static TGT2 void act2_f16(const float *gu, int64_t n, void *dst)
         d[j] = ds_f32_to_f16(ds_silu(gu[2 * j]) * gu[2 * j + 1]);
 }
 
-static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6, NULL, 0, dot5_f32, widen2_f32};
+static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6, NULL, 0, dot5_f32, widen2_f32, 0};
 static const ds_kernels k5_bf16 = {dot5_bf16, rows5_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0,
-                                   dotw5_bf16, widen2_bf16};
-static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6, NULL, 0, NULL, NULL};
-static const ds_kernels k5b_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0, NULL, NULL};
+                                   dotw5_bf16, widen2_bf16, 0};
+static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6, NULL, 0, NULL, NULL, 0};
+/* bfloat16 x rows copied as they are (the BF16 tiles take bfloat16 x):
+ * contiguous rows measured 1.05-1.07x at Mixtral T = 16 / 128, level at
+ * OLMoE T = 128 (benchmarks/README.md). */
+static void copy_bf16_rows(int64_t n, const void *const *x, int64_t K, void *dst, int64_t ldd)
+{
+    for (int64_t r = 0; r < n; r++)
+        memcpy((uint16_t *)dst + r * ldd, x[r], (size_t)K * 2);
+}
+static const ds_kernels k5b_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0,
+                                    dot5b_bf16, copy_bf16_rows, 2};
 
 const ds_kernels *ds_kernels_avx512(ds_dtype dt)
 {
@@ -875,10 +884,10 @@ const ds_kernels *ds_kernels_avx512(ds_dtype dt)
 
 const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt) { return dt == DS_BF16 ? &k5b_bf16 : NULL; }
 
-static const ds_kernels k2_f32 = {dot2_f32, rows2_f32, act2_f32, ds_combine_generic_f32, 3, 4, gemm2_f32, 32, dot2_f32, widen2_f32};
+static const ds_kernels k2_f32 = {dot2_f32, rows2_f32, act2_f32, ds_combine_generic_f32, 3, 4, gemm2_f32, 32, dot2_f32, widen2_f32, 0};
 static const ds_kernels k2_bf16 = {dot2_bf16, rows2_bf16, act2_bf16, ds_combine_generic_bf16, 3, 4, gemm2_bf16, 32,
-                                   dotw2_bf16, widen2_bf16};
-static const ds_kernels k2_f16 = {dot2_f16, rows2_f16, act2_f16, ds_combine_generic_f16, 3, 4, gemm2_f16, 32, NULL, NULL};
+                                   dotw2_bf16, widen2_bf16, 0};
+static const ds_kernels k2_f16 = {dot2_f16, rows2_f16, act2_f16, ds_combine_generic_f16, 3, 4, gemm2_f16, 32, NULL, NULL, 0};
 
 const ds_kernels *ds_kernels_avx2(ds_dtype dt)
 {

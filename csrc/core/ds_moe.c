@@ -313,17 +313,19 @@ static void run_tiles(const tile_job *j)
      * weight group while the current one is in use. */
     const int mr = kn->mr, nr = kn->nr;
     const int n_row_tiles = (int)cdiv(j->mb, mr);
-    /* The block's x rows copied once into the thread's pack area as float32
-     * rows (bfloat16 widened), where the level has tiles for that: the same
-     * bits as the tiles that read them in place (and widen them again for
-     * each weight group); blocks beyond the pack area keep those. */
+    /* The block's x rows copied once into the thread's pack area (float32,
+     * or bfloat16 widened, or bfloat16 as it is for the BF16 dot product),
+     * where the level has tiles for that: the same bits as the tiles that read
+     * them in place (and widen them again for each weight group); blocks
+     * beyond the pack area keep those. */
     const void *const *xr = j->xr;
     ds_dot_tile_fn dot = kn->dot;
     const void *xw[MB];
-    if (kn->dotw != NULL && j->mb <= MB && j->mb * j->K <= DS_GEMM_PACK_FLOATS) {
+    const int64_t xesz = kn->xw_esz ? kn->xw_esz : 4;
+    if (kn->dotw != NULL && j->mb <= MB && j->mb * j->K * xesz <= DS_GEMM_PACK_FLOATS * 4) {
         kn->widen(j->mb, j->xr, j->K, j->pack, j->K);
         for (int64_t i = 0; i < j->mb; i++)
-            xw[i] = j->pack + i * j->K;
+            xw[i] = (const char *)j->pack + i * j->K * xesz;
         xr = xw;
         dot = kn->dotw;
     }

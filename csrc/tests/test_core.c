@@ -228,8 +228,9 @@ static void test_moe_all_levels(void)
     ds_simd_set(best);
 }
 
-/* The tiles that take x rows copied (bfloat16: widened) to float32 once per
- * block (kernels' dotw + widen): the same bits as the tile that reads x in
+/* The tiles that take x rows copied once per block (float32, bfloat16
+ * widened to float32, or bfloat16 as it is for the BF16 dot product:
+ * kernels' dotw + widen): the same bits as the tile that reads x in
  * place, and within rounding of a float64 reference, for every tile shape,
  * K with and without a tail, with and without accumulation, copied rows
  * packed and with a padded stride. */
@@ -261,8 +262,9 @@ static void test_widened_tiles(void)
                 for (int j = 0; j < DS_MAX_NR; j++)
                     wr[j] = wb + (size_t)(j * K) * esz;
                 kn->widen(DS_MAX_MR, xr, K, xf, ldd);
+                const size_t xesz = kn->xw_esz ? (size_t)kn->xw_esz : sizeof(float);
                 for (int i = 0; i < DS_MAX_MR; i++)
-                    xw[i] = xf + i * ldd;
+                    xw[i] = (const char *)xf + (size_t)(i * ldd) * xesz;
                 int same = 1, close = 1;
                 for (int mr = 1; mr <= DS_MAX_MR; mr++)
                     for (int nr = 1; nr <= DS_MAX_NR; nr++)
