@@ -216,21 +216,21 @@ INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t e
         }                                                                           \
     } while (0)
 
-#define DEF_TILE5X(NAME, XT, T, ESZ)                                                                 \
-    INL TGT5 void tile5_##NAME(const int MR, const int NR, const void *const *x,            \
+#define DEF_TILE5X(NAME, XT, T, ESZ)                                                      \
+    INL TGT5 void tile5_##NAME(const int MR, const int NR, const void *const *x,          \
                              const void *const *w, int64_t K, float *c, int64_t ldc,      \
                              int accumulate, const ds_prefetch *pf)                       \
     {                                                                                     \
-        const int U = DS_UNROLL5(MR, NR);                                                  \
-        __m512 acc[DS_ACC5];                                              \
+        const int U = DS_UNROLL5(MR, NR);                                                 \
+        __m512 acc[DS_ACC5];                                                              \
         const void *xp[DS_MAX_MR], *wp[DS_MAX_NR];                                        \
         pf_state ps;                                                                      \
-        pf_init(&ps, pf, NR, K, ESZ, 16 * U);                                           \
+        pf_init(&ps, pf, NR, K, ESZ, 16 * U);                                             \
         for (int i = 0; i < MR; i++) {                                                    \
             xp[i] = x[i];                                                                 \
             for (int j = 0; j < NR; j++)                                                  \
                 for (int u = 0; u < U; u++)                                               \
-                    acc[ACC(i, j, u)] = _mm512_setzero_ps();                                   \
+                    acc[ACC(i, j, u)] = _mm512_setzero_ps();                              \
         }                                                                                 \
         for (int j = 0; j < NR; j++)                                                      \
             wp[j] = w[j];                                                                 \
@@ -240,7 +240,7 @@ INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t e
             for (int u = 0; u < U; u++) {                                                 \
                 __m512 xv[DS_MAX_MR];                                                     \
                 for (int i = 0; i < MR; i++)                                              \
-                    xv[i] = ld5_##XT(xp[i], k + 16 * u);                                   \
+                    xv[i] = ld5_##XT(xp[i], k + 16 * u);                                  \
                 for (int j = 0; j < NR; j++) {                                            \
                     __m512 wv = ld5_##T(wp[j], k + 16 * u);                               \
                     for (int i = 0; i < MR; i++)                                          \
@@ -249,15 +249,15 @@ INL void pf_init(pf_state *p, const ds_prefetch *pf, int NR, int64_t K, size_t e
             }                                                                             \
         }                                                                                 \
         for (; k < K; k += 16) {                                                          \
-            __mmask16 m = K - k >= 16 ? (__mmask16)0xffff                                  \
+            __mmask16 m = K - k >= 16 ? (__mmask16)0xffff                                 \
                                       : (__mmask16)((1u << (unsigned)(K - k)) - 1u);      \
             __m512 xv[DS_MAX_MR];                                                         \
             for (int i = 0; i < MR; i++)                                                  \
-                xv[i] = ld5m_##XT(xp[i], k, m);                                            \
+                xv[i] = ld5m_##XT(xp[i], k, m);                                           \
             for (int j = 0; j < NR; j++) {                                                \
                 __m512 wv = ld5m_##T(wp[j], k, m);                                        \
                 for (int i = 0; i < MR; i++)                                              \
-                    acc[ACC(i, j, 0)] = _mm512_fmadd_ps(xv[i], wv, acc[ACC(i, j, 0)]);              \
+                    acc[ACC(i, j, 0)] = _mm512_fmadd_ps(xv[i], wv, acc[ACC(i, j, 0)]);    \
             }                                                                             \
         }                                                                                 \
         TILE5_STORE(acc, MR, NR, U, c, ldc, accumulate);                                  \
@@ -484,15 +484,15 @@ INL TGT2 __m128 hsum2x4(const __m256 *v)
 
 /* The K tail (< 8 elements) is added after the vector reduction, in order;
  * without a tail, groups of four outputs of a row are reduced together. */
-#define DEF_TILE2X(NAME, XT, T, ESZ)                                                                 \
-    INL TGT2 void tile2_##NAME(const int MR, const int NR, const void *const *x,            \
+#define DEF_TILE2X(NAME, XT, T, ESZ)                                                      \
+    INL TGT2 void tile2_##NAME(const int MR, const int NR, const void *const *x,          \
                              const void *const *w, int64_t K, float *c, int64_t ldc,      \
                              int accumulate, const ds_prefetch *pf)                       \
     {                                                                                     \
         const int U = DS_UNROLL(MR, NR);                                                  \
         __m256 acc[DS_MAX_MR][DS_MAX_NR][8];                                              \
         pf_state ps;                                                                      \
-        pf_init(&ps, pf, NR, K, ESZ, 8 * U);                                             \
+        pf_init(&ps, pf, NR, K, ESZ, 8 * U);                                              \
         for (int i = 0; i < MR; i++)                                                      \
             for (int j = 0; j < NR; j++)                                                  \
                 for (int u = 0; u < U; u++)                                               \
@@ -503,7 +503,7 @@ INL TGT2 __m128 hsum2x4(const __m256 *v)
             for (int u = 0; u < U; u++) {                                                 \
                 __m256 xv[DS_MAX_MR];                                                     \
                 for (int i = 0; i < MR; i++)                                              \
-                    xv[i] = ld2_##XT(x[i], k + 8 * u);                                     \
+                    xv[i] = ld2_##XT(x[i], k + 8 * u);                                    \
                 for (int j = 0; j < NR; j++) {                                            \
                     __m256 wv = ld2_##T(w[j], k + 8 * u);                                 \
                     for (int i = 0; i < MR; i++)                                          \
@@ -514,7 +514,7 @@ INL TGT2 __m128 hsum2x4(const __m256 *v)
         for (; k + 8 <= K; k += 8) {                                                      \
             __m256 xv[DS_MAX_MR];                                                         \
             for (int i = 0; i < MR; i++)                                                  \
-                xv[i] = ld2_##XT(x[i], k);                                                 \
+                xv[i] = ld2_##XT(x[i], k);                                                \
             for (int j = 0; j < NR; j++) {                                                \
                 __m256 wv = ld2_##T(w[j], k);                                             \
                 for (int i = 0; i < MR; i++)                                              \
@@ -540,7 +540,7 @@ INL TGT2 __m128 hsum2x4(const __m256 *v)
             for (; j < NR; j++) {                                                         \
                 float v = hsum2(sum[j]);                                                  \
                 for (int64_t kk = k; kk < K; kk++)                                        \
-                    v += sc_##XT(x[i], kk) * sc_##T(w[j], kk);                             \
+                    v += sc_##XT(x[i], kk) * sc_##T(w[j], kk);                            \
                 ci[j] = accumulate ? ci[j] + v : v;                                       \
             }                                                                             \
         }                                                                                 \
