@@ -110,8 +110,9 @@ static void gen_dot_f16_tile(int mr, int nr, const void *const *x, const void *c
 
 #define GEN_ROWS(NAME, TILE)                                                            \
     static void NAME(int mr, int64_t nw, const void *const *x, const void *const *w,     \
-                     int64_t K, float *c, int64_t ldc, int accumulate)                    \
+                     int64_t K, float *c, int64_t ldc, int accumulate, int whole)         \
     {                                                                                   \
+        (void)whole;                                                                    \
         for (int64_t j = 0; j < nw; j++)                                                \
             TILE(mr, 1, x, w + j, K, c + j, ldc, accumulate, NULL);                     \
     }

@@ -290,6 +290,7 @@ typedef struct {
     int64_t ldc;
     int accumulate;
     float *pack;             /* the thread's panel buffer for kn->gemm */
+    int whole;               /* K is the weight matrix's whole row length */
 } tile_job;
 
 static void run_tiles(const tile_job *j)
@@ -301,7 +302,7 @@ static void run_tiles(const tile_job *j)
      * out of issue slots (measured: 4 rows x 1 weight row streams at half
      * the speed of 4 x 6 tiles), so tiles take over. */
     if (j->mb <= 3) {
-        kn->rows((int)j->mb, j->nw, j->xr, j->wr, j->K, j->c, j->ldc, j->accumulate);
+        kn->rows((int)j->mb, j->nw, j->xr, j->wr, j->K, j->c, j->ldc, j->accumulate, j->whole);
         return;
     }
     /* Many rows, where the level has one: a packed block GEMM. */
@@ -373,8 +374,9 @@ static void gate_up_item(void *vctx, int64_t item, int tid)
             }
             for (int64_t i = 0; i < mb; i++)
                 xr[i] = (const char *)c->x + (c->row_tok[row0 + rb + i] * c->ldx + k0) * (int64_t)esz;
-            tile_job tj = {c->kern, xr, mb, wr, 2 * nj, H - k0 < kc ? H - k0 : kc, S, ldS, k0 > 0,
-                           c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS};
+            const int64_t kl = H - k0 < kc ? H - k0 : kc;
+            tile_job tj = {c->kern, xr, mb, wr, 2 * nj, kl, S, ldS, k0 > 0,
+                           c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS, kl == H};
             run_tiles(&tj);
         }
         if (c->imp) {
@@ -423,9 +425,9 @@ static void down_item(void *vctx, int64_t item, int tid)
                     wr[h] = down + ((it->h0 + h) * w->ld_down + k0) * (int64_t)esz;
                 for (int64_t i = 0; i < mb; i++)
                     ar[i] = c->A + ((row0 + rb + i) * I + k0) * (int64_t)c->act_esz;
-                tile_job tj = {c->kern, ar, mb, wr, nh, n - k0 < kc ? n - k0 : kc,
-                               c->Y + (row0 + rb) * H + it->h0, H, k0 > 0,
-                               c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS};
+                const int64_t kl = n - k0 < kc ? n - k0 : kc;
+                tile_job tj = {c->kern, ar, mb, wr, nh, kl, c->Y + (row0 + rb) * H + it->h0, H,
+                               k0 > 0, c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS, kl == I};
                 run_tiles(&tj);
             }
         }

@@ -82,6 +82,12 @@ static const mcase cases[] = {
      * multiples of 8, so that the second adds to the first: the AVX2 tiles'
      * four-at-a-time reduction with accumulation */
     {"tiles two K blocks", 40, 2112, 48, 4, 2, 2, 0, 1},
+    /* up to three rows per expert (the GEMV-shaped rows kernel) with whole
+     * rows of 1-2 KiB (one at a time) and prefixes under them (four at a
+     * time): float32 gate/up rows of 1536 bytes, down rows of 2000; bfloat16
+     * down rows of 1400, gate/up of 1200, prefixes of 700 */
+    {"GEMV whole rows 1-2 KiB f32", 3, 384, 500, 4, 2, 2, 0, 1},
+    {"GEMV whole rows 1-2 KiB 16-bit", 3, 600, 700, 4, 2, 2, 0, 1},
 };
 
 typedef struct {
