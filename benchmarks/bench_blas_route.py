@@ -23,7 +23,7 @@ number of rows:
 All three are counted as 6 * H * I * rows * E flops.  The ratio
 openblas_items / engine above 1 is what the route could gain at most.
 
-    python benchmarks/bench_blas_route.py                 # ~3 min: OLMoE and Mixtral, 64 and 128 rows
+    python benchmarks/bench_blas_route.py                 # ~2 min: OLMoE and Mixtral, 64 and 128 rows
     python benchmarks/bench_blas_route.py --simd avx2     # the engine held to AVX2
 """
 from __future__ import annotations
@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import threading
 
