@@ -637,6 +637,7 @@ def run_benchmark(args):
         "dualsparse_path": os.path.dirname(ds.__file__),
         "engine_so": [file_digest(p) for p in so],
         "simd_level": ops.simd_level(),
+        "down_layout": args.down_layout,
         "library_env": {v: os.environ.get(v) for v in AVX2_LIBRARY_ENV},
         "git": git_state(),
         "args": {k: v for k, v in vars(args).items()},
@@ -685,6 +686,9 @@ def run_benchmark(args):
                 block, loop, engine_split_lists, hf_info = hf4_block(torch, spec, dtype, gu, dn)
                 hf_fns = {"hf4_loop": loop}
 
+            # the engine's down_proj: the (E, H, I) rows, or the partition-major copy whose
+            # two column blocks let 2T-Drop's half experts read whole rows (--down-layout)
+            dn_engine = ops.partition_down(dn, 2) if args.down_layout == "parts" else dn
             for T in args.tokens:
                 nb = num_batches(T, K, args.min_pairs, args.max_batches)
                 # routing weights in the dtype the model's router hands its experts:
@@ -714,7 +718,7 @@ def run_benchmark(args):
                     else:
                         def f(b, **kw):
                             bt = batches[b]
-                            return ops.moe_experts(bt["x"], bt["ids"], bt["w"], gu, dn,
+                            return ops.moe_experts(bt["x"], bt["ids"], bt["w"], gu, dn_engine,
                                                    levels=None if levels is None else levels[b],
                                                    num_partitions=P, out=bt["out"], num_threads=nt, **kw)
                     return f
@@ -962,6 +966,11 @@ def run_benchmark(args):
                         row["roofline_ms"] = t_roof * 1e3
                         row["roofline_bound"] = "gemm" if im.flops / shape_gemm >= im.bytes / shape_bw else "bandwidth"
                         row["roofline_eff"] = t_roof / t
+                        # the same two terms added: the time if reading the weights and the
+                        # arithmetic did not overlap at all (a core streams or computes)
+                        t_serial = im.flops / (shape_gemm * 1e9) + im.bytes / (shape_bw * 1e9)
+                        row["serial_ms"] = t_serial * 1e3
+                        row["serial_eff"] = t_serial / t
                     if im.family == "engine" and im.policy == "none" and hf_best[0] is not None and im.times:
                         row["hf_best"] = hf_best[0]
                         row["hf_best_ms"] = hf_best[1] * 1e3
@@ -979,6 +988,9 @@ def run_benchmark(args):
                             row["goal_met"] = bool(row["ratio"] <= row["goal"])
                             row["mem_goal"] = 1.1 * row["mem_ideal"]
                             row["mem_goal_met"] = bool(row["ratio"] <= row["mem_goal"])
+                            # below the share of the work still done: a speedup above 1 / (1 - r),
+                            # which no kernel can give; the machine's noise, not a result
+                            row["noise"] = bool(row["ratio"] < row["compute_ideal"])
                     rows.append(row)
                 # one progress line per shape
                 eng = next(r for r in rows[::-1] if r["impl"] == "engine" and r["T"] == T and r["dtype"] == dname)
@@ -994,7 +1006,8 @@ def run_benchmark(args):
                          and not r["impl"].startswith("engine_split")]
                 if drops:
                     log("     drop ratios: " + "  ".join(
-                        f"{r['policy']}@{r['drop_rate']:.3f}:{r['ratio']:.2f}{'✓' if r['goal_met'] else '✗'}" for r in drops))
+                        f"{r['policy']}@{r['drop_rate']:.3f}:{r['ratio']:.2f}"
+                        f"{'(noise)' if r.get('noise') else '✓' if r['goal_met'] else '✗'}" for r in drops))
                 del batches, impls, shat
                 gc.collect()
                 bar.update(1)
@@ -1003,7 +1016,7 @@ def run_benchmark(args):
                 del mod
             else:
                 del block, loop, engine_split_lists
-            del hf_fns, gu, dn, o_proj
+            del hf_fns, gu, dn, dn_engine, o_proj
             gc.collect()
     bar.close()
     meta["wall_s"] = time.perf_counter() - t_start
@@ -1021,8 +1034,9 @@ def run_benchmark(args):
 CSV_FIELDS = ["tf", "model", "dtype", "T", "batches", "impl", "family", "policy", "r_target", "P", "thresholds",
               "drop_rate", "frac_pairs_half", "frac_pairs_dropped", "time_ms", "iqr_ms", "repeats", "skipped",
               "rel_err", "check_ok", "hf_best", "hf_best_ms", "speedup_vs_hf_best", "ratio", "goal", "goal_met",
-              "compute_ideal", "mem_ideal", "mem_goal", "mem_goal_met", "levels_us", "gflops", "gbps", "eff_kind",
-              "eff", "eff_goal_met", "roofline_ms", "roofline_bound", "roofline_eff", "neurons_per_batch",
+              "compute_ideal", "mem_ideal", "mem_goal", "mem_goal_met", "noise", "levels_us", "gflops", "gbps", "eff_kind",
+              "eff", "eff_goal_met", "roofline_ms", "roofline_bound", "roofline_eff", "serial_ms", "serial_eff",
+              "neurons_per_batch",
               "distinct_weight_bytes_per_batch", "engine_phases_ms", "bg_load", "rounds", "rounds_total", "limit_gemm_gflops", "limit_bw_gbps"]
 
 
@@ -1056,6 +1070,7 @@ def markdown(runs):
         out.append("")
         held = {k: v for k, v in (m.get("library_env") or {}).items() if v}
         out.append(f"CPU: {m['cpu']}, {m['cores']} cores, {m['threads']} threads; engine SIMD {m['simd_level']}; "
+                   + (f"engine down_proj {m['down_layout']} layout; " if m.get("down_layout", "rows") != "rows" else "")
                    + (f"libraries held by {', '.join(f'{k}={v}' for k, v in held.items())}; " if held else "")
                    + f"dualsparse {m['dualsparse']} at {m['git'].get('commit', '')[:10]}"
                    f"{' (+uncommitted changes)' if m['git'].get('dirty_files') else ''}; "
@@ -1148,7 +1163,9 @@ def markdown(runs):
         out.append("#### With drops: engine time(drop) / time(no drop)")
         out.append("")
         out.append("goal = 1.1 x (1 - r); compute ideal = neurons computed / no drop; memory ideal = distinct weight "
-                   "bytes read / no drop (an expert partition none of whose pairs needs it is not read).")
+                   "bytes read / no drop (an expert partition none of whose pairs needs it is not read); "
+                   "met = noise where the ratio is below the compute ideal (a speedup above 1 / (1 - r): "
+                   "the machine's noise, not a result).")
         out.append("")
         head = ["tf", "model", "dtype", "T", "policy", "r", "actual drop", "half/dropped pairs", "ms", "ratio",
                 "goal", "met", "compute ideal", "memory ideal", "met vs 1.1 x mem ideal", "route_levels us"]
@@ -1164,7 +1181,8 @@ def markdown(runs):
                      "skipped" if r["skipped"] else _ms(r["time_ms"]),
                      f"{r['ratio']:.3f}" if r.get("ratio") is not None else "-",
                      f"{r['goal']:.3f}",
-                     ("yes" if r.get("goal_met") else "NO") if r.get("ratio") is not None else "-",
+                     ("noise" if r.get("noise") else "yes" if r.get("goal_met") else "NO")
+                     if r.get("ratio") is not None else "-",
                      f"{r['compute_ideal']:.3f}", f"{r['mem_ideal']:.3f}",
                      ("yes" if r.get("mem_goal_met") else "NO") if r.get("ratio") is not None else "-",
                      f"{r['levels_us']:.1f}"]
@@ -1180,9 +1198,12 @@ def markdown(runs):
                "faster); decode (T <= 16): distinct weight bytes / time, as a fraction of the read "
                "bandwidth; both limits probed in every timed round of that shape (2048^3 GEMM, 512 MB sum), "
                "median. Goal: >= 70%. roofline = max(flops / GEMM rate, distinct bytes / bandwidth) / time "
-               "(the bound that applies: e.g. OLMoE at T=128 reads every expert for ~16 tokens each).")
+               "(the bound that applies: e.g. OLMoE at T=128 reads every expert for ~16 tokens each); "
+               "no overlap = (flops / GEMM rate + distinct bytes / bandwidth) / time, the same terms "
+               "added: the time if no read overlapped any arithmetic (above 100%: the engine overlaps them).")
     out.append("")
-    head = ["tf", "model", "dtype", "T", "impl", "GFLOP/s", "GB/s", "limit", "efficiency", "goal met", "roofline"]
+    head = ["tf", "model", "dtype", "T", "impl", "GFLOP/s", "GB/s", "limit", "efficiency", "goal met", "roofline",
+            "no overlap"]
     if len(runs) == 1:
         head = head[1:]
     out.append("| " + " | ".join(head) + " |")
@@ -1198,7 +1219,8 @@ def markdown(runs):
             cells = [r["tf"], r["model"], r["dtype"], str(r["T"]), r["impl"], f"{r['gflops']:.1f}", f"{r['gbps']:.1f}",
                      lim, f"{100 * r['eff']:.0f}% ({'FLOP' if r['eff_kind'] == 'gemm' else 'BW'})",
                      "yes" if r["eff_goal_met"] else "NO",
-                     f"{100 * r['roofline_eff']:.0f}% ({r['roofline_bound']})"]
+                     f"{100 * r['roofline_eff']:.0f}% ({r['roofline_bound']})",
+                     f"{100 * r['serial_eff']:.0f}%" if r.get("serial_eff") is not None else "-"]
             if len(runs) == 1:
                 cells = cells[1:]
             out.append("| " + " | ".join(cells) + " |")
@@ -1276,6 +1298,10 @@ def parse_args(argv=None):
     p.add_argument("--noisy-budget", type=float, default=None,
                    help="extra seconds of rounds per (model, dtype, T) spent hoping for quiet rounds (default 180); "
                         "then the least loaded rounds are used and the load is reported; quick: 0)")
+    p.add_argument("--down-layout", choices=("rows", "parts"), default="rows",
+                   help="the engine's down_proj: rows, the (E, H, I) tensor (default), or parts, the "
+                        "partition-major (E, 2, H, I/2) copy from ops.partition_down, with which the "
+                        "half experts of 2T-Drop read whole rows of one block")
     p.add_argument("--out", default=os.path.join(REPO, "bench-results"), help="output folder (default bench-results/)")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="merge result JSON files of several runs into one table and exit")

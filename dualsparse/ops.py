@@ -26,6 +26,8 @@ __all__ = [
     "BACKENDS",
     "resolve_backend",
     "stack_linear_experts",
+    "partition_down",
+    "unpartition_down",
     "ImportanceAccumulator",
     "neuron_importance",
     "importance_order",
@@ -329,6 +331,9 @@ def _moe_call(x, topk_ids, topk_weights, gu, up, down, levels, num_partitions, o
     x = _rowmajor_x(_plain(x, "x"), "x")
     topk_weights = _plain(topk_weights, "topk_weights")
     backend = resolve_backend(backend, x, fn)
+    if backend != "engine" and getattr(down, "ndim", 3) == 4:
+        raise ValueError(f"{fn}: a 4-D (partition-major) down_proj is read by the C engine only; the "
+                         f"'{backend}' backend takes the (E, H, I) layout: unpartition_down(down_proj)")
     if out is None:
         if x.ndim != 2:
             raise ValueError(f"{fn}: x must be 2-D (tokens, hidden); got shape {tuple(x.shape)}")
@@ -417,7 +422,13 @@ def moe_experts(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, levels=No
         topk_ids: (T, K) int32 / int64 selected experts.
         topk_weights: (T, K) combine weights (float32 or x's dtype).
         gate_up_proj: (E, 2I, H), rows [0, I) gate, [I, 2I) up; contiguous.
-        down_proj: (E, H, I); contiguous; same dtype as x.
+        down_proj: (E, H, I); contiguous; same dtype as x.  The C engine
+            also takes the partition-major layout (E, D, H, I / D) made by
+            :func:`partition_down`: with D = num_partitions a pair below the
+            full level reads whole rows of its blocks instead of a prefix of
+            every row, which at small batches costs close to the whole row
+            (benchmarks/README.md).  The prefix is then summed block by
+            block, so the last bits differ from the (E, H, I) layout.
         levels: (T, K) integers in [0, num_partitions]; default all full.
         num_partitions: P, the number of prefix partitions of each expert.
         out: optional (T, H) output (same dtype as x, sharing no memory with
@@ -526,6 +537,44 @@ def stack_linear_experts(gate_proj: Sequence[Any], up_proj: Sequence[Any], down_
             mods[1][e].weight.data = gu[e, I:]
             mods[2][e].weight.data = dn[e]
     return gu, dn
+
+
+def partition_down(down_proj, num_parts: int):
+    """A contiguous copy of ``down_proj`` (E, H, I) in the partition-major
+    layout (E, D, H, I / D): block ``b`` holds columns ``[b*I/D, (b+1)*I/D)``,
+    the neurons of partition ``b + 1``.  :func:`moe_experts` (C engine) reads
+    either layout; with ``D == num_partitions`` a pair below the full level
+    reads its blocks' whole rows, not a prefix of each row.  Reorder neurons
+    (:func:`permute_neurons`) before partitioning; :func:`unpartition_down`
+    inverts it."""
+    fn = "partition_down"
+    if isinstance(num_parts, bool) or not isinstance(num_parts, (int, np.integer)):
+        raise TypeError(f"{fn}: num_parts must be an int; got {type(num_parts).__name__}")
+    d = _plain(down_proj, "down_proj")
+    if not (_is_torch(d) or isinstance(d, np.ndarray)) or d.ndim != 3:
+        raise ValueError(f"{fn}: down_proj must be a 3-D (E, H, I) tensor or array; got "
+                         f"{tuple(getattr(d, 'shape', ())) or type(d).__name__}")
+    E, H, I = d.shape
+    D = int(num_parts)
+    if not 1 <= D <= 127 or I % D:
+        raise ValueError(f"{fn}: num_parts must be in [1, 127] and divide I = {I}; got {D}")
+    if _is_torch(d):
+        return d.reshape(E, H, D, I // D).permute(0, 2, 1, 3).contiguous()
+    return np.ascontiguousarray(d.reshape(E, H, D, I // D).transpose(0, 2, 1, 3))
+
+
+def unpartition_down(down_parts):
+    """The (E, H, I) layout of a partition-major (E, D, H, I / D) down_proj
+    (a contiguous copy): the inverse of :func:`partition_down`."""
+    fn = "unpartition_down"
+    d = _plain(down_parts, "down_proj")
+    if not (_is_torch(d) or isinstance(d, np.ndarray)) or d.ndim != 4:
+        raise ValueError(f"{fn}: down_parts must be a 4-D (E, D, H, I / D) tensor or array; got "
+                         f"{tuple(getattr(d, 'shape', ())) or type(d).__name__}")
+    E, D, H, J = d.shape
+    if _is_torch(d):
+        return d.permute(0, 2, 1, 3).reshape(E, H, D * J).contiguous()
+    return np.ascontiguousarray(d.transpose(0, 2, 1, 3).reshape(E, H, D * J))
 
 
 # ------------------------------------------------------------- importance

@@ -19,6 +19,7 @@ import torch._dynamo  # noqa: E402
 
 import dualsparse as ds  # noqa: E402
 from dualsparse import builtin  # noqa: E402
+from dualsparse import ops  # noqa: E402
 
 from reference import ref_moe, ref_route_levels, to_f64  # noqa: E402
 
@@ -148,6 +149,13 @@ def test_engine_operators_registered_and_compile():
 
     cf = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(cf(x, ids, w, thr), 2 * out)
+    # the partition-major down (E, 2, H, I/2) through the same operator, eager and compiled
+    parts = ops.partition_down(dn, 2)
+    out_p = torch.ops.dualsparse.moe_experts(x, ids, w, gu, parts, lv, 2, None)
+    np.testing.assert_allclose(out_p.double().numpy(), want, rtol=1e-4, atol=1e-5)
+    cfp = torch.compile(lambda x, lv: torch.ops.dualsparse.moe_experts(x, ids, w, gu, parts, lv, 2, None),
+                        fullgraph=True, backend="aot_eager")
+    assert torch.equal(cfp(x, lv), out_p)
     with torch._dynamo.config.patch(error_on_recompile=True):   # new threshold values: same graph
         thr2 = torch.tensor([0.1, 0.6], dtype=torch.float64)
         lv2 = torch.from_numpy(ref_route_levels(to_f64(w), [0.1, 0.6]).astype(np.int8))

@@ -276,6 +276,114 @@ def test_all_levels_P_equals_P1(case_id, P, dtype):
     assert_moe_close(allP, inp, f"all levels {P} of P={P}", ref=ref)
 
 
+# ====================================================== partition-major down
+
+def _divisors(I, limit=8):
+    return [d for d in range(1, min(I, limit) + 1) if I % d == 0]
+
+
+@pytest.mark.parametrize("kind,dtype", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_partition_down_layout_matches_reference(case_id, kind, dtype):
+    """The (E, D, H, I/D) down layout against the float64 reference of the
+    (E, H, I) weights, for D equal to the call's P (each level reads whole
+    blocks) and for other divisors of I (prefixes that end inside a block)."""
+    inp = build(CASES_BY_ID[case_id], dtype, kind)
+    ds = sorted({d for d in (inp.P, 2, 3, 4) if inp.case.I % d == 0} | {1})
+    for D in ds:
+        parts = ops.partition_down(inp.down, D)
+        assert tuple(parts.shape) == (inp.case.E, D, inp.case.H, inp.case.I // D)
+        same_kind(parts, inp.down)
+        out = ops.moe_experts(inp.x, inp.ids, inp.tw, inp.gate_up, parts, levels=inp.levels,
+                              num_partitions=inp.P)
+        assert_moe_close(out, inp, f"down in {D} blocks")
+
+
+@pytest.mark.parametrize("dtype", TORCH_DT_IDS)
+@pytest.mark.parametrize("case_id", ["odd_I131_P4", "many_rows", "H1100", "rows70_H600_I300", "few_experts"])
+def test_partition_down_every_simd_level(case_id, dtype, simd_level):
+    inp = build(CASES_BY_ID[case_id], dtype)
+    for D in _divisors(inp.case.I, 4)[1:]:
+        out = ops.moe_experts(inp.x, inp.ids, inp.tw, inp.gate_up, ops.partition_down(inp.down, D),
+                              levels=inp.levels, num_partitions=inp.P)
+        assert_moe_close(out, inp, f"down in {D} blocks, simd={simd_level}")
+
+
+@pytest.mark.parametrize("dtype", TORCH_DT_IDS)
+@pytest.mark.parametrize("case_id", ["K_eq_E", "odd_H67_I77_P2", "many_rows", "T1"])
+def test_partition_down_bitwise_properties(case_id, dtype):
+    """One block is the row layout (same memory, same bits); and with the
+    blocks, 2T-Drop with equal thresholds is still bitwise 1T-Drop (a full
+    row sums the same blocks whatever P the call has)."""
+    inp = build(CASES_BY_ID[case_id], dtype)
+    assert_same_bits(ops.moe_experts(inp.x, inp.ids, inp.tw, inp.gate_up, ops.partition_down(inp.down, 1),
+                                     levels=inp.levels, num_partitions=inp.P), run_moe(inp), "D = 1")
+    D = 2 if inp.case.I % 2 == 0 else 1
+    parts = ops.partition_down(inp.down, D)
+    lv2 = ops.route_levels(inp.tw, [0.3, 0.3])
+    lv1 = ops.route_levels(inp.tw, [0.3])
+    out2 = ops.moe_experts(inp.x, inp.ids, inp.tw, inp.gate_up, parts, levels=lv2, num_partitions=2)
+    out1 = ops.moe_experts(inp.x, inp.ids, inp.tw, inp.gate_up, parts, levels=lv1, num_partitions=1)
+    assert_same_bits(out2, out1, f"2T with equal thresholds vs 1T, down in {D} blocks")
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_partition_down_round_trip(kind):
+    g = torch.Generator().manual_seed(3)
+    dn = torch.randn(3, 5, 12, generator=g)
+    if kind == "numpy":
+        dn = dn.numpy()
+    for D in (1, 2, 3, 4, 6, 12):
+        parts = ops.partition_down(dn, D)
+        same_kind(parts, dn)
+        for b in range(D):  # block b holds columns [b*I/D, (b+1)*I/D)
+            want = dn[:, :, b * 12 // D:(b + 1) * 12 // D]
+            assert bits(parts[:, b]) == bits(np.ascontiguousarray(want) if kind == "numpy" else want.contiguous())
+        back = ops.unpartition_down(parts)
+        assert bits(back) == bits(dn)
+
+
+def test_partition_down_errors():
+    inp = build(CASES_BY_ID["many_rows"], "float32")  # I = 160, H = 136, E = 4
+    E, H, I = inp.case.E, inp.case.H, inp.case.I
+    with pytest.raises(ValueError, match="num_parts must be in \\[1, 127\\] and divide I = 160; got 3"):
+        ops.partition_down(inp.down, 3)
+    with pytest.raises(ValueError, match="num_parts"):
+        ops.partition_down(inp.down, 0)
+    with pytest.raises(TypeError, match="num_parts must be an int; got bool"):
+        ops.partition_down(inp.down, True)
+    with pytest.raises(ValueError, match="down_proj must be a 3-D"):
+        ops.partition_down(inp.down[0], 2)
+    with pytest.raises(ValueError, match="down_parts must be a 4-D"):
+        ops.unpartition_down(inp.down)
+
+    def call(dn, **kw):
+        return ops.moe_experts(inp.x, inp.ids, inp.tw, inp.gate_up, dn, levels=inp.levels,
+                               num_partitions=inp.P, **kw)
+
+    parts = ops.partition_down(inp.down, 2)
+    for bad in (parts[:, :, :-1].contiguous(),                       # H off
+                parts[:-1].contiguous(),                             # E off
+                torch.zeros(E, 3, H, 53),                            # 3 * 53 != I
+                torch.zeros(E, 2, H, 81)):                           # 2 * 81 != I
+        with pytest.raises(ValueError, match="partition-major layout \\(E, D, H, I / D\\)"):
+            call(bad)
+    with pytest.raises(ValueError, match="down_proj must be contiguous"):
+        call(ops.partition_down(inp.down, 2).transpose(2, 3).contiguous().transpose(2, 3))
+    with pytest.raises(ValueError, match="must be 3-D \\(E, H, I\\) or 4-D"):
+        call(parts[..., None])
+    with pytest.raises(TypeError, match="down_proj is bfloat16 but gate_up_proj is float32"):
+        call(parts.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="read by the C engine only.*unpartition_down"):
+        call(parts, backend="torch")
+    # permuting neurons needs the row layout, and refuses before writing anything
+    gu0 = inp.gate_up.clone()
+    perm = _random_perms(E, I, 1)
+    with pytest.raises(NotImplementedError, match="column blocks"):
+        ops.permute_neurons(inp.gate_up, parts, perm)
+    assert bits(inp.gate_up) == bits(gu0)
+
+
 @pytest.mark.parametrize("t", [0.2, 0.3, 0.45])
 @pytest.mark.parametrize("dtype", TORCH_DT_IDS)
 @pytest.mark.parametrize("case_id", ["K_eq_E", "odd_H67_I77_P2", "odd_I131_P4", "many_rows", "H1100"])

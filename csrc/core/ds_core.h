@@ -110,6 +110,15 @@ typedef struct {
     void *const *down;          /* E pointers */
     int64_t ld_gu;              /* >= H */
     int64_t ld_down;            /* >= I */
+    /* 0 or 1: down[e] is H x I as above.  D >= 2 (at most min(127, I)):
+     * down[e] holds D column blocks one after another, block b the columns
+     * [b*I/D, (b+1)*I/D) (integer division) as an H x (hi - lo) row-major
+     * matrix starting at element H*lo; ld_down is not read (still >= I).
+     * With D equal to the call's num_partitions, a pair at level p < P reads
+     * whole rows of p blocks instead of a prefix of every row (a prefix read
+     * costs close to the whole row where hardware prefetchers run ahead into
+     * the rest).  The prefix is summed block by block, in block order. */
+    int64_t down_parts;
 } ds_experts;
 
 /* A small 2-D view of routing data (ids, weights, levels). */

@@ -7,7 +7,8 @@
  *   1. gate/up: for (expert, neuron chunk) items, the fused SwiGLU
  *      activations A[row, neuron] of the rows whose prefix covers the chunk;
  *   2. down:    for (expert, hidden chunk) items, Y[row, h] = A[row, :n] .
- *      down[e][h, :n] with n the row's prefix length;
+ *      down[e][h, :n] with n the row's prefix length (summed block by block
+ *      where down is stored in column blocks, ds_experts.down_parts);
  *   3. combine: for token blocks, out[t] = sum_k w[t,k] * Y[row(t,k)] in k
  *      order.
  * Each item writes a region no other item touches and the split into items
@@ -143,6 +144,9 @@ static ds_status check_experts(const char *fn, const ds_experts *w)
     if (!ds_is_real(w->dtype))
         return ds_error(DS_ERR_TYPE, "%s: weights must be float32, bfloat16 or float16; got %s",
                         fn, ds_dtype_name(w->dtype));
+    if (w->down_parts < 0 || w->down_parts > 127 || w->down_parts > w->I)
+        return ds_error(DS_ERR_VALUE, "%s: down_parts must be in [0, min(127, I=%lld)]; got %lld", fn,
+                        (long long)w->I, (long long)w->down_parts);
     if (w->ld_gu < w->H || w->ld_down < w->I)
         return ds_error(DS_ERR_SHAPE, "%s: weight row strides too small (ld_gu=%lld < H=%lld or "
                         "ld_down=%lld < I=%lld)", fn, (long long)w->ld_gu, (long long)w->H,
@@ -412,6 +416,7 @@ static void down_item(void *vctx, int64_t item, int tid)
     const int64_t *em = c->e_m + e * (P + 2);
     const size_t esz = ds_dtype_size(w->dtype);
     const char *down = (const char *)w->down[e];
+    const int64_t D = w->down_parts > 1 ? w->down_parts : 1;
     const void *ar[DS_GEMM_MAX_ROWS], *wr[HC];
 
     for (int64_t p = P; p >= 1; p--) {
@@ -419,16 +424,31 @@ static void down_item(void *vctx, int64_t item, int tid)
         const int64_t bm = block_rows(c->kern, re - rs);
         for (int64_t rb = rs; rb < re; rb += bm) {
             const int64_t mb = re - rb < bm ? re - rb : bm;
-            const int64_t kc = k_block(c->kern, mb, c->act_esz, n);
-            for (int64_t k0 = 0; k0 < n; k0 += kc) {
-                for (int64_t h = 0; h < nh; h++)
-                    wr[h] = down + ((it->h0 + h) * w->ld_down + k0) * (int64_t)esz;
-                for (int64_t i = 0; i < mb; i++)
-                    ar[i] = c->A + ((row0 + rb + i) * I + k0) * (int64_t)c->act_esz;
-                const int64_t kl = n - k0 < kc ? n - k0 : kc;
-                tile_job tj = {c->kern, ar, mb, wr, nh, kl, c->Y + (row0 + rb) * H + it->h0, H,
-                               k0 > 0, c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS, kl == I};
-                run_tiles(&tj);
+            for (int64_t i = 0; i < mb; i++)
+                ar[i] = c->A + (row0 + rb + i) * I * (int64_t)c->act_esz;
+            /* The prefix [0, n) through the stored column blocks (one block
+             * for the row layout): each block's rows are whole rows of their
+             * own matrix, and a prefix that ends inside a block reads a
+             * prefix of its rows.  Blocks after the first add to Y. */
+            for (int64_t b = 0; b < D; b++) {
+                const int64_t lo = (b * I) / D, hi = ((b + 1) * I) / D;
+                if (lo >= n)
+                    break;
+                const int64_t len = (n < hi ? n : hi) - lo, ld = D > 1 ? hi - lo : w->ld_down;
+                const char *blk = down + (D > 1 ? H * lo : 0) * (int64_t)esz;
+                const int64_t kc = k_block(c->kern, mb, c->act_esz, len);
+                for (int64_t k0 = 0; k0 < len; k0 += kc) {
+                    const void *ab[DS_GEMM_MAX_ROWS];
+                    for (int64_t h = 0; h < nh; h++)
+                        wr[h] = blk + ((it->h0 + h) * ld + k0) * (int64_t)esz;
+                    for (int64_t i = 0; i < mb; i++)
+                        ab[i] = (const char *)ar[i] + (lo + k0) * (int64_t)c->act_esz;
+                    const int64_t kl = len - k0 < kc ? len - k0 : kc;
+                    tile_job tj = {c->kern, ab, mb, wr, nh, kl, c->Y + (row0 + rb) * H + it->h0, H,
+                                   b > 0 || k0 > 0, c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS,
+                                   kl == hi - lo};
+                    run_tiles(&tj);
+                }
             }
         }
     }

@@ -187,6 +187,10 @@ ds_status ds_permute_neurons(const ds_experts *w, const int64_t *perm, int inver
                             (long long)e);
     if (w->ld_gu < w->H || w->ld_down < w->I)
         return ds_error(DS_ERR_SHAPE, "permute_neurons: weight row strides too small");
+    if (w->down_parts > 1)
+        return ds_error(DS_ERR_UNSUPPORTED, "permute_neurons: down_proj is stored in %lld column "
+                        "blocks (down_parts); permute the row layout (E, H, I) and store the blocks "
+                        "afterwards", (long long)w->down_parts);
     if (n_threads < 1 || n_threads > ds_max_threads())
         return ds_error(DS_ERR_VALUE, "permute_neurons: num_threads must be in [1, %d]; got %d",
                         ds_max_threads(), n_threads);

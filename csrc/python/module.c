@@ -681,7 +681,16 @@ static int weight_view(PyObject *o, view_t *v, const char *fn, const char *arg, 
 {
     if (view_from(o, v, fn, arg) < 0)
         return -1;
-    if (check_cpu(v, fn, arg) < 0 || check_ndim(v, nd, fn, arg, "weights") < 0 ||
+    if (nd < 0 && v->ndim != 3 && v->ndim != 4) { /* down_proj of the fused layout */
+        PyObject *s = shape_tuple(v);
+        if (s) {
+            PyErr_Format(PyExc_ValueError, "%s: %s must be 3-D (E, H, I) or 4-D partition-major "
+                         "(E, D, H, I / D) weights; got shape %R", fn, arg, s);
+            Py_DECREF(s);
+        }
+        goto fail;
+    }
+    if (check_cpu(v, fn, arg) < 0 || (nd > 0 && check_ndim(v, nd, fn, arg, "weights") < 0) ||
         check_real(v, fn, arg) < 0)
         goto fail;
     if (view_numel(v) == 0) {
@@ -705,8 +714,8 @@ fail:
     return -1;
 }
 
-/* Fused layout: gate_up (E, 2I, H), down (E, H, I); dn may be None
- * (importance reads only gate and up). */
+/* Fused layout: gate_up (E, 2I, H), down (E, H, I) or partition-major
+ * (E, D, H, I/D); dn may be None (importance reads only gate and up). */
 static int experts_fused(PyObject *gu, PyObject *dn, experts_t *x, const char *fn)
 {
     memset(x, 0, sizeof *x);
@@ -728,12 +737,28 @@ static int experts_fused(PyObject *gu, PyObject *dn, experts_t *x, const char *f
     }
     int64_t I = I2 / 2;
     view_t *d = NULL;
+    int64_t D = 0;
     if (dn != Py_None) {
-        if (weight_view(dn, &x->views[1], fn, "down_proj", 3) < 0)
+        /* 3-D (E, H, I), or 4-D (E, D, H, I/D): the partition-major layout
+         * of down (ds_core.h) */
+        if (weight_view(dn, &x->views[1], fn, "down_proj", -1) < 0)
             goto fail;
         x->n_views = 2;
         d = &x->views[1];
-        if (d->shape[0] != E || d->shape[1] != H || d->shape[2] != I) {
+        if (d->ndim == 4) {
+            D = d->shape[1];
+            if (d->shape[0] != E || d->shape[2] != H || D < 1 || D > 127 || D * d->shape[3] != I) {
+                PyObject *s = shape_tuple(d);
+                if (s) {
+                    PyErr_Format(PyExc_ValueError, "%s: a 4-D down_proj is the partition-major layout "
+                                 "(E, D, H, I / D) with D in [1, 127] dividing I = %lld, E = %lld and "
+                                 "H = %lld from gate_up_proj; got %R", fn, (long long)I, (long long)E,
+                                 (long long)H, s);
+                    Py_DECREF(s);
+                }
+                goto fail;
+            }
+        } else if (d->shape[0] != E || d->shape[1] != H || d->shape[2] != I) {
             PyObject *s = shape_tuple(d);
             if (s) {
                 PyErr_Format(PyExc_ValueError, "%s: down_proj must have shape (E, H, I) = (%lld, %lld, "
@@ -764,6 +789,7 @@ static int experts_fused(PyObject *gu, PyObject *dn, experts_t *x, const char *f
     x->w.E = E; x->w.I = I; x->w.H = H; x->w.dtype = g->dtype;
     x->w.gate = x->ptrs; x->w.up = x->ptrs + E; x->w.down = x->ptrs + 2 * E;
     x->w.ld_gu = H; x->w.ld_down = I;
+    x->w.down_parts = D;
     return 0;
 fail:
     experts_release(x);

@@ -117,6 +117,7 @@ static void make_weights(weights *W, int64_t E, int64_t I, int64_t H, ds_dtype d
     W->w.E = E; W->w.I = I; W->w.H = H; W->w.dtype = dt;
     W->w.gate = W->gate; W->w.up = W->up; W->w.down = W->down;
     W->w.ld_gu = H; W->w.ld_down = I;
+    W->w.down_parts = 0;
 }
 
 static void free_weights(weights *W) { free(W->gu); free(W->dn); }
@@ -216,6 +217,59 @@ static void run_moe_case(const mcase *c, ds_dtype dt, const char *level)
           c->name, ds_dtype_name(dt), level, maxerr, scale);
     CHECK(memcmp(outs[0], outs[1], (size_t)TH * esz) == 0 && memcmp(outs[0], outs[2], (size_t)TH * esz) == 0,
           "%s %s %s: results differ across thread counts", c->name, ds_dtype_name(dt), level);
+    /* down in D column blocks (down_parts): D = P (each level reads whole
+     * blocks), and D that puts partition ends inside blocks; blocks of
+     * unequal widths where D does not divide I.  Within the tolerance of the
+     * same reference, and the same bits for 1 and 2 threads. */
+    const int64_t Ds[3] = {c->P, 2, 3};
+    for (int di = 0; di < 3; di++) {
+        const int64_t D = Ds[di];
+        if (D < 2 || D > c->I || (di > 0 && D == c->P) || (di == 2 && D == Ds[1]))
+            continue;
+        char *pd = malloc((size_t)(c->E * c->H * c->I) * esz + 1);
+        void *pdown[64];
+        for (int64_t e = 0; e < c->E; e++) {
+            char *dst = pd + (size_t)(e * c->H * c->I) * esz;
+            const char *src = (const char *)W.down[e];
+            pdown[e] = dst;
+            for (int64_t b = 0; b < D; b++) {
+                const int64_t lo = b * c->I / D, hi = (b + 1) * c->I / D;
+                for (int64_t h = 0; h < c->H; h++)
+                    memcpy(dst + (size_t)(c->H * lo + h * (hi - lo)) * esz,
+                           src + (size_t)(h * c->I + lo) * esz, (size_t)(hi - lo) * esz);
+            }
+        }
+        ds_experts wp = W.w;
+        wp.down = pdown;
+        wp.down_parts = D;
+        wp.ld_down = c->I;
+        void *po[2];
+        for (int r = 0; r < 2; r++) {
+            ds_moe_args a;
+            memset(&a, 0, sizeof a);
+            a.T = c->T; a.K = c->K; a.P = c->P; a.x = x; a.ldx = c->H;
+            a.topk_ids = (ds_mat){ids, DS_I32, c->K, 1};
+            a.topk_weights = (ds_mat){tw, DS_F32, c->K, 1};
+            a.levels = (ds_mat){c->lv_mode ? lv : NULL, DS_I8, c->K, 1};
+            po[r] = malloc((size_t)(TH + 1) * esz);
+            memset(po[r], 0xff, (size_t)(TH + 1) * esz);
+            a.out = po[r]; a.ldo = c->H;
+            size_t ws = ds_moe_workspace_size(&wp, &a, r + 1);
+            void *wsp = malloc(ws);
+            ds_status st = ds_moe_experts(&wp, &a, wsp, ws, r + 1);
+            CHECK(st == DS_OK, "%s %s %s down in %lld blocks: status %d (%s)", c->name, ds_dtype_name(dt),
+                  level, (long long)D, st, ds_last_error());
+            free(wsp);
+        }
+        double perr = 0;
+        for (int64_t i = 0; i < TH; i++) perr = fmax(perr, fabs(load(po[0], dt, i) - ref[i]));
+        CHECK(perr <= tol_for(dt) * fmax(scale, 1e-3), "%s %s %s down in %lld blocks: max error %.3g (scale %.3g)",
+              c->name, ds_dtype_name(dt), level, (long long)D, perr, scale);
+        CHECK(memcmp(po[0], po[1], (size_t)TH * esz) == 0,
+              "%s %s %s down in %lld blocks: results differ across thread counts", c->name,
+              ds_dtype_name(dt), level, (long long)D);
+        free(po[0]); free(po[1]); free(pd);
+    }
     for (int r = 0; r < 3; r++) free(outs[r]);
     free(x); free(ids); free(tw); free(lv); free(ref);
     free_weights(&W);
@@ -348,6 +402,25 @@ static void test_moe_errors(void)
     st = ds_moe_experts(&W.w, &a, wsp, ws, 2);
     CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "num_partitions"), "P > I: %s", ds_last_error());
     a.P = 1;
+    W.w.down_parts = 9; /* more blocks than I = 8 columns */
+    st = ds_moe_experts(&W.w, &a, wsp, ws, 2);
+    CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "down_parts must be in [0, min(127, I=8)]; got 9"),
+          "down_parts > I: %s", ds_last_error());
+    W.w.down_parts = -1;
+    st = ds_moe_experts(&W.w, &a, wsp, ws, 2);
+    CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "got -1"), "down_parts < 0: %s", ds_last_error());
+    W.w.down_parts = 2;
+    {
+        int64_t perm[4 * 8];
+        for (int i = 0; i < 32; i++) perm[i] = i % 8;
+        size_t pws = ds_permute_workspace_size(&W.w, 1);
+        void *pw = malloc(pws);
+        st = ds_permute_neurons(&W.w, perm, 0, pw, pws, 1);
+        CHECK(st == DS_ERR_UNSUPPORTED && strstr(ds_last_error(), "2 column blocks"),
+              "permute with down in blocks: %s", ds_last_error());
+        free(pw);
+    }
+    W.w.down_parts = 0;
     st = ds_moe_experts(&W.w, &a, wsp, 10, 2);
     CHECK(st == DS_ERR_VALUE && strstr(ds_last_error(), "workspace"), "small workspace: %s", ds_last_error());
     st = ds_moe_experts(&W.w, &a, wsp, ws, 0);
