@@ -614,7 +614,10 @@ DEF_WIDEN2(f32) /* a copy: contiguous x rows measured 1.06-1.09x at OLMoE T = 12
  * float16 values are exact in float32, so widening in the panels is the
  * arithmetic of the tiles, which widen in the loop.  Each output is one FMA
  * chain in k order.  While the block runs against one weight group, the next
- * group's rows are prefetched, a share before each x panel.  Used for blocks
+ * group's rows are prefetched into L1 and the group after it into L2, a share
+ * of each before each x panel (the second measured 1.04-1.09x at 32 rows per
+ * expert, where one group's arithmetic is too short to cover the misses of
+ * the next, and 0.99-1.05x at 64-128).  Used for blocks
  * of at least 32 rows, all three dtypes: measured against the dot tiles in
  * one process (benchmarks/README.md), 1.2-1.35x at 64-128 rows per expert
  * and level at 16-32.  The same scheme in AVX-512 (12 x 32 tiles) was 0.87-1.0x
@@ -748,7 +751,7 @@ DEF_PACKW2(f16)
 /* The driver: every x panel packed first (at most 22 x 6 rows x K floats:
  * 132 KiB at K = 256, in L2), then for each group of 16 weight rows, packed
  * once, all x panels; before panel p the p-th share of the next group's
- * cache lines is prefetched.  Layout of pack: the x panels, 8 floats of
+ * cache lines is prefetched into L1, and of the group after it into L2.  Layout of pack: the x panels, 8 floats of
  * slack, the weight group. */
 #define DEF_GEMM2(T, ESZ)                                                               \
     static TGT2 void gemm2_##T(int64_t mb, int64_t nw, const void *const *x,            \
@@ -767,12 +770,16 @@ DEF_PACKW2(f16)
             const int nr = (int)(nw - j0 < G2_NR ? nw - j0 : G2_NR);                    \
             packw2_##T(w + j0, nr, K, wp);                                              \
             const int64_t jn = j0 + G2_NR, nn = nw - jn < G2_NR ? nw - jn : G2_NR;      \
+            const int64_t j2 = jn + G2_NR, n2 = nw - j2 < G2_NR ? nw - j2 : G2_NR;      \
             for (int64_t p = 0; p < np; p++) {                                          \
                 const int64_t left = mb - p * G2_MR;                                    \
                 const int64_t l0 = p * lines / np, l1 = (p + 1) * lines / np;           \
                 for (int64_t j = 0; j < nn; j++)                                        \
                     for (int64_t l = l0; l < l1; l++)                                   \
                         _mm_prefetch((const char *)w[jn + j] + 64 * l, _MM_HINT_T0);    \
+                for (int64_t j = 0; j < n2; j++)                                        \
+                    for (int64_t l = l0; l < l1; l++)                                   \
+                        _mm_prefetch((const char *)w[j2 + j] + 64 * l, _MM_HINT_T1);    \
                 g2_kernel(pack + p * G2_MR * K, wp, K, c + p * G2_MR * ldc + j0, ldc,   \
                           (int)(left < G2_MR ? left : G2_MR), nr, accumulate);          \
             }                                                                           \
