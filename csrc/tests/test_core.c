@@ -176,6 +176,31 @@ static void make_routing(const mcase *c, int64_t E, int32_t *ids, float *tw, int
 
 static double tol_for(ds_dtype dt) { return dt == DS_F32 ? 2e-5 : dt == DS_BF16 ? 2e-2 : 4e-3; }
 
+/* One ds_moe_experts call on case c with `threads` threads; returns the
+ * output (T*H values of the weights' dtype, malloc'ed, prefilled with 0xff). */
+static void *run_engine(const mcase *c, const ds_experts *w, const void *x, const int32_t *ids,
+                        const float *tw, const int8_t *lv, int threads, const char *level,
+                        const char *what)
+{
+    const size_t esz = ds_dtype_size(w->dtype), n = (size_t)(c->T * c->H + 1) * esz;
+    ds_moe_args a;
+    memset(&a, 0, sizeof a);
+    a.T = c->T; a.K = c->K; a.P = c->P; a.x = x; a.ldx = c->H;
+    a.topk_ids = (ds_mat){ids, DS_I32, c->K, 1};
+    a.topk_weights = (ds_mat){tw, DS_F32, c->K, 1};
+    a.levels = (ds_mat){c->lv_mode ? lv : NULL, DS_I8, c->K, 1};
+    void *out = malloc(n);
+    memset(out, 0xff, n);
+    a.out = out; a.ldo = c->H;
+    size_t ws = ds_moe_workspace_size(w, &a, threads);
+    void *wsp = malloc(ws);
+    ds_status st = ds_moe_experts(w, &a, wsp, ws, threads);
+    CHECK(st == DS_OK, "%s %s %s%s: status %d (%s)", c->name, ds_dtype_name(w->dtype), level, what, st,
+          ds_last_error());
+    free(wsp);
+    return out;
+}
+
 static void run_moe_case(const mcase *c, ds_dtype dt, const char *level)
 {
     weights W;
@@ -192,23 +217,8 @@ static void run_moe_case(const mcase *c, ds_dtype dt, const char *level)
     ref_moe(&W, c, x, ids, tw, c->lv_mode ? lv : NULL, ref);
 
     void *outs[3];
-    int threads[3] = {1, 2, 3};
-    for (int r = 0; r < 3; r++) {
-        ds_moe_args a;
-        memset(&a, 0, sizeof a);
-        a.T = c->T; a.K = c->K; a.P = c->P; a.x = x; a.ldx = c->H;
-        a.topk_ids = (ds_mat){ids, DS_I32, c->K, 1};
-        a.topk_weights = (ds_mat){tw, DS_F32, c->K, 1};
-        a.levels = (ds_mat){c->lv_mode ? lv : NULL, DS_I8, c->K, 1};
-        outs[r] = malloc((size_t)(TH + 1) * esz);
-        memset(outs[r], 0xff, (size_t)(TH + 1) * esz);
-        a.out = outs[r]; a.ldo = c->H;
-        size_t ws = ds_moe_workspace_size(&W.w, &a, threads[r]);
-        void *wsp = malloc(ws);
-        ds_status st = ds_moe_experts(&W.w, &a, wsp, ws, threads[r]);
-        CHECK(st == DS_OK, "%s %s %s: status %d (%s)", c->name, ds_dtype_name(dt), level, st, ds_last_error());
-        free(wsp);
-    }
+    for (int r = 0; r < 3; r++)
+        outs[r] = run_engine(c, &W.w, x, ids, tw, lv, r + 1, level, "");
     double scale = 0;
     for (int64_t i = 0; i < TH; i++) scale = fmax(scale, fabs(ref[i]));
     double maxerr = 0;
@@ -244,23 +254,8 @@ static void run_moe_case(const mcase *c, ds_dtype dt, const char *level)
         wp.down_parts = D;
         wp.ld_down = c->I;
         void *po[2];
-        for (int r = 0; r < 2; r++) {
-            ds_moe_args a;
-            memset(&a, 0, sizeof a);
-            a.T = c->T; a.K = c->K; a.P = c->P; a.x = x; a.ldx = c->H;
-            a.topk_ids = (ds_mat){ids, DS_I32, c->K, 1};
-            a.topk_weights = (ds_mat){tw, DS_F32, c->K, 1};
-            a.levels = (ds_mat){c->lv_mode ? lv : NULL, DS_I8, c->K, 1};
-            po[r] = malloc((size_t)(TH + 1) * esz);
-            memset(po[r], 0xff, (size_t)(TH + 1) * esz);
-            a.out = po[r]; a.ldo = c->H;
-            size_t ws = ds_moe_workspace_size(&wp, &a, r + 1);
-            void *wsp = malloc(ws);
-            ds_status st = ds_moe_experts(&wp, &a, wsp, ws, r + 1);
-            CHECK(st == DS_OK, "%s %s %s down in %lld blocks: status %d (%s)", c->name, ds_dtype_name(dt),
-                  level, (long long)D, st, ds_last_error());
-            free(wsp);
-        }
+        for (int r = 0; r < 2; r++)
+            po[r] = run_engine(c, &wp, x, ids, tw, lv, r + 1, level, " down in blocks");
         double perr = 0;
         for (int64_t i = 0; i < TH; i++) perr = fmax(perr, fabs(load(po[0], dt, i) - ref[i]));
         CHECK(perr <= tol_for(dt) * fmax(scale, 1e-3), "%s %s %s down in %lld blocks: max error %.3g (scale %.3g)",
