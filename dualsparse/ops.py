@@ -567,7 +567,7 @@ def unpartition_down(down_parts):
     """The (E, H, I) layout of a partition-major (E, D, H, I / D) down_proj
     (a contiguous copy): the inverse of :func:`partition_down`."""
     fn = "unpartition_down"
-    d = _plain(down_parts, "down_proj")
+    d = _plain(down_parts, "down_parts")
     if not (_is_torch(d) or isinstance(d, np.ndarray)) or d.ndim != 4:
         raise ValueError(f"{fn}: down_parts must be a 4-D (E, D, H, I / D) tensor or array; got "
                          f"{tuple(getattr(d, 'shape', ())) or type(d).__name__}")

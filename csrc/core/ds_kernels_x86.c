@@ -751,8 +751,8 @@ DEF_PACKW2(f16)
 /* The driver: every x panel packed first (at most 22 x 6 rows x K floats:
  * 132 KiB at K = 256, in L2), then for each group of 16 weight rows, packed
  * once, all x panels; before panel p the p-th share of the next group's
- * cache lines is prefetched into L1, and of the group after it into L2.  Layout of pack: the x panels, 8 floats of
- * slack, the weight group. */
+ * cache lines is prefetched into L1, and of the group after it into L2.
+ * Layout of pack: the x panels, 8 floats of slack, the weight group. */
 #define DEF_GEMM2(T, ESZ)                                                               \
     static TGT2 void gemm2_##T(int64_t mb, int64_t nw, const void *const *x,            \
                                const void *const *w, int64_t K, float *c, int64_t ldc,  \

@@ -234,7 +234,7 @@ static void run_moe_case(const mcase *c, ds_dtype dt, const char *level)
     const int64_t Ds[3] = {c->P, 2, 3};
     for (int di = 0; di < 3; di++) {
         const int64_t D = Ds[di];
-        if (D < 2 || D > c->I || (di > 0 && D == c->P) || (di == 2 && D == Ds[1]))
+        if (D < 2 || D > c->I || (di > 0 && D == c->P))
             continue;
         char *pd = malloc((size_t)(c->E * c->H * c->I) * esz + 1);
         void *pdown[64];
