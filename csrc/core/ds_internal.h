@@ -157,6 +157,11 @@ typedef struct {
 /* Kernel set for (level, dtype); NULL when not compiled in. */
 const ds_kernels *ds_kernels_generic(ds_dtype dt);
 const ds_kernels *ds_kernels_avx2(ds_dtype dt);
+/* The AVX2 level's two block GEMMs, which its gemm chooses between by row
+ * count (for the unit tests): weights packed (every dtype), weights read in
+ * place (float32, bfloat16; NULL otherwise); both NULL where AVX2 is not
+ * compiled. */
+void ds_gemm_avx2_variants(ds_dtype dt, ds_gemm_fn *packed, ds_gemm_fn *in_place);
 const ds_kernels *ds_kernels_avx512(ds_dtype dt);
 const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt);
 const ds_kernels *ds_kernels_get(ds_dtype dt);       /* for the active level */

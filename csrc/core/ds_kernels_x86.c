@@ -789,6 +789,154 @@ DEF_GEMM2(f32, 4)
 DEF_GEMM2(bf16, 2)
 DEF_GEMM2(f16, 2)
 
+/* ---- AVX2 block GEMM with the weights read in place ----------------------
+ * The roles of the GEMM above swapped: the block's x rows are packed k-major
+ * in panels of 16 (xq[k*16 + i], two vectors per k; a last panel of at most
+ * 8 rows takes one), and each weight value is broadcast from its row, six
+ * weight rows at a time: per k two x vectors, six broadcasts and 12 FMAs.
+ * float32 weights are read where they lie; bfloat16 rows are widened, six
+ * at a time, into a float32 buffer of the same layout (no transpose), which
+ * measured 1.03-1.1x faster than widening each broadcast.  Each output is
+ * the FMA chain of gemm2 (the same products in the same k order), so the
+ * bits are gemm2's.  Without the weight packing of gemm2, which at few rows
+ * per expert is a large share of the work, this measured 1.20-1.23x gemm2 at
+ * 32 rows per expert (float32, OLMoE and Mixtral shapes; bfloat16 1.11-1.14x),
+ * 1.05-1.09x at 40-64 and 1.02-1.03x at 128 (float32; bfloat16 0.98x there);
+ * but its rows come in vectors of 8, where gemm2's come in panels of 6, and
+ * at 33 or 36 rows (five vectors against six panels) it measured 0.98x.  So
+ * gemm2x below takes it where its padded rows are no more than gemm2's, up
+ * to 128 rows for float32 and 64 for bfloat16 (benchmarks/README.md). */
+#define G3_MR 16
+#define G3_NR 6
+
+/* c rows [0, nrows) (<= 8), columns [0, ncols) (<= 6) from acc[j], column j
+ * of the 8 rows: transposed, then written (or added to) under a mask. */
+INL TGT2 void g3_store(const __m256 *acc, float *c, int64_t ldc, int nrows, int ncols, int accumulate)
+{
+    __m256 t[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < G3_NR; j++)
+        t[j] = acc[j];
+    t[6] = t[7] = _mm256_setzero_ps();
+    tr8x8(t);
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(ncols), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++)
+        if (i < nrows) {
+            float *ci = c + i * ldc;
+            __m256 v = t[i];
+            if (accumulate)
+                v = _mm256_add_ps(_mm256_maskload_ps(ci, m), v);
+            _mm256_maskstore_ps(ci, m, v);
+        }
+}
+
+/* One panel of NV x 8 rows (nrows of them real) against six float32 weight
+ * rows w[0..5] over K; the first ncols columns of c are written. */
+#define DEF_G3(NV)                                                                           \
+    INL TGT2 void g3_kernel_##NV(const float *xq, const float *const *w, int64_t K, float *c, \
+                                 int64_t ldc, int nrows, int ncols, int accumulate)          \
+    {                                                                                        \
+        __m256 acc[NV][G3_NR];                                                               \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                 \
+            _Pragma("GCC unroll 8") for (int j = 0; j < G3_NR; j++)                          \
+                acc[v][j] = _mm256_setzero_ps();                                             \
+        const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3], *w4 = w[4], *w5 = w[5];  \
+        _Pragma("GCC unroll 4") for (int64_t k = 0; k < K; k++) {                            \
+            __m256 xv[NV];                                                                   \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                             \
+                xv[v] = _mm256_loadu_ps(xq + G3_MR * k + 8 * v);                             \
+            const float *ws[G3_NR] = {w0, w1, w2, w3, w4, w5};                               \
+            _Pragma("GCC unroll 8") for (int j = 0; j < G3_NR; j++) {                        \
+                const __m256 b = _mm256_broadcast_ss(ws[j] + k);                             \
+                _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                         \
+                    acc[v][j] = _mm256_fmadd_ps(b, xv[v], acc[v][j]);                        \
+            }                                                                                \
+        }                                                                                    \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                 \
+            g3_store(acc[v], c + 8 * v * ldc, ldc, nrows - 8 * v, ncols, accumulate);        \
+    }
+DEF_G3(1)
+DEF_G3(2)
+
+/* The driver: every x panel packed first (at most 8 x 16 rows x K floats:
+ * 128 KiB at K = 256, in L2), then for each group of six weight rows (widened
+ * into the buffer after the panels where they are not float32) all x panels,
+ * with the prefetches of gemm2: a share of the next group into L1 and of the
+ * group after it into L2 before each panel.  A group of fewer than six rows
+ * repeats its last row (its columns are not written). */
+#define DEF_GEMM3(T, ESZ, WIDEN)                                                            \
+    static TGT2 void gemm3_##T(int64_t mb, int64_t nw, const void *const *x,                \
+                               const void *const *w, int64_t K, float *c, int64_t ldc,      \
+                               int accumulate, float *pack)                                 \
+    {                                                                                       \
+        const int64_t np = (mb + G3_MR - 1) / G3_MR;                                        \
+        for (int64_t p = 0; p < np; p++) {                                                  \
+            const int64_t left = mb - p * G3_MR;                                            \
+            packw2_##T(x + p * G3_MR, (int)(left < G3_MR ? left : G3_MR), K,                \
+                       pack + p * G3_MR * K);                                               \
+        }                                                                                   \
+        float *wb = pack + np * G3_MR * K + 8;                                              \
+        const int64_t lines = (K * (ESZ) + 63) / 64;                                        \
+        for (int64_t j0 = 0; j0 < nw; j0 += G3_NR) {                                        \
+            const int nr = (int)(nw - j0 < G3_NR ? nw - j0 : G3_NR);                        \
+            const float *wr[G3_NR];                                                         \
+            if (WIDEN)                                                                      \
+                widen2_##T(nr, w + j0, K, wb, K);                                           \
+            for (int j = 0; j < G3_NR; j++) {                                               \
+                const int jj = j < nr ? j : nr - 1;                                         \
+                wr[j] = WIDEN ? wb + jj * K : (const float *)w[j0 + jj];                    \
+            }                                                                               \
+            const int64_t jn = j0 + G3_NR, nn = nw - jn < G3_NR ? nw - jn : G3_NR;          \
+            const int64_t j2 = jn + G3_NR, n2 = nw - j2 < G3_NR ? nw - j2 : G3_NR;          \
+            for (int64_t p = 0; p < np; p++) {                                              \
+                const int64_t left = mb - p * G3_MR;                                        \
+                const int64_t l0 = p * lines / np, l1 = (p + 1) * lines / np;               \
+                for (int64_t j = 0; j < nn; j++)                                            \
+                    for (int64_t l = l0; l < l1; l++)                                       \
+                        _mm_prefetch((const char *)w[jn + j] + 64 * l, _MM_HINT_T0);        \
+                for (int64_t j = 0; j < n2; j++)                                            \
+                    for (int64_t l = l0; l < l1; l++)                                       \
+                        _mm_prefetch((const char *)w[j2 + j] + 64 * l, _MM_HINT_T1);        \
+                float *cp = c + p * G3_MR * ldc + j0;                                       \
+                if (left > 8)                                                               \
+                    g3_kernel_2(pack + p * G3_MR * K, wr, K, cp, ldc,                       \
+                                (int)(left < G3_MR ? left : G3_MR), nr, accumulate);        \
+                else                                                                        \
+                    g3_kernel_1(pack + p * G3_MR * K, wr, K, cp, ldc, (int)left, nr,        \
+                                accumulate);                                                \
+            }                                                                               \
+        }                                                                                   \
+    }
+DEF_GEMM3(f32, 4, 0)
+DEF_GEMM3(bf16, 2, 1)
+_Static_assert((DS_GEMM_MAX_ROWS + G3_MR - 1) / G3_MR * G3_MR * DS_GEMM_KMAX + 8 +
+                       G3_NR * DS_GEMM_KMAX <= DS_GEMM_PACK_FLOATS,
+               "the in-place GEMM's panels and weight buffer must fit DS_GEMM_PACK_FLOATS");
+
+/* gemm3 where its rows, padded to vectors of 8, are no more than gemm2's,
+ * padded to panels of 6, and mb <= max_rows. */
+static int g3_takes(int64_t mb, int64_t max_rows)
+{
+    return mb <= max_rows && (mb + 7) / 8 * 8 <= (mb + G2_MR - 1) / G2_MR * G2_MR;
+}
+static void gemm2x_f32(int64_t mb, int64_t nw, const void *const *x, const void *const *w,
+                       int64_t K, float *c, int64_t ldc, int accumulate, float *pack)
+{
+    (g3_takes(mb, 128) ? gemm3_f32 : gemm2_f32)(mb, nw, x, w, K, c, ldc, accumulate, pack);
+}
+static void gemm2x_bf16(int64_t mb, int64_t nw, const void *const *x, const void *const *w,
+                        int64_t K, float *c, int64_t ldc, int accumulate, float *pack)
+{
+    (g3_takes(mb, 64) ? gemm3_bf16 : gemm2_bf16)(mb, nw, x, w, K, c, ldc, accumulate, pack);
+}
+
+void ds_gemm_avx2_variants(ds_dtype dt, ds_gemm_fn *packed, ds_gemm_fn *in_place)
+{
+    *packed = dt == DS_F32 ? gemm2_f32 : dt == DS_BF16 ? gemm2_bf16 : dt == DS_F16 ? gemm2_f16 : NULL;
+    *in_place = dt == DS_F32 ? gemm3_f32 : dt == DS_BF16 ? gemm3_bf16 : NULL;
+}
+
 /* ---- SiLU(g) * u on AVX2 (the AVX-512 polynomial; 2^n built from two
  * exponent fields, so that overflow still gives inf and underflow 0) ---- */
 INL TGT2 __m256 exp2v(__m256 v)
@@ -897,8 +1045,8 @@ const ds_kernels *ds_kernels_avx512(ds_dtype dt)
 
 const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt) { return dt == DS_BF16 ? &k5b_bf16 : NULL; }
 
-static const ds_kernels k2_f32 = {dot2_f32, rows2_f32, act2_f32, ds_combine_generic_f32, 3, 4, gemm2_f32, 32, dot2_f32, widen2_f32, 0};
-static const ds_kernels k2_bf16 = {dot2_bf16, rows2_bf16, act2_bf16, ds_combine_generic_bf16, 3, 4, gemm2_bf16, 32,
+static const ds_kernels k2_f32 = {dot2_f32, rows2_f32, act2_f32, ds_combine_generic_f32, 3, 4, gemm2x_f32, 32, dot2_f32, widen2_f32, 0};
+static const ds_kernels k2_bf16 = {dot2_bf16, rows2_bf16, act2_bf16, ds_combine_generic_bf16, 3, 4, gemm2x_bf16, 32,
                                    dotw2_bf16, widen2_bf16, 0};
 static const ds_kernels k2_f16 = {dot2_f16, rows2_f16, act2_f16, ds_combine_generic_f16, 3, 4, gemm2_f16, 32, NULL, NULL, 0};
 
@@ -917,5 +1065,10 @@ const ds_kernels *ds_kernels_avx2(ds_dtype dt)
 const ds_kernels *ds_kernels_avx2(ds_dtype dt) { (void)dt; return NULL; }
 const ds_kernels *ds_kernels_avx512(ds_dtype dt) { (void)dt; return NULL; }
 const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt) { (void)dt; return NULL; }
+void ds_gemm_avx2_variants(ds_dtype dt, ds_gemm_fn *packed, ds_gemm_fn *in_place)
+{
+    (void)dt;
+    *packed = *in_place = NULL;
+}
 
 #endif
