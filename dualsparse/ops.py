@@ -752,7 +752,9 @@ def permute_neurons_split(gate_proj, up_proj, down_proj, perm, *, inverse: bool 
 # ------------------------------------------------------------ SIMD control
 
 def simd_level() -> str:
-    """The SIMD kernel level in use ("avx512_bf16", "avx512", "avx2" or "generic")."""
+    """The SIMD kernel level in use ("amx_bf16", "avx512_bf16", "avx512", "avx2" or "generic";
+    "amx_bf16" adds the AMX tile unit for blocks of bfloat16 rows, "avx512_bf16" the
+    BF16 dot product; both fall back to "avx512" for other dtypes)."""
     return _C.simd_level()
 
 

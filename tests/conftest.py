@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order inside a file is kept
 
 
-ALL_SIMD_LEVELS = ("generic", "avx2", "avx512", "avx512_bf16")
+ALL_SIMD_LEVELS = ("generic", "avx2", "avx512", "avx512_bf16", "amx_bf16")
 DETECTED_SIMD_LEVEL = ops.simd_level()
 
 

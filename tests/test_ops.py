@@ -217,7 +217,7 @@ def test_block_gemm_switch(case_id, dtype):
     assert ops.block_gemm() is True
 
 
-@pytest.mark.parametrize("value", ["generic", "avx2", "sse9", "avx512_bf16"])
+@pytest.mark.parametrize("value", ["generic", "avx2", "sse9", "avx512_bf16", "amx_bf16"])
 def test_simd_level_from_the_environment(value):
     env = dict(os.environ, DUALSPARSE_SIMD=value)
     p = subprocess.run([sys.executable, "-c", "import dualsparse.ops as o; print(o.simd_level())"],
@@ -230,7 +230,7 @@ def test_simd_level_from_the_environment(value):
 
 def test_simd_levels_api():
     levels = ops.simd_levels()
-    assert list(levels) == ["generic", "avx2", "avx512", "avx512_bf16"]
+    assert list(levels) == ["generic", "avx2", "avx512", "avx512_bf16", "amx_bf16"]
     assert levels["generic"] is True
     assert ops.simd_level() in [k for k, v in levels.items() if v]
     usable = usable_simd_levels()

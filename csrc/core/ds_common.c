@@ -1,4 +1,7 @@
 /* Errors, dtypes, half-precision conversions, CPU feature detection. */
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE /* syscall() */
+#endif
 #include "ds_internal.h"
 
 #include <stdatomic.h>
@@ -7,6 +10,10 @@
 #include <stdio.h>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 #if defined(_MSC_VER)
@@ -115,6 +122,45 @@ void ds_importance_epilogue(const float *gu, int64_t n, double c, double *acc, i
 /* ---- SIMD level ---------------------------------------------------------- */
 static int ds_simd_current = -1;
 
+static int ds_cpu_has(ds_simd_level level);
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* AMX-TILE and AMX-BF16 (CPUID.(EAX=7, ECX=0):EDX bits 24 and 22), the
+ * tile state enabled by the OS (XCR0 bits 17, 18), and this process's
+ * permission to use it, which Linux grants on request (arch_prctl
+ * ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA; inherited by threads and
+ * forked children).  Asked once; 0 where any step fails. */
+static int ds_amx_probe(void)
+{
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!ds_cpu_has(DS_SIMD_AVX512_BF16) || !__get_cpuid_count(7, 0, &a, &b, &c, &d))
+        return 0;
+    if (!((d >> 24) & 1u) || !((d >> 22) & 1u))
+        return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1u)) /* OSXSAVE */
+        return 0;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17))
+        return 0;
+#if defined(__linux__)
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
+static atomic_int ds_amx_state = -1;
+static int ds_amx_usable(void)
+{
+    int st = atomic_load(&ds_amx_state);
+    if (st < 0) {
+        st = ds_amx_probe();
+        atomic_store(&ds_amx_state, st);
+    }
+    return st;
+}
+#endif
+
 static int ds_cpu_has(ds_simd_level level)
 {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -135,6 +181,8 @@ static int ds_cpu_has(ds_simd_level level)
             return 0;
         return (a >> 5) & 1u;
     }
+    case DS_SIMD_AMX_BF16:
+        return ds_amx_usable();
     }
     return 0;
 #else
@@ -149,13 +197,14 @@ int ds_simd_compiled(ds_simd_level level)
     case DS_SIMD_AVX2: return ds_kernels_avx2(DS_F32) != NULL;
     case DS_SIMD_AVX512: return ds_kernels_avx512(DS_F32) != NULL;
     case DS_SIMD_AVX512_BF16: return ds_kernels_avx512_bf16(DS_BF16) != NULL;
+    case DS_SIMD_AMX_BF16: return ds_kernels_amx_bf16(DS_BF16) != NULL;
     }
     return 0;
 }
 
 ds_simd_level ds_simd_detected(void)
 {
-    for (int l = DS_SIMD_AVX512_BF16; l > DS_SIMD_GENERIC; l--)
+    for (int l = DS_SIMD_AMX_BF16; l > DS_SIMD_GENERIC; l--)
         if (ds_simd_compiled((ds_simd_level)l) && ds_cpu_has((ds_simd_level)l))
             return (ds_simd_level)l;
     return DS_SIMD_GENERIC;
@@ -170,7 +219,7 @@ ds_simd_level ds_simd_active(void)
 
 ds_status ds_simd_set(ds_simd_level level)
 {
-    if ((int)level < DS_SIMD_GENERIC || (int)level > DS_SIMD_AVX512_BF16)
+    if ((int)level < DS_SIMD_GENERIC || (int)level > DS_SIMD_AMX_BF16)
         return ds_error(DS_ERR_VALUE, "simd level %d is not a known level", (int)level);
     if ((int)level > (int)ds_simd_detected())
         return ds_error(DS_ERR_UNSUPPORTED,
@@ -194,6 +243,7 @@ const char *ds_simd_name(ds_simd_level level)
     case DS_SIMD_AVX2: return "avx2";
     case DS_SIMD_AVX512: return "avx512";
     case DS_SIMD_AVX512_BF16: return "avx512_bf16";
+    case DS_SIMD_AMX_BF16: return "amx_bf16";
     }
     return "unknown";
 }
@@ -204,7 +254,9 @@ const ds_kernels *ds_kernels_get(ds_dtype dt)
      * only adds a bfloat16 kernel, the others cover every dtype. */
     const ds_simd_level level = ds_simd_active();
     const ds_kernels *k = NULL;
-    if (level >= DS_SIMD_AVX512_BF16)
+    if (level >= DS_SIMD_AMX_BF16)
+        k = ds_kernels_amx_bf16(dt);
+    if (k == NULL && level >= DS_SIMD_AVX512_BF16)
         k = ds_kernels_avx512_bf16(dt);
     if (k == NULL && level >= DS_SIMD_AVX512)
         k = ds_kernels_avx512(dt);

@@ -56,7 +56,8 @@ typedef enum {
     DS_SIMD_GENERIC = 0,    /* portable C, auto-vectorised for the baseline ISA */
     DS_SIMD_AVX2 = 1,       /* AVX2 + FMA + F16C */
     DS_SIMD_AVX512 = 2,     /* AVX-512 F/BW/VL/DQ */
-    DS_SIMD_AVX512_BF16 = 3 /* AVX-512 plus the BF16 dot-product instruction */
+    DS_SIMD_AVX512_BF16 = 3, /* AVX-512 plus the BF16 dot-product instruction */
+    DS_SIMD_AMX_BF16 = 4     /* that plus the AMX tile unit for bfloat16 blocks */
 } ds_simd_level;
 
 ds_simd_level ds_simd_detected(void);          /* best level this CPU and build allow */

@@ -164,6 +164,7 @@ const ds_kernels *ds_kernels_avx2(ds_dtype dt);
 void ds_gemm_avx2_variants(ds_dtype dt, ds_gemm_fn *packed, ds_gemm_fn *in_place);
 const ds_kernels *ds_kernels_avx512(ds_dtype dt);
 const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt);
+const ds_kernels *ds_kernels_amx_bf16(ds_dtype dt);
 const ds_kernels *ds_kernels_get(ds_dtype dt);       /* for the active level */
 
 /* gu holds interleaved (a, b) pairs for n neurons; for each neuron j,

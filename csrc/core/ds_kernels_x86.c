@@ -1033,6 +1033,164 @@ static void copy_bf16_rows(int64_t n, const void *const *x, int64_t K, void *dst
 static const ds_kernels k5b_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0,
                                     dot5b_bf16, copy_bf16_rows, 2};
 
+/* ---- AMX: bfloat16 blocks on the tile unit --------------------------------
+ * C = X W^T in 16 x 16 float32 tiles.  Per k slice of 32: tile A holds 16 x
+ * rows (32 bfloat16 each, copied into panels), tile B 16 weight rows in the
+ * pair-interleaved layout TDPBF16PS takes (B[k/2][n][k%2]: each weight row's
+ * 16 dwords of (k, k+1) pairs become a column, a 16 x 16 dword transpose),
+ * packed once per group of weight rows and used by every x panel.  Two x
+ * panels against two weight groups per pass: four accumulator tiles, two A,
+ * two B.  K tails and rows past mb or nw are zero in the panels (masked
+ * loads: nothing past a row's end is read); only the block's own rows and
+ * columns of c are written.  Products of two bfloat16 values are exact in
+ * float32; TDPBF16PS adds each (k, k+1) pair's products into its float32
+ * accumulator with round to nearest even and flushes denormal inputs and
+ * results to zero, as the BF16 dot product of the tiles does.  The
+ * summation order depends only on K: the same bits for any thread count.
+ * The tile state is configured at the start of each call and released at
+ * its end, so a thread holds it only while it computes. */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define DS_HAVE_AMX 1
+#define TGTX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq")))
+#define AX_K 32          /* k per tile slice */
+#define AX_TILE 512      /* bfloat16 values per A or B tile (16 x 64 bytes) */
+_Static_assert((DS_GEMM_MAX_ROWS / 16) * (DS_GEMM_KMAX / AX_K) * AX_TILE * 2 + 2 * (DS_GEMM_KMAX / AX_K) * AX_TILE * 2 +
+                       4 * 256 * 4 + 64 <= DS_GEMM_PACK_FLOATS * 4,
+               "the AMX GEMM's panels must fit DS_GEMM_PACK_FLOATS");
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} ax_config;
+
+/* 16 x 16 dwords: a[n] (row n) -> out[k] = (a[0][k], ..., a[15][k]) */
+INL TGTX void ax_transpose16(__m512i *a)
+{
+    __m512i b[16], c[16];
+    for (int i = 0; i < 16; i += 2) {
+        b[i] = _mm512_unpacklo_epi32(a[i], a[i + 1]);
+        b[i + 1] = _mm512_unpackhi_epi32(a[i], a[i + 1]);
+    }
+    for (int g = 0; g < 16; g += 4) {
+        c[g] = _mm512_unpacklo_epi64(b[g], b[g + 2]);
+        c[g + 1] = _mm512_unpackhi_epi64(b[g], b[g + 2]);
+        c[g + 2] = _mm512_unpacklo_epi64(b[g + 1], b[g + 3]);
+        c[g + 3] = _mm512_unpackhi_epi64(b[g + 1], b[g + 3]);
+    }
+    /* c[4g + j], 128-bit lane L: rows 4g..4g+3 at k = 4L + j */
+    for (int j = 0; j < 4; j++) {
+        const __m512i d0 = _mm512_shuffle_i32x4(c[j], c[4 + j], 0x88);
+        const __m512i d1 = _mm512_shuffle_i32x4(c[j], c[4 + j], 0xDD);
+        const __m512i d2 = _mm512_shuffle_i32x4(c[8 + j], c[12 + j], 0x88);
+        const __m512i d3 = _mm512_shuffle_i32x4(c[8 + j], c[12 + j], 0xDD);
+        a[j] = _mm512_shuffle_i32x4(d0, d2, 0x88);
+        a[8 + j] = _mm512_shuffle_i32x4(d0, d2, 0xDD);
+        a[4 + j] = _mm512_shuffle_i32x4(d1, d3, 0x88);
+        a[12 + j] = _mm512_shuffle_i32x4(d1, d3, 0xDD);
+    }
+}
+
+/* 32 bfloat16 of row r from element k0, n of them valid (the rest zero) */
+INL TGTX __m512i ax_load32(const void *r, int64_t k0, int64_t n)
+{
+    const uint16_t *p = (const uint16_t *)r + k0;
+    if (n >= AX_K)
+        return _mm512_loadu_si512((const void *)p);
+    return _mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
+}
+
+static TGTX void gemm_amx_bf16(int64_t mb, int64_t nw, const void *const *x, const void *const *w,
+                               int64_t K, float *c, int64_t ldc, int accumulate, float *pack)
+{
+    const int64_t ns = (K + AX_K - 1) / AX_K, np = (mb + 15) / 16;
+    uint16_t *xp = (uint16_t *)pack;         /* np x ns A tiles */
+    uint16_t *wp = xp + np * ns * AX_TILE;   /* 2 x ns B tiles */
+    float *cs = (float *)(wp + 2 * ns * AX_TILE); /* 4 accumulator tiles, 16 x 16 */
+    ax_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    for (int64_t p = 0; p < np; p++)
+        for (int64_t s = 0; s < ns; s++) {
+            uint16_t *t = xp + (p * ns + s) * AX_TILE;
+            for (int64_t i = 0; i < 16; i++) {
+                const int64_t r = p * 16 + i;
+                _mm512_storeu_si512((void *)(t + i * AX_K),
+                                    r < mb ? ax_load32(x[r], s * AX_K, K - s * AX_K) : _mm512_setzero_si512());
+            }
+        }
+    for (int64_t j0 = 0; j0 < nw; j0 += 32) {
+        const int ng = nw - j0 > 16 ? 2 : 1;
+        for (int g = 0; g < ng; g++)
+            for (int64_t s = 0; s < ns; s++) {
+                __m512i a[16];
+                for (int n = 0; n < 16; n++) {
+                    const int64_t j = j0 + 16 * g + n;
+                    a[n] = j < nw ? ax_load32(w[j], s * AX_K, K - s * AX_K) : _mm512_setzero_si512();
+                    if (j + 32 < nw) /* the same slice of the next group */
+                        _mm_prefetch((const char *)w[j + 32] + 64 * s, _MM_HINT_T0);
+                }
+                ax_transpose16(a);
+                uint16_t *t = wp + (g * ns + s) * AX_TILE;
+                for (int k = 0; k < 16; k++)
+                    _mm512_storeu_si512((void *)(t + k * AX_K), a[k]);
+            }
+        for (int64_t p0 = 0; p0 < np; p0 += 2) {
+            const int two = np - p0 > 1;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t s = 0; s < ns; s++) {
+                _tile_loadd(4, xp + (p0 * ns + s) * AX_TILE, 64);
+                _tile_loadd(6, wp + s * AX_TILE, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                if (ng > 1) {
+                    _tile_loadd(7, wp + (ns + s) * AX_TILE, 64);
+                    _tile_dpbf16ps(1, 4, 7);
+                }
+                if (two) {
+                    _tile_loadd(5, xp + ((p0 + 1) * ns + s) * AX_TILE, 64);
+                    _tile_dpbf16ps(2, 5, 6);
+                    if (ng > 1)
+                        _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            _tile_stored(0, cs, 64);
+            _tile_stored(1, cs + 256, 64);
+            _tile_stored(2, cs + 512, 64);
+            _tile_stored(3, cs + 768, 64);
+            for (int pp = 0; pp <= two; pp++)
+                for (int g = 0; g < ng; g++) {
+                    const int64_t jg = j0 + 16 * g, ncols = nw - jg < 16 ? nw - jg : 16;
+                    const __mmask16 m = (__mmask16)((1u << ncols) - 1);
+                    const float *ct = cs + (2 * pp + g) * 256;
+                    for (int64_t i = 0; i < 16 && (p0 + pp) * 16 + i < mb; i++) {
+                        float *ci = c + ((p0 + pp) * 16 + i) * ldc + jg;
+                        __m512 v = _mm512_loadu_ps(ct + 16 * i);
+                        if (accumulate)
+                            v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, ci), v);
+                        _mm512_mask_storeu_ps(ci, m, v);
+                    }
+                }
+        }
+    }
+    _tile_release();
+}
+
+/* Blocks of at least 16 rows (one full x tile) go to the tile unit. */
+static const ds_kernels kx_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5_bf16, 4, 6, gemm_amx_bf16, 16,
+                                   dot5b_bf16, copy_bf16_rows, 2};
+const ds_kernels *ds_kernels_amx_bf16(ds_dtype dt) { return dt == DS_BF16 ? &kx_bf16 : NULL; }
+#else
+const ds_kernels *ds_kernels_amx_bf16(ds_dtype dt) { (void)dt; return NULL; }
+#endif
+
 const ds_kernels *ds_kernels_avx512(ds_dtype dt)
 {
     switch (dt) {
@@ -1065,6 +1223,7 @@ const ds_kernels *ds_kernels_avx2(ds_dtype dt)
 const ds_kernels *ds_kernels_avx2(ds_dtype dt) { (void)dt; return NULL; }
 const ds_kernels *ds_kernels_avx512(ds_dtype dt) { (void)dt; return NULL; }
 const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt) { (void)dt; return NULL; }
+const ds_kernels *ds_kernels_amx_bf16(ds_dtype dt) { (void)dt; return NULL; }
 void ds_gemm_avx2_variants(ds_dtype dt, ds_gemm_fn *packed, ds_gemm_fn *in_place)
 {
     (void)dt;

@@ -1502,7 +1502,7 @@ static PyObject *py_simd_levels(PyObject *self, PyObject *args)
     PyObject *d = PyDict_New();
     if (d == NULL) return NULL;
     ds_simd_level best = ds_simd_detected();
-    for (int l = DS_SIMD_GENERIC; l <= DS_SIMD_AVX512_BF16; l++) {
+    for (int l = DS_SIMD_GENERIC; l <= DS_SIMD_AMX_BF16; l++) {
         PyObject *avail = PyBool_FromLong(ds_simd_compiled((ds_simd_level)l) && l <= (int)best);
         if (avail == NULL || PyDict_SetItemString(d, ds_simd_name((ds_simd_level)l), avail) < 0) {
             Py_XDECREF(avail);
@@ -1538,7 +1538,7 @@ static PyObject *py_set_simd_level(PyObject *self, PyObject *args)
     const char *name;
     if (!PyArg_ParseTuple(args, "s", &name))
         return NULL;
-    for (int l = DS_SIMD_GENERIC; l <= DS_SIMD_AVX512_BF16; l++)
+    for (int l = DS_SIMD_GENERIC; l <= DS_SIMD_AMX_BF16; l++)
         if (strcmp(name, ds_simd_name((ds_simd_level)l)) == 0) {
             ds_status st = ds_simd_set((ds_simd_level)l);
             if (st != DS_OK) {
@@ -1548,7 +1548,7 @@ static PyObject *py_set_simd_level(PyObject *self, PyObject *args)
             Py_RETURN_NONE;
         }
     PyErr_Format(PyExc_ValueError, "set_simd_level: level must be one of 'generic', 'avx2', "
-                 "'avx512', 'avx512_bf16'; got %R", PyTuple_GET_ITEM(args, 0));
+                 "'avx512', 'avx512_bf16', 'amx_bf16'; got %R", PyTuple_GET_ITEM(args, 0));
     return NULL;
 }
 

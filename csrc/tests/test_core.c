@@ -356,85 +356,103 @@ static void test_widened_tiles(void)
     ds_simd_set(best);
 }
 
-/* The AVX2 level's two block GEMMs (weights packed, weights read in place),
- * which its gemm chooses between by row count: the same bits for row counts
- * 1-128 (the engine gives them blocks of 32-128 rows), weight groups with and without a tail,
- * K with and without a vector tail, with and without accumulation into c
- * with a padded stride; within rounding of a float64 reference; columns and
- * rows outside the block untouched. */
-static void test_avx2_gemms(void)
+/* A block GEMM (kernels' gemm) against a float64 reference, and, where
+ * same is given, bitwise against it: every row count 1-128 that matters
+ * (the engine gives block GEMMs blocks of gemm_rows-128 rows), weight groups
+ * with and without a tail, K with and without a vector tail (odd K too),
+ * with and without accumulation into c with a padded stride; rows and
+ * columns outside the block untouched. */
+static void check_gemm(const char *what, ds_gemm_fn fn, ds_gemm_fn same, ds_dtype dt)
 {
-    if (!ds_simd_compiled(DS_SIMD_AVX2) || ds_simd_detected() < DS_SIMD_AVX2) {
-        printf("skip: AVX2 block GEMMs (AVX2 not compiled or not on this CPU)\n");
-        return;
-    }
-    const ds_dtype dts[2] = {DS_F32, DS_BF16};
     const int64_t mbs[] = {1, 5, 8, 9, 16, 17, 24, 31, 32, 33, 36, 40, 48, 56, 64, 72, 100, 127, 128};
-    const int64_t nws[] = {1, 6, 7, 16, 29};
+    const int64_t nws[] = {1, 6, 7, 16, 29, 33};
     const int64_t Ks[] = {8, 75, 256};
+    const size_t esz = ds_dtype_size(dt);
     float *pack = malloc(DS_GEMM_PACK_FLOATS * sizeof(float));
-    for (int d = 0; d < 2; d++) {
-        const ds_dtype dt = dts[d];
-        const size_t esz = ds_dtype_size(dt);
-        ds_gemm_fn packed, in_place;
-        ds_gemm_avx2_variants(dt, &packed, &in_place);
-        CHECK(packed != NULL && in_place != NULL, "avx2 %s: both block GEMMs present", ds_dtype_name(dt));
-        if (packed == NULL || in_place == NULL)
-            continue;
-        for (size_t ki = 0; ki < sizeof Ks / sizeof Ks[0]; ki++)
-            for (size_t mi = 0; mi < sizeof mbs / sizeof mbs[0]; mi++)
-                for (size_t ni = 0; ni < sizeof nws / sizeof nws[0]; ni++) {
-                    const int64_t K = Ks[ki], mb = mbs[mi], nw = nws[ni], ldc = nw + 3;
-                    /* rows of x and w at a stride of K + 5 elements: not contiguous */
-                    char *xb = malloc((size_t)(mb * (K + 5)) * esz), *wb = malloc((size_t)(nw * (K + 5)) * esz);
-                    for (int64_t i = 0; i < mb * (K + 5); i++)
-                        store(xb, dt, i, rng_normal());
-                    for (int64_t i = 0; i < nw * (K + 5); i++)
-                        store(wb, dt, i, rng_normal());
-                    const void **xr = malloc((size_t)mb * sizeof(void *));
-                    const void **wr = malloc((size_t)nw * sizeof(void *));
-                    for (int64_t i = 0; i < mb; i++)
-                        xr[i] = xb + (size_t)(i * (K + 5)) * esz;
-                    for (int64_t j = 0; j < nw; j++)
-                        wr[j] = wb + (size_t)(j * (K + 5)) * esz;
-                    float *c1 = malloc((size_t)((mb + 1) * ldc) * sizeof(float));
-                    float *c2 = malloc((size_t)((mb + 1) * ldc) * sizeof(float));
-                    for (int acc = 0; acc < 2; acc++) {
-                        for (int64_t q = 0; q < (mb + 1) * ldc; q++)
-                            c1[q] = c2[q] = acc ? (float)(q % 17) - 8.0f : -1.5f;
-                        packed(mb, nw, xr, wr, K, c1, ldc, acc, pack);
-                        in_place(mb, nw, xr, wr, K, c2, ldc, acc, pack);
-                        int same = memcmp(c1, c2, (size_t)((mb + 1) * ldc) * sizeof(float)) == 0;
-                        int close = 1, kept = 1;
-                        for (int64_t i = 0; i <= mb; i++)
-                            for (int64_t j = 0; j < ldc; j++) {
-                                const int64_t q = i * ldc + j;
-                                const float init = acc ? (float)(q % 17) - 8.0f : -1.5f;
-                                if (i == mb || j >= nw) {
-                                    if (c2[q] != init)
-                                        kept = 0;
-                                    continue;
-                                }
-                                double ref = acc ? (double)init : 0.0, mag = fabs(ref);
-                                for (int64_t k = 0; k < K; k++) {
-                                    const double pr = load(xr[i], dt, k) * load(wr[j], dt, k);
-                                    ref += pr;
-                                    mag += fabs(pr);
-                                }
-                                if (fabs((double)c2[q] - ref) > 1e-6 * mag + 1e-7)
-                                    close = 0;
+    for (size_t ki = 0; ki < sizeof Ks / sizeof Ks[0]; ki++)
+        for (size_t mi = 0; mi < sizeof mbs / sizeof mbs[0]; mi++)
+            for (size_t ni = 0; ni < sizeof nws / sizeof nws[0]; ni++) {
+                const int64_t K = Ks[ki], mb = mbs[mi], nw = nws[ni], ldc = nw + 3;
+                /* rows of x and w at a stride of K + 5 elements: not contiguous */
+                char *xb = malloc((size_t)(mb * (K + 5)) * esz), *wb = malloc((size_t)(nw * (K + 5)) * esz);
+                for (int64_t i = 0; i < mb * (K + 5); i++)
+                    store(xb, dt, i, rng_normal());
+                for (int64_t i = 0; i < nw * (K + 5); i++)
+                    store(wb, dt, i, rng_normal());
+                const void **xr = malloc((size_t)mb * sizeof(void *));
+                const void **wr = malloc((size_t)nw * sizeof(void *));
+                for (int64_t i = 0; i < mb; i++)
+                    xr[i] = xb + (size_t)(i * (K + 5)) * esz;
+                for (int64_t j = 0; j < nw; j++)
+                    wr[j] = wb + (size_t)(j * (K + 5)) * esz;
+                float *c1 = malloc((size_t)((mb + 1) * ldc) * sizeof(float));
+                float *c2 = malloc((size_t)((mb + 1) * ldc) * sizeof(float));
+                for (int acc = 0; acc < 2; acc++) {
+                    for (int64_t q = 0; q < (mb + 1) * ldc; q++)
+                        c1[q] = c2[q] = acc ? (float)(q % 17) - 8.0f : -1.5f;
+                    if (same != NULL)
+                        same(mb, nw, xr, wr, K, c1, ldc, acc, pack);
+                    fn(mb, nw, xr, wr, K, c2, ldc, acc, pack);
+                    int bits = same == NULL || memcmp(c1, c2, (size_t)((mb + 1) * ldc) * sizeof(float)) == 0;
+                    int close = 1, kept = 1;
+                    for (int64_t i = 0; i <= mb; i++)
+                        for (int64_t j = 0; j < ldc; j++) {
+                            const int64_t q = i * ldc + j;
+                            const float init = acc ? (float)(q % 17) - 8.0f : -1.5f;
+                            if (i == mb || j >= nw) {
+                                if (c2[q] != init)
+                                    kept = 0;
+                                continue;
                             }
-                        CHECK(same, "avx2 %s: in-place GEMM has the packed GEMM's bits (mb=%lld nw=%lld K=%lld acc=%d)",
-                              ds_dtype_name(dt), (long long)mb, (long long)nw, (long long)K, acc);
-                        CHECK(close, "avx2 %s: in-place GEMM matches float64 (mb=%lld nw=%lld K=%lld acc=%d)",
-                              ds_dtype_name(dt), (long long)mb, (long long)nw, (long long)K, acc);
-                        CHECK(kept, "avx2 %s: in-place GEMM writes only its block (mb=%lld nw=%lld K=%lld acc=%d)",
-                              ds_dtype_name(dt), (long long)mb, (long long)nw, (long long)K, acc);
-                    }
-                    free(xb); free(wb); free(xr); free(wr); free(c1); free(c2);
+                            double ref = acc ? (double)init : 0.0, mag = fabs(ref);
+                            for (int64_t k = 0; k < K; k++) {
+                                const double pr = load(xr[i], dt, k) * load(wr[j], dt, k);
+                                ref += pr;
+                                mag += fabs(pr);
+                            }
+                            if (fabs((double)c2[q] - ref) > 1e-6 * mag + 1e-7)
+                                close = 0;
+                        }
+                    CHECK(bits, "%s: the bits of the packed GEMM (mb=%lld nw=%lld K=%lld acc=%d)", what,
+                          (long long)mb, (long long)nw, (long long)K, acc);
+                    CHECK(close, "%s: matches float64 (mb=%lld nw=%lld K=%lld acc=%d)", what, (long long)mb,
+                          (long long)nw, (long long)K, acc);
+                    CHECK(kept, "%s: writes only its block (mb=%lld nw=%lld K=%lld acc=%d)", what, (long long)mb,
+                          (long long)nw, (long long)K, acc);
                 }
-    }
+                free(xb); free(wb); free(xr); free(wr); free(c1); free(c2);
+            }
     free(pack);
+}
+
+/* The AVX2 level's two block GEMMs (weights packed, weights read in place),
+ * which its gemm chooses between by row count: the same bits, and float64;
+ * the AMX level's bfloat16 GEMM against float64. */
+static void test_block_gemms(void)
+{
+    if (ds_simd_compiled(DS_SIMD_AVX2) && ds_simd_detected() >= DS_SIMD_AVX2) {
+        const ds_dtype dts[2] = {DS_F32, DS_BF16};
+        for (int d = 0; d < 2; d++) {
+            ds_gemm_fn packed, in_place;
+            ds_gemm_avx2_variants(dts[d], &packed, &in_place);
+            CHECK(packed != NULL && in_place != NULL, "avx2 %s: both block GEMMs present", ds_dtype_name(dts[d]));
+            if (packed == NULL || in_place == NULL)
+                continue;
+            char what[64];
+            snprintf(what, sizeof what, "avx2 %s in-place GEMM", ds_dtype_name(dts[d]));
+            check_gemm(what, in_place, packed, dts[d]);
+        }
+    } else {
+        printf("skip: AVX2 block GEMMs (AVX2 not compiled or not on this CPU)\n");
+    }
+    if (ds_simd_compiled(DS_SIMD_AMX_BF16) && ds_simd_detected() >= DS_SIMD_AMX_BF16) {
+        const ds_kernels *kn = ds_kernels_amx_bf16(DS_BF16);
+        CHECK(kn != NULL && kn->gemm != NULL, "amx_bf16: a bfloat16 block GEMM");
+        if (kn != NULL && kn->gemm != NULL)
+            check_gemm("amx_bf16 GEMM", kn->gemm, NULL, DS_BF16);
+    } else {
+        printf("skip: AMX block GEMM (not compiled, or no AMX usable on this CPU and OS)\n");
+    }
 }
 
 /* ------------------------------------------------------------ errors */
@@ -737,7 +755,7 @@ int main(void)
     test_moe_errors();
     test_moe_all_levels();
     test_widened_tiles();
-    test_avx2_gemms();
+    test_block_gemms();
     test_importance();
     test_permutation();
     test_parallel_for_errors();
