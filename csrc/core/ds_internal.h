@@ -152,6 +152,7 @@ typedef struct {
     ds_dot_tile_fn dotw;
     void (*widen)(int64_t n, const void *const *x, int64_t K, void *dst, int64_t ldd);
     int xw_esz;       /* bytes per element of the copies (0: 4, float32) */
+    int gemm_kmax;    /* K block of gemm (0: DS_GEMM_KMAX); panels within DS_GEMM_PACK_FLOATS */
 } ds_kernels;
 
 /* Kernel set for (level, dtype); NULL when not compiled in. */

@@ -1054,7 +1054,8 @@ static const ds_kernels k5b_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5
 #define TGTX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq")))
 #define AX_K 32          /* k per tile slice */
 #define AX_TILE 512      /* bfloat16 values per A or B tile (16 x 64 bytes) */
-_Static_assert((DS_GEMM_MAX_ROWS / 16) * (DS_GEMM_KMAX / AX_K) * AX_TILE * 2 + 2 * (DS_GEMM_KMAX / AX_K) * AX_TILE * 2 +
+#define AX_KMAX 512      /* K block */
+_Static_assert((DS_GEMM_MAX_ROWS / 16) * (AX_KMAX / AX_K) * AX_TILE * 2 + 2 * (AX_KMAX / AX_K) * AX_TILE * 2 +
                        4 * 256 * 4 + 64 <= DS_GEMM_PACK_FLOATS * 4,
                "the AMX GEMM's panels must fit DS_GEMM_PACK_FLOATS");
 
@@ -1185,7 +1186,7 @@ static TGTX void gemm_amx_bf16(int64_t mb, int64_t nw, const void *const *x, con
 
 /* Blocks of at least 16 rows (one full x tile) go to the tile unit. */
 static const ds_kernels kx_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5_bf16, 4, 6, gemm_amx_bf16, 16,
-                                   dot5b_bf16, copy_bf16_rows, 2};
+                                   dot5b_bf16, copy_bf16_rows, 2, AX_KMAX};
 const ds_kernels *ds_kernels_amx_bf16(ds_dtype dt) { return dt == DS_BF16 ? &kx_bf16 : NULL; }
 #else
 const ds_kernels *ds_kernels_amx_bf16(ds_dtype dt) { (void)dt; return NULL; }

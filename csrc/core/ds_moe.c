@@ -108,7 +108,7 @@ static int64_t k_block(const ds_kernels *kn, int64_t mb, size_t esz, int64_t K)
         return K; /* GEMV-shaped: each weight row read once, as one stream */
     int64_t kmax;
     if (uses_gemm(kn, mb)) {
-        kmax = DS_GEMM_KMAX; /* a packed weight group stays in L1, the x panels in L2 */
+        kmax = kn->gemm_kmax ? kn->gemm_kmax : DS_GEMM_KMAX; /* a packed weight group in L1, the x panels in L2 */
     } else {
         kmax = L1_TILE_BUDGET / ((int64_t)(DS_MAX_MR + 6) * (int64_t)esz);
         int64_t k2 = L2_BUDGET / (mb * (int64_t)esz);

@@ -359,19 +359,20 @@ static void test_widened_tiles(void)
 /* A block GEMM (kernels' gemm) against a float64 reference, and, where
  * same is given, bitwise against it: every row count 1-128 that matters
  * (the engine gives block GEMMs blocks of gemm_rows-128 rows), weight groups
- * with and without a tail, K with and without a vector tail (odd K too),
+ * with and without a tail, K up to the kernel's K block with and without a
+ * vector tail (odd K too),
  * with and without accumulation into c with a padded stride; rows and
  * columns outside the block untouched. */
-static void check_gemm(const char *what, ds_gemm_fn fn, ds_gemm_fn same, ds_dtype dt)
+static void check_gemm(const char *what, ds_gemm_fn fn, ds_gemm_fn same, ds_dtype dt, int64_t kmax)
 {
     const int64_t mbs[] = {1, 5, 8, 9, 16, 17, 24, 31, 32, 33, 36, 40, 48, 56, 64, 72, 100, 127, 128};
     const int64_t nws[] = {1, 6, 7, 16, 29, 33};
-    const int64_t Ks[] = {8, 75, 256};
+    const int64_t Ks[] = {8, 75, 256, 333, 512}; /* up to kmax, the kernel's K block */
     const size_t esz = ds_dtype_size(dt);
     float *pack = malloc(DS_GEMM_PACK_FLOATS * sizeof(float));
     for (size_t ki = 0; ki < sizeof Ks / sizeof Ks[0]; ki++)
         for (size_t mi = 0; mi < sizeof mbs / sizeof mbs[0]; mi++)
-            for (size_t ni = 0; ni < sizeof nws / sizeof nws[0]; ni++) {
+            for (size_t ni = 0; ni < sizeof nws / sizeof nws[0] && Ks[ki] <= kmax; ni++) {
                 const int64_t K = Ks[ki], mb = mbs[mi], nw = nws[ni], ldc = nw + 3;
                 /* rows of x and w at a stride of K + 5 elements: not contiguous */
                 char *xb = malloc((size_t)(mb * (K + 5)) * esz), *wb = malloc((size_t)(nw * (K + 5)) * esz);
@@ -440,7 +441,7 @@ static void test_block_gemms(void)
                 continue;
             char what[64];
             snprintf(what, sizeof what, "avx2 %s in-place GEMM", ds_dtype_name(dts[d]));
-            check_gemm(what, in_place, packed, dts[d]);
+            check_gemm(what, in_place, packed, dts[d], DS_GEMM_KMAX);
         }
     } else {
         printf("skip: AVX2 block GEMMs (AVX2 not compiled or not on this CPU)\n");
@@ -449,7 +450,7 @@ static void test_block_gemms(void)
         const ds_kernels *kn = ds_kernels_amx_bf16(DS_BF16);
         CHECK(kn != NULL && kn->gemm != NULL, "amx_bf16: a bfloat16 block GEMM");
         if (kn != NULL && kn->gemm != NULL)
-            check_gemm("amx_bf16 GEMM", kn->gemm, NULL, DS_BF16);
+            check_gemm("amx_bf16 GEMM", kn->gemm, NULL, DS_BF16, kn->gemm_kmax ? kn->gemm_kmax : DS_GEMM_KMAX);
     } else {
         printf("skip: AMX block GEMM (not compiled, or no AMX usable on this CPU and OS)\n");
     }
