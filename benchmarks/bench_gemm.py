@@ -13,6 +13,12 @@ gets about T*K/E rows.
     python benchmarks/bench_gemm.py --simd avx2 --dtypes float32,bfloat16 --tokens 128,512 \\
         --out bench-results/gemm-avx2
 
+``--against LEVEL`` compares two SIMD levels the same way instead (both with
+their block GEMMs), e.g. the AMX tile unit against the AVX-512 BF16 kernels:
+
+    python benchmarks/bench_gemm.py --simd amx_bf16 --against avx512_bf16 --dtypes bfloat16 \\
+        --tokens 16,128,512 --out bench-results/gemm-amx
+
 Prints a markdown table and writes <out>.json and <out>.md when --out is given.
 """
 from __future__ import annotations
@@ -43,6 +49,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--simd", default=None, help="engine SIMD level (default: the best this CPU has; "
                    "the block GEMM exists at avx2)")
+    p.add_argument("--against", default=None, help="a second SIMD level to compare --simd with "
+                   "(instead of the block GEMM against the tiles)")
     p.add_argument("--shapes", default="olmoe,mixtral", help="comma list of: " + ", ".join(SHAPES))
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16, float16")
     p.add_argument("--tokens", default="128,512", help="comma list of T")
@@ -59,8 +67,22 @@ def main(argv=None):
     from bench_experts import cpu_model, cpu_snapshot, other_load
     from dualsparse import ops
 
+    levels = ops.simd_levels()
+    for name, lv in (("--simd", a.simd), ("--against", a.against)):
+        if lv is not None and not levels.get(lv, False):
+            p.error(f"{name}: level {lv!r} is not usable here; usable: "
+                    f"{', '.join(k for k, ok in levels.items() if ok)}")
     if a.simd:
         ops.set_simd_level(a.simd)
+    level_a = ops.simd_level()
+    # arm True: the block GEMM at --simd (or --simd itself); arm False: the tiles (or --against)
+    label = {True: "block GEMM", False: "dot tiles"} if a.against is None else {True: level_a, False: a.against}
+
+    def use(arm):
+        if a.against is None:
+            ops.set_block_gemm(bool(arm))
+        else:
+            ops.set_simd_level(level_a if arm else a.against)
     torch.set_num_threads(a.threads)
     shapes = [s.strip() for s in a.shapes.split(",") if s.strip()]
     for s in shapes:
@@ -78,9 +100,10 @@ def main(argv=None):
     if not tokens or min(tokens) < 1:
         p.error(f"--tokens must be positive integers; got {a.tokens!r}")
 
-    meta = {"cpu": cpu_model(), "simd_level": ops.simd_level(), "threads": a.threads,
+    meta = {"cpu": cpu_model(), "simd_level": level_a, "against": a.against, "threads": a.threads,
             "torch": torch.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    print(f"CPU {meta['cpu']}, engine SIMD {meta['simd_level']}, {a.threads} threads, {meta['date_utc']} UTC",
+    print(f"CPU {meta['cpu']}, engine SIMD {meta['simd_level']}"
+          + (f" against {a.against}" if a.against else "") + f", {a.threads} threads, {meta['date_utc']} UTC",
           flush=True)
     rows = []
     rng = np.random.default_rng(0)
@@ -98,12 +121,17 @@ def main(argv=None):
                 out = torch.empty(T, H, dtype=dt)
                 times = {True: [], False: []}
                 loads = []
-                ops.moe_experts(x, ids, tw, gu, down, out=out, num_threads=a.threads)   # warm-up
+                for arm in (True, False):   # warm-up, and the two arms' outputs side by side
+                    use(arm)
+                    ops.moe_experts(x, ids, tw, gu, down, out=out, num_threads=a.threads)
+                    if arm:
+                        first = out.float().clone()
+                diff = ((out.float() - first).abs().max() / first.abs().max()).item()
                 try:
                     for _ in range(a.rounds):
                         s0 = cpu_snapshot()
                         for on in rng.permutation([True, False]):
-                            ops.set_block_gemm(bool(on))
+                            use(on)
                             time.sleep(a.gap_ms / 1e3)
                             t0 = time.perf_counter()
                             ops.moe_experts(x, ids, tw, gu, down, out=out, num_threads=a.threads)
@@ -111,29 +139,34 @@ def main(argv=None):
                         loads.append(other_load(s0, cpu_snapshot()))
                 finally:
                     ops.set_block_gemm(True)
+                    ops.set_simd_level(level_a)
                 flops = 2 * 3 * H * I * T * K
                 q_on, q_off = quartiles(times[True]), quartiles(times[False])
                 row = {"shape": shape, "dtype": dn, "T": T, "rows_per_expert": T * K / E,
                        "gemm_ms": [1e3 * v for v in q_on], "tiles_ms": [1e3 * v for v in q_off],
                        "gemm_gflops": flops / q_on[1] / 1e9, "tiles_gflops": flops / q_off[1] / 1e9,
-                       "ratio": q_off[1] / q_on[1], "rounds": a.rounds, "bg_load": statistics.mean(loads)}
+                       "ratio": q_off[1] / q_on[1], "rounds": a.rounds, "bg_load": statistics.mean(loads),
+                       "max_rel_diff": diff}
                 rows.append(row)
-                print(f"{shape:8s} {dn:9s} T={T:<5d} gemm {row['gemm_ms'][1]:8.1f} ms "
-                      f"({row['gemm_gflops']:.0f} GFLOP/s)  tiles {row['tiles_ms'][1]:8.1f} ms "
-                      f"({row['tiles_gflops']:.0f})  tiles/gemm {row['ratio']:.2f}x  bg {row['bg_load']:.0%}",
-                      flush=True)
+                print(f"{shape:8s} {dn:9s} T={T:<5d} {label[True]} {row['gemm_ms'][1]:8.1f} ms "
+                      f"({row['gemm_gflops']:.0f} GFLOP/s)  {label[False]} {row['tiles_ms'][1]:8.1f} ms "
+                      f"({row['tiles_gflops']:.0f})  ratio {row['ratio']:.2f}x  bg {row['bg_load']:.0%}  "
+                      f"max rel diff {diff:.1e}", flush=True)
             del gu, down
 
-    md = [f"CPU {meta['cpu']}, engine SIMD {meta['simd_level']}, {a.threads} threads, {meta['date_utc']} UTC, "
-          f"{a.rounds} interleaved rounds; median ms [IQR]", "",
-          "| shape | dtype | T | rows per expert | block GEMM | dot tiles | tiles / GEMM | bg load |",
-          "|---|---|---|---|---|---|---|---|"]
+    md = [f"CPU {meta['cpu']}, engine SIMD {meta['simd_level']}"
+          + (f" against {a.against}" if a.against else "") + f", {a.threads} threads, {meta['date_utc']} UTC, "
+          f"{a.rounds} interleaved rounds; median ms [IQR]; max rel diff = largest |difference| of the two "
+          "outputs over the largest |output|", "",
+          f"| shape | dtype | T | rows per expert | {label[True]} | {label[False]} | {label[False]} / "
+          f"{label[True]} | max rel diff | bg load |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g_, t_ = r["gemm_ms"], r["tiles_ms"]
         md.append(f"| {r['shape']} | {r['dtype']} | {r['T']} | {r['rows_per_expert']:.0f} | "
                   f"{g_[1]:.1f} [{g_[0]:.1f}-{g_[2]:.1f}] ({r['gemm_gflops']:.0f} GFLOP/s) | "
                   f"{t_[1]:.1f} [{t_[0]:.1f}-{t_[2]:.1f}] ({r['tiles_gflops']:.0f} GFLOP/s) | "
-                  f"**{r['ratio']:.2f}x** | {r['bg_load']:.0%} |")
+                  f"**{r['ratio']:.2f}x** | {r['max_rel_diff']:.1e} | {r['bg_load']:.0%} |")
     print("\n".join(md))
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

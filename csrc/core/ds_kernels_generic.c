@@ -163,9 +163,9 @@ GEN_COMBINE(ds_combine_generic_f32, ((float *)out)[h0 + h] = acc[h])
 GEN_COMBINE(ds_combine_generic_bf16, ((uint16_t *)out)[h0 + h] = ds_f32_to_bf16(acc[h]))
 GEN_COMBINE(ds_combine_generic_f16, ((uint16_t *)out)[h0 + h] = ds_f32_to_f16(acc[h]))
 
-static const ds_kernels gen_f32 = {gen_dot_f32_tile, gen_rows_f32, gen_act_f32, ds_combine_generic_f32, 4, 4, NULL, 0, NULL, NULL, 0};
-static const ds_kernels gen_bf16 = {gen_dot_bf16_tile, gen_rows_bf16, gen_act_bf16, ds_combine_generic_bf16, 4, 4, NULL, 0, NULL, NULL, 0};
-static const ds_kernels gen_f16 = {gen_dot_f16_tile, gen_rows_f16, gen_act_f16, ds_combine_generic_f16, 4, 4, NULL, 0, NULL, NULL, 0};
+static const ds_kernels gen_f32 = {gen_dot_f32_tile, gen_rows_f32, gen_act_f32, ds_combine_generic_f32, 4, 4, NULL, 0, NULL, NULL, 0, 0};
+static const ds_kernels gen_bf16 = {gen_dot_bf16_tile, gen_rows_bf16, gen_act_bf16, ds_combine_generic_bf16, 4, 4, NULL, 0, NULL, NULL, 0, 0};
+static const ds_kernels gen_f16 = {gen_dot_f16_tile, gen_rows_f16, gen_act_f16, ds_combine_generic_f16, 4, 4, NULL, 0, NULL, NULL, 0, 0};
 
 const ds_kernels *ds_kernels_generic(ds_dtype dt)
 {

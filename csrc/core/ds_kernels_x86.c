@@ -1018,10 +1018,10 @@ static TGT2 void act2_f16(const float *gu, int64_t n, void *dst)
         d[j] = ds_f32_to_f16(ds_silu(gu[2 * j]) * gu[2 * j + 1]);
 }
 
-static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6, NULL, 0, dot5_f32, widen2_f32, 0};
+static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6, NULL, 0, dot5_f32, widen2_f32, 0, 0};
 static const ds_kernels k5_bf16 = {dot5_bf16, rows5_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0,
-                                   dotw5_bf16, widen2_bf16, 0};
-static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6, NULL, 0, NULL, NULL, 0};
+                                   dotw5_bf16, widen2_bf16, 0, 0};
+static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6, NULL, 0, NULL, NULL, 0, 0};
 /* bfloat16 x rows copied as they are (the BF16 tiles take bfloat16 x):
  * contiguous rows measured 1.05-1.07x at Mixtral T = 16 / 128, level at
  * OLMoE T = 128 (benchmarks/README.md). */
@@ -1031,24 +1031,28 @@ static void copy_bf16_rows(int64_t n, const void *const *x, int64_t K, void *dst
         memcpy((uint16_t *)dst + r * ldd, x[r], (size_t)K * 2);
 }
 static const ds_kernels k5b_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0,
-                                    dot5b_bf16, copy_bf16_rows, 2};
+                                    dot5b_bf16, copy_bf16_rows, 2, 0};
 
 /* ---- AMX: bfloat16 blocks on the tile unit --------------------------------
- * C = X W^T in 16 x 16 float32 tiles.  Per k slice of 32: tile A holds 16 x
- * rows (32 bfloat16 each, copied into panels), tile B 16 weight rows in the
- * pair-interleaved layout TDPBF16PS takes (B[k/2][n][k%2]: each weight row's
- * 16 dwords of (k, k+1) pairs become a column, a 16 x 16 dword transpose),
- * packed once per group of weight rows and used by every x panel.  Two x
- * panels against two weight groups per pass: four accumulator tiles, two A,
- * two B.  K tails and rows past mb or nw are zero in the panels (masked
- * loads: nothing past a row's end is read); only the block's own rows and
- * columns of c are written.  Products of two bfloat16 values are exact in
- * float32; TDPBF16PS adds each (k, k+1) pair's products into its float32
- * accumulator with round to nearest even and flushes denormal inputs and
- * results to zero, as the BF16 dot product of the tiles does.  The
- * summation order depends only on K: the same bits for any thread count.
- * The tile state is configured at the start of each call and released at
- * its end, so a thread holds it only while it computes. */
+ * C^T = W X^T in 16 x 16 float32 tiles.  Per k slice of 32: tile A holds 16
+ * weight rows (32 bfloat16 each) loaded where they lie, at their own stride
+ * (evenly spaced rows: the 16 rows of a matrix that an A tile takes are);
+ * tile B 16 x rows in the pair-interleaved layout TDPBF16PS takes
+ * (B[k/2][m][k%2]: a 16 x 16 dword transpose of the x rows), packed once per
+ * call and used by every weight row.  Two weight tiles against two x panels
+ * per pass: four accumulator tiles, transposed again when written to c.  A
+ * first version packed the weights instead (the transpose on every weight
+ * element): 22 us of which 20 were the packing, per 16 x 256 x 512 block,
+ * against 2.5 for the tile work.  K tails, short groups and unevenly spaced
+ * rows are copied (zero past K, nw and mb: masked loads, nothing past a
+ * row's end is read); only the block's own rows and columns of c are
+ * written.  Products of two bfloat16 values are exact in float32;
+ * TDPBF16PS adds each (k, k+1) pair's products into its float32 accumulator
+ * with round to nearest even and flushes denormal inputs and results to
+ * zero, as the BF16 dot product of the tiles does.  The summation order
+ * depends only on K: the same bits for any thread count.  The tile state is
+ * configured at the start of each call and released at its end, so a thread
+ * holds it only while it computes. */
 #if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
 #define DS_HAVE_AMX 1
 #define TGTX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq")))
@@ -1101,13 +1105,63 @@ INL TGTX __m512i ax_load32(const void *r, int64_t k0, int64_t n)
     return _mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
 }
 
+/* Where the 16 weight rows of an A tile lie: rows w[j], w[j + step], ...
+ * evenly spaced in memory (the stride in bytes), or not (0). */
+static int64_t ax_stride(const void *const *w, int64_t j, int64_t step)
+{
+    const char *r0 = (const char *)w[j];
+    const int64_t d = (const char *)w[j + step] - r0;
+    for (int64_t t = 2; t < 16; t++)
+        if ((const char *)w[j + t * step] - r0 != t * d)
+            return 0;
+    return d;
+}
+
+/* Writes C^T tiles out: ct[u] (16 weight rows x 16 x rows, float32) for
+ * u < nt, transposed; row m of the panel gets columns col0 + (nt == 2 and
+ * interleaved ? 2t + u : 16u + t) for the first ncols columns. */
+INL TGTX void ax_write(float *ct, int nt, int interleaved, float *c, int64_t ldc, int64_t nrows, int64_t ncols,
+                       int accumulate)
+{
+    __m512i v[2][16];
+    for (int u = 0; u < nt; u++) {
+        for (int t = 0; t < 16; t++)
+            v[u][t] = _mm512_loadu_si512((const void *)(ct + 256 * u + 16 * t));
+        ax_transpose16(v[u]);
+    }
+    const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const int64_t n0 = ncols < 16 ? ncols : 16, n1 = ncols - 16 > 0 ? ncols - 16 : 0;
+    const __mmask16 m0 = (__mmask16)((1u << n0) - 1), m1 = (__mmask16)((1u << n1) - 1);
+    for (int64_t m = 0; m < nrows; m++) {
+        float *cm = c + m * ldc;
+        __m512 a = _mm512_castsi512_ps(v[0][m]), b = _mm512_setzero_ps();
+        if (nt == 2) {
+            b = _mm512_castsi512_ps(v[1][m]);
+            if (interleaved) {
+                const __m512 e = a;
+                a = _mm512_permutex2var_ps(e, lo, b);
+                b = _mm512_permutex2var_ps(e, hi, b);
+            }
+        }
+        if (accumulate) {
+            a = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, cm), a);
+            if (n1)
+                b = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, cm + 16), b);
+        }
+        _mm512_mask_storeu_ps(cm, m0, a);
+        if (n1)
+            _mm512_mask_storeu_ps(cm + 16, m1, b);
+    }
+}
+
 static TGTX void gemm_amx_bf16(int64_t mb, int64_t nw, const void *const *x, const void *const *w,
                                int64_t K, float *c, int64_t ldc, int accumulate, float *pack)
 {
-    const int64_t ns = (K + AX_K - 1) / AX_K, np = (mb + 15) / 16;
-    uint16_t *xp = (uint16_t *)pack;         /* np x ns A tiles */
-    uint16_t *wp = xp + np * ns * AX_TILE;   /* 2 x ns B tiles */
-    float *cs = (float *)(wp + 2 * ns * AX_TILE); /* 4 accumulator tiles, 16 x 16 */
+    const int64_t nfull = K / AX_K, ns = (K + AX_K - 1) / AX_K, np = (mb + 15) / 16;
+    uint16_t *xp = (uint16_t *)pack;          /* np x ns B tiles: x rows, pair-interleaved */
+    uint16_t *wb = xp + np * ns * AX_TILE;    /* 2 x ns A tiles: weight rows copied, when they must be */
+    float *cs = (float *)(wb + 2 * ns * AX_TILE); /* 4 accumulator tiles, 16 x 16 */
     ax_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
@@ -1116,31 +1170,67 @@ static TGTX void gemm_amx_bf16(int64_t mb, int64_t nw, const void *const *x, con
         cfg.rows[t] = 16;
     }
     _tile_loadconfig(&cfg);
+    /* the first group's weight lines on their way while x is packed */
+    const int64_t lines = (K * 2 + 63) / 64;
+    for (int64_t j = 0; j < (nw < 32 ? nw : 32); j++)
+        for (int64_t l = 0; l < lines; l++)
+            _mm_prefetch((const char *)w[j] + 64 * l, _MM_HINT_T0);
     for (int64_t p = 0; p < np; p++)
         for (int64_t s = 0; s < ns; s++) {
-            uint16_t *t = xp + (p * ns + s) * AX_TILE;
+            __m512i a[16];
             for (int64_t i = 0; i < 16; i++) {
                 const int64_t r = p * 16 + i;
-                _mm512_storeu_si512((void *)(t + i * AX_K),
-                                    r < mb ? ax_load32(x[r], s * AX_K, K - s * AX_K) : _mm512_setzero_si512());
+                a[i] = r < mb ? ax_load32(x[r], s * AX_K, K - s * AX_K) : _mm512_setzero_si512();
             }
+            ax_transpose16(a);
+            uint16_t *t = xp + (p * ns + s) * AX_TILE;
+            for (int k = 0; k < 16; k++)
+                _mm512_storeu_si512((void *)(t + k * AX_K), a[k]);
         }
     for (int64_t j0 = 0; j0 < nw; j0 += 32) {
-        const int ng = nw - j0 > 16 ? 2 : 1;
-        for (int g = 0; g < ng; g++)
-            for (int64_t s = 0; s < ns; s++) {
-                __m512i a[16];
-                for (int n = 0; n < 16; n++) {
-                    const int64_t j = j0 + 16 * g + n;
-                    a[n] = j < nw ? ax_load32(w[j], s * AX_K, K - s * AX_K) : _mm512_setzero_si512();
-                    if (j + 32 < nw) /* the same slice of the next group */
-                        _mm_prefetch((const char *)w[j + 32] + 64 * s, _MM_HINT_T0);
+        /* the group's two A tiles: 16 evenly spaced rows each, read where
+         * they lie (entries j0.. and j0+16.., or the even and the odd entries
+         * of 32: gate and up rows interleaved); otherwise (a short group,
+         * rows spaced unevenly) copied, zero past nw.  The K tail is always
+         * copied (zero past K). */
+        const int64_t nr = nw - j0 < 32 ? nw - j0 : 32;
+        int nt = nr > 16 ? 2 : 1, inter = 0;
+        const char *base[2] = {NULL, NULL};
+        int64_t stride[2] = {0, 0};
+        if (nr == 32) {
+            stride[0] = ax_stride(w, j0, 1);
+            stride[1] = ax_stride(w, j0 + 16, 1);
+            if (stride[0] && stride[1]) {
+                base[0] = (const char *)w[j0];
+                base[1] = (const char *)w[j0 + 16];
+            } else {
+                stride[0] = ax_stride(w, j0, 2);
+                stride[1] = ax_stride(w, j0 + 1, 2);
+                if (stride[0] && stride[1]) {
+                    base[0] = (const char *)w[j0];
+                    base[1] = (const char *)w[j0 + 1];
+                    inter = 1;
                 }
-                ax_transpose16(a);
-                uint16_t *t = wp + (g * ns + s) * AX_TILE;
-                for (int k = 0; k < 16; k++)
-                    _mm512_storeu_si512((void *)(t + k * AX_K), a[k]);
             }
+        } else if (nr == 16 && (stride[0] = ax_stride(w, j0, 1)) != 0) {
+            base[0] = (const char *)w[j0];
+        }
+        const int copy_all = base[0] == NULL;
+        const int64_t s_copy = copy_all ? 0 : nfull; /* slices from here on come from wb */
+        for (int u = 0; u < nt; u++)
+            for (int64_t s = s_copy; s < ns; s++) {
+                uint16_t *t = wb + (u * ns + s) * AX_TILE;
+                for (int64_t r = 0; r < 16; r++) {
+                    const int64_t e = copy_all ? 16 * u + r : (inter ? 2 * r + u : 16 * u + r);
+                    _mm512_storeu_si512((void *)(t + r * AX_K),
+                                        e < nr ? ax_load32(w[j0 + e], s * AX_K, K - s * AX_K)
+                                               : _mm512_setzero_si512());
+                }
+            }
+        /* the next group's weight lines into L1, spread over this group's tile work */
+        const int64_t jn = j0 + 32, nn = nw - jn < 32 ? (nw - jn > 0 ? nw - jn : 0) : 32;
+        const int64_t total = nn * lines, iters = (np + 1) / 2 * ns;
+        int64_t it = 0, done = 0;
         for (int64_t p0 = 0; p0 < np; p0 += 2) {
             const int two = np - p0 > 1;
             _tile_zero(0);
@@ -1148,17 +1238,26 @@ static TGTX void gemm_amx_bf16(int64_t mb, int64_t nw, const void *const *x, con
             _tile_zero(2);
             _tile_zero(3);
             for (int64_t s = 0; s < ns; s++) {
-                _tile_loadd(4, xp + (p0 * ns + s) * AX_TILE, 64);
-                _tile_loadd(6, wp + s * AX_TILE, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                if (ng > 1) {
-                    _tile_loadd(7, wp + (ns + s) * AX_TILE, 64);
-                    _tile_dpbf16ps(1, 4, 7);
+                const int64_t upto = ++it * total / iters;
+                for (; done < upto; done++)
+                    _mm_prefetch((const char *)w[jn + done % nn] + 64 * (done / nn), _MM_HINT_T0);
+                if (s < s_copy) {
+                    _tile_loadd(4, base[0] + 64 * s, stride[0]);
+                    if (nt > 1)
+                        _tile_loadd(5, base[1] + 64 * s, stride[1]);
+                } else {
+                    _tile_loadd(4, wb + s * AX_TILE, 64);
+                    if (nt > 1)
+                        _tile_loadd(5, wb + (ns + s) * AX_TILE, 64);
                 }
+                _tile_loadd(6, xp + (p0 * ns + s) * AX_TILE, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                if (nt > 1)
+                    _tile_dpbf16ps(1, 5, 6);
                 if (two) {
-                    _tile_loadd(5, xp + ((p0 + 1) * ns + s) * AX_TILE, 64);
-                    _tile_dpbf16ps(2, 5, 6);
-                    if (ng > 1)
+                    _tile_loadd(7, xp + ((p0 + 1) * ns + s) * AX_TILE, 64);
+                    _tile_dpbf16ps(2, 4, 7);
+                    if (nt > 1)
                         _tile_dpbf16ps(3, 5, 7);
                 }
             }
@@ -1166,19 +1265,10 @@ static TGTX void gemm_amx_bf16(int64_t mb, int64_t nw, const void *const *x, con
             _tile_stored(1, cs + 256, 64);
             _tile_stored(2, cs + 512, 64);
             _tile_stored(3, cs + 768, 64);
-            for (int pp = 0; pp <= two; pp++)
-                for (int g = 0; g < ng; g++) {
-                    const int64_t jg = j0 + 16 * g, ncols = nw - jg < 16 ? nw - jg : 16;
-                    const __mmask16 m = (__mmask16)((1u << ncols) - 1);
-                    const float *ct = cs + (2 * pp + g) * 256;
-                    for (int64_t i = 0; i < 16 && (p0 + pp) * 16 + i < mb; i++) {
-                        float *ci = c + ((p0 + pp) * 16 + i) * ldc + jg;
-                        __m512 v = _mm512_loadu_ps(ct + 16 * i);
-                        if (accumulate)
-                            v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, ci), v);
-                        _mm512_mask_storeu_ps(ci, m, v);
-                    }
-                }
+            for (int pp = 0; pp <= two; pp++) {
+                const int64_t r0 = (p0 + pp) * 16, nrows = mb - r0 < 16 ? mb - r0 : 16;
+                ax_write(cs + 512 * pp, nt, inter, c + r0 * ldc + j0, ldc, nrows, nr, accumulate);
+            }
         }
     }
     _tile_release();
@@ -1204,10 +1294,10 @@ const ds_kernels *ds_kernels_avx512(ds_dtype dt)
 
 const ds_kernels *ds_kernels_avx512_bf16(ds_dtype dt) { return dt == DS_BF16 ? &k5b_bf16 : NULL; }
 
-static const ds_kernels k2_f32 = {dot2_f32, rows2_f32, act2_f32, ds_combine_generic_f32, 3, 4, gemm2x_f32, 32, dot2_f32, widen2_f32, 0};
+static const ds_kernels k2_f32 = {dot2_f32, rows2_f32, act2_f32, ds_combine_generic_f32, 3, 4, gemm2x_f32, 32, dot2_f32, widen2_f32, 0, 0};
 static const ds_kernels k2_bf16 = {dot2_bf16, rows2_bf16, act2_bf16, ds_combine_generic_bf16, 3, 4, gemm2x_bf16, 32,
-                                   dotw2_bf16, widen2_bf16, 0};
-static const ds_kernels k2_f16 = {dot2_f16, rows2_f16, act2_f16, ds_combine_generic_f16, 3, 4, gemm2_f16, 32, NULL, NULL, 0};
+                                   dotw2_bf16, widen2_bf16, 0, 0};
+static const ds_kernels k2_f16 = {dot2_f16, rows2_f16, act2_f16, ds_combine_generic_f16, 3, 4, gemm2_f16, 32, NULL, NULL, 0, 0};
 
 const ds_kernels *ds_kernels_avx2(ds_dtype dt)
 {

@@ -359,14 +359,15 @@ static void test_widened_tiles(void)
 /* A block GEMM (kernels' gemm) against a float64 reference, and, where
  * same is given, bitwise against it: every row count 1-128 that matters
  * (the engine gives block GEMMs blocks of gemm_rows-128 rows), weight groups
- * with and without a tail, K up to the kernel's K block with and without a
+ * with and without a tail, rows evenly spaced, interleaved from two
+ * matrices or out of order, K up to the kernel's K block with and without a
  * vector tail (odd K too),
  * with and without accumulation into c with a padded stride; rows and
  * columns outside the block untouched. */
 static void check_gemm(const char *what, ds_gemm_fn fn, ds_gemm_fn same, ds_dtype dt, int64_t kmax)
 {
     const int64_t mbs[] = {1, 5, 8, 9, 16, 17, 24, 31, 32, 33, 36, 40, 48, 56, 64, 72, 100, 127, 128};
-    const int64_t nws[] = {1, 6, 7, 16, 29, 33};
+    const int64_t nws[] = {1, 6, 7, 16, 29, 33, 64};
     const int64_t Ks[] = {8, 75, 256, 333, 512}; /* up to kmax, the kernel's K block */
     const size_t esz = ds_dtype_size(dt);
     float *pack = malloc(DS_GEMM_PACK_FLOATS * sizeof(float));
@@ -384,8 +385,14 @@ static void check_gemm(const char *what, ds_gemm_fn fn, ds_gemm_fn same, ds_dtyp
                 const void **wr = malloc((size_t)nw * sizeof(void *));
                 for (int64_t i = 0; i < mb; i++)
                     xr[i] = xb + (size_t)(i * (K + 5)) * esz;
-                for (int64_t j = 0; j < nw; j++)
-                    wr[j] = wb + (size_t)(j * (K + 5)) * esz;
+                /* weight rows evenly spaced, two matrices interleaved (gate
+                 * and up rows, as the engine passes them), or out of order */
+                const int layout = (int)((mi + ni + ki) % 3);
+                const int64_t half = (nw + 1) / 2;
+                for (int64_t j = 0; j < nw; j++) {
+                    const int64_t r = layout == 0 ? j : layout == 1 ? (j % 2) * half + j / 2 : (j * 5 + 3) % nw;
+                    wr[j] = wb + (size_t)(r * (K + 5)) * esz;
+                }
                 float *c1 = malloc((size_t)((mb + 1) * ldc) * sizeof(float));
                 float *c2 = malloc((size_t)((mb + 1) * ldc) * sizeof(float));
                 for (int acc = 0; acc < 2; acc++) {
@@ -414,12 +421,12 @@ static void check_gemm(const char *what, ds_gemm_fn fn, ds_gemm_fn same, ds_dtyp
                             if (fabs((double)c2[q] - ref) > 1e-6 * mag + 1e-7)
                                 close = 0;
                         }
-                    CHECK(bits, "%s: the bits of the packed GEMM (mb=%lld nw=%lld K=%lld acc=%d)", what,
-                          (long long)mb, (long long)nw, (long long)K, acc);
-                    CHECK(close, "%s: matches float64 (mb=%lld nw=%lld K=%lld acc=%d)", what, (long long)mb,
-                          (long long)nw, (long long)K, acc);
-                    CHECK(kept, "%s: writes only its block (mb=%lld nw=%lld K=%lld acc=%d)", what, (long long)mb,
-                          (long long)nw, (long long)K, acc);
+                    CHECK(bits, "%s: the bits of the packed GEMM (mb=%lld nw=%lld K=%lld acc=%d layout=%d)", what,
+                          (long long)mb, (long long)nw, (long long)K, acc, layout);
+                    CHECK(close, "%s: matches float64 (mb=%lld nw=%lld K=%lld acc=%d layout=%d)", what,
+                          (long long)mb, (long long)nw, (long long)K, acc, layout);
+                    CHECK(kept, "%s: writes only its block (mb=%lld nw=%lld K=%lld acc=%d layout=%d)", what,
+                          (long long)mb, (long long)nw, (long long)K, acc, layout);
                 }
                 free(xb); free(wb); free(xr); free(wr); free(c1); free(c2);
             }
