@@ -1036,7 +1036,8 @@ static const ds_kernels k5b_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5
 /* ---- AMX: bfloat16 blocks on the tile unit --------------------------------
  * C^T = W X^T in 16 x 16 float32 tiles.  Per k slice of 32: tile A holds 16
  * weight rows (32 bfloat16 each) loaded where they lie, at their own stride
- * (evenly spaced rows: the 16 rows of a matrix that an A tile takes are);
+ * (the engine passes the rows of one matrix, or gate and up rows
+ * interleaved: every other row is evenly spaced);
  * tile B 16 x rows in the pair-interleaved layout TDPBF16PS takes
  * (B[k/2][m][k%2]: a 16 x 16 dword transpose of the x rows), packed once per
  * call and used by every weight row.  Two weight tiles against two x panels
@@ -1109,10 +1110,10 @@ INL TGTX __m512i ax_load32(const void *r, int64_t k0, int64_t n)
  * evenly spaced in memory (the stride in bytes), or not (0). */
 static int64_t ax_stride(const void *const *w, int64_t j, int64_t step)
 {
-    const char *r0 = (const char *)w[j];
-    const int64_t d = (const char *)w[j + step] - r0;
+    const uintptr_t r0 = (uintptr_t)w[j];
+    const int64_t d = (int64_t)((uintptr_t)w[j + step] - r0);
     for (int64_t t = 2; t < 16; t++)
-        if ((const char *)w[j + t * step] - r0 != t * d)
+        if ((int64_t)((uintptr_t)w[j + t * step] - r0) != t * d)
             return 0;
     return d;
 }
