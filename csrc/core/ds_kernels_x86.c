@@ -748,6 +748,21 @@ DEF_PACKW2(f32)
 DEF_PACKW2(bf16)
 DEF_PACKW2(f16)
 
+/* Before x panel p of np: the p-th share of the cache lines (lines per row)
+ * of the next group of weight rows, w[jn, jn + nn), into L1, and of the
+ * group after it, w[j2, j2 + n2), into L2 (nn, n2 <= 0: none). */
+INL void prefetch_share(const void *const *w, int64_t jn, int64_t nn, int64_t j2, int64_t n2, int64_t lines,
+                        int64_t p, int64_t np)
+{
+    const int64_t l0 = p * lines / np, l1 = (p + 1) * lines / np;
+    for (int64_t j = 0; j < nn; j++)
+        for (int64_t l = l0; l < l1; l++)
+            _mm_prefetch((const char *)w[jn + j] + 64 * l, _MM_HINT_T0);
+    for (int64_t j = 0; j < n2; j++)
+        for (int64_t l = l0; l < l1; l++)
+            _mm_prefetch((const char *)w[j2 + j] + 64 * l, _MM_HINT_T1);
+}
+
 /* The driver: every x panel packed first (at most 22 x 6 rows x K floats:
  * 132 KiB at K = 256, in L2), then for each group of 16 weight rows, packed
  * once, all x panels; before panel p the p-th share of the next group's
@@ -773,13 +788,7 @@ DEF_PACKW2(f16)
             const int64_t j2 = jn + G2_NR, n2 = nw - j2 < G2_NR ? nw - j2 : G2_NR;      \
             for (int64_t p = 0; p < np; p++) {                                          \
                 const int64_t left = mb - p * G2_MR;                                    \
-                const int64_t l0 = p * lines / np, l1 = (p + 1) * lines / np;           \
-                for (int64_t j = 0; j < nn; j++)                                        \
-                    for (int64_t l = l0; l < l1; l++)                                   \
-                        _mm_prefetch((const char *)w[jn + j] + 64 * l, _MM_HINT_T0);    \
-                for (int64_t j = 0; j < n2; j++)                                        \
-                    for (int64_t l = l0; l < l1; l++)                                   \
-                        _mm_prefetch((const char *)w[j2 + j] + 64 * l, _MM_HINT_T1);    \
+                prefetch_share(w, jn, nn, j2, n2, lines, p, np);                        \
                 g2_kernel(pack + p * G2_MR * K, wp, K, c + p * G2_MR * ldc + j0, ldc,   \
                           (int)(left < G2_MR ? left : G2_MR), nr, accumulate);          \
             }                                                                           \
@@ -891,13 +900,7 @@ DEF_G3(2)
             const int64_t j2 = jn + G3_NR, n2 = nw - j2 < G3_NR ? nw - j2 : G3_NR;          \
             for (int64_t p = 0; p < np; p++) {                                              \
                 const int64_t left = mb - p * G3_MR;                                        \
-                const int64_t l0 = p * lines / np, l1 = (p + 1) * lines / np;               \
-                for (int64_t j = 0; j < nn; j++)                                            \
-                    for (int64_t l = l0; l < l1; l++)                                       \
-                        _mm_prefetch((const char *)w[jn + j] + 64 * l, _MM_HINT_T0);        \
-                for (int64_t j = 0; j < n2; j++)                                            \
-                    for (int64_t l = l0; l < l1; l++)                                       \
-                        _mm_prefetch((const char *)w[j2 + j] + 64 * l, _MM_HINT_T1);        \
+                prefetch_share(w, jn, nn, j2, n2, lines, p, np);                            \
                 float *cp = c + p * G3_MR * ldc + j0;                                       \
                 if (left > 8)                                                               \
                     g3_kernel_2(pack + p * G3_MR * K, wr, K, cp, ldc,                       \
