@@ -4,9 +4,11 @@
  *
  * The tiles are "dot tiles": mr rows of x against nr rows of w, both
  * contiguous along K, one vector accumulator per (row, row) pair, reduced at
- * the end; weights are read where they lie.  One exception, AVX2: blocks of
- * 32 rows and more go through a block GEMM that copies (and widens) x and
- * weight rows once into float32 panels (see "AVX2 block GEMM" below). */
+ * the end; weights are read where they lie.  Two exceptions: at AVX2, blocks
+ * of 32 rows and more go through a block GEMM (x and weight rows copied once
+ * into float32 panels, or x only with the weights broadcast where they lie;
+ * see "AVX2 block GEMM" below); at AMX, bfloat16 blocks of 16 rows and more
+ * go to the tile unit ("AMX" below). */
 #include "ds_internal.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(DS_NO_X86_KERNELS)
@@ -812,7 +814,7 @@ DEF_GEMM2(f16, 2)
  * 32 rows per expert (float32, OLMoE and Mixtral shapes; bfloat16 1.11-1.14x),
  * 1.05-1.09x at 40-64 and 1.02-1.03x at 128 (float32; bfloat16 0.98x there);
  * but its rows come in vectors of 8, where gemm2's come in panels of 6, and
- * at 33 or 36 rows (five vectors against six panels) it measured 0.98x.  So
+ * at 33 or 36 rows (40 padded rows against 36) it measured 0.98x.  So
  * gemm2x below takes it where its padded rows are no more than gemm2's, up
  * to 128 rows for float32 and 64 for bfloat16 (benchmarks/README.md). */
 #define G3_MR 16
