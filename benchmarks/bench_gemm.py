@@ -48,7 +48,7 @@ def quartiles(v):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--simd", default=None, help="engine SIMD level (default: the best this CPU has; "
-                   "the block GEMM exists at avx2)")
+                   "block GEMMs exist at avx2 and, for bfloat16, amx_bf16)")
     p.add_argument("--against", default=None, help="a second SIMD level to compare --simd with "
                    "(instead of the block GEMM against the tiles)")
     p.add_argument("--shapes", default="olmoe,mixtral", help="comma list of: " + ", ".join(SHAPES))

@@ -123,11 +123,11 @@ void ds_combine_generic_bf16(const float *const *y, const float *w, int nk, int6
 void ds_combine_generic_f16(const float *const *y, const float *w, int nk, int64_t H, void *out);
 
 /* Block GEMM for many rows of x: c[i*ldc + j] (+)= x_i . w_j for i < mb
- * (mb <= DS_GEMM_MAX_ROWS), j < nw, K <= DS_GEMM_KMAX.  x and each group of
- * weight rows are copied into pack (DS_GEMM_PACK_FLOATS floats, per thread)
- * as float32 panels; each
- * output is one chain of fused multiply-adds in k order, so the summation
- * order depends only on K. */
+ * (mb <= DS_GEMM_MAX_ROWS), j < nw, K <= the kernels' gemm_kmax (default
+ * DS_GEMM_KMAX).  pack (DS_GEMM_PACK_FLOATS floats, per thread) holds the
+ * copies it makes of x and, where it needs them, of weight rows; the
+ * summation order of each output depends only on K (AVX2: one chain of
+ * fused multiply-adds in k order; AMX: the tile unit's pair sums). */
 #define DS_GEMM_MAX_ROWS 128
 #define DS_GEMM_KMAX 256
 /* also holds a block of tile rows widened to float32 (up to 32 x 2048) */
