@@ -17,7 +17,7 @@ gets about T*K/E rows.
 their block GEMMs), e.g. the AMX tile unit against the AVX-512 BF16 kernels:
 
     python benchmarks/bench_gemm.py --simd amx_bf16 --against avx512_bf16 --dtypes bfloat16 \\
-        --tokens 16,128,512 --out bench-results/gemm-amx
+        --tokens 1,16,64,128,512 --out bench-results/gemm-amx
 
 Prints a markdown table and writes <out>.json and <out>.md when --out is given.
 """

@@ -125,13 +125,28 @@ void ds_combine_generic_f16(const float *const *y, const float *w, int nk, int64
 /* Block GEMM for many rows of x: c[i*ldc + j] (+)= x_i . w_j for i < mb
  * (mb <= DS_GEMM_MAX_ROWS), j < nw, K <= the kernels' gemm_kmax (default
  * DS_GEMM_KMAX).  pack (DS_GEMM_PACK_FLOATS floats, per thread) holds the
- * copies it makes of x and, where it needs them, of weight rows; the
- * summation order of each output depends only on K (AVX2: one chain of
- * fused multiply-adds in k order; AMX: the tile unit's pair sums). */
+ * copies it makes of x and, where it needs them, of weight rows, in its
+ * first DS_GEMM_PACK_USED floats; the summation order of each output depends
+ * only on K (AVX2: one chain of fused multiply-adds in k order; AMX: the
+ * tile unit's pair sums).
+ *
+ * The pack's last DS_GEMM_XKEY_WORDS words (ds_gemm_xkey) are a key a gemm
+ * may leave of the x rows it copied (mb, K, the rows' addresses), so that
+ * the next call on the same rows (the engine's next item of the same
+ * expert) skips copying them again.  A key vouches for the copy only while
+ * the rows' contents cannot change: the engine clears every thread's key
+ * (ds_gemm_forget) before each phase, and a thread's key whenever it writes
+ * the pack by other means. */
 #define DS_GEMM_MAX_ROWS 128
 #define DS_GEMM_KMAX 256
-/* also holds a block of tile rows widened to float32 (up to 32 x 2048) */
-#define DS_GEMM_PACK_FLOATS (32 * 2048 + 16)
+#define DS_GEMM_XKEY_WORDS (2 + DS_GEMM_MAX_ROWS)
+/* AMX: x panels of 128 rows x 4096 and two weight tiles' columns of 4096
+ * (1.25 MiB); also holds a block of tile rows widened to float32 (up to
+ * 32 x 2048) */
+#define DS_GEMM_PACK_FLOATS (5 * 65536 + 2048)
+#define DS_GEMM_PACK_USED (DS_GEMM_PACK_FLOATS - DS_GEMM_XKEY_WORDS * (int64_t)(sizeof(uintptr_t) / sizeof(float)))
+DS_INLINE uintptr_t *ds_gemm_xkey(float *pack) { return (uintptr_t *)(void *)(pack + DS_GEMM_PACK_USED); }
+DS_INLINE void ds_gemm_forget(float *pack) { ds_gemm_xkey(pack)[0] = 0; }
 typedef void (*ds_gemm_fn)(int64_t mb, int64_t nw, const void *const *x, const void *const *w,
                            int64_t K, float *c, int64_t ldc, int accumulate, float *pack);
 
@@ -152,7 +167,7 @@ typedef struct {
     ds_dot_tile_fn dotw;
     void (*widen)(int64_t n, const void *const *x, int64_t K, void *dst, int64_t ldd);
     int xw_esz;       /* bytes per element of the copies (0: 4, float32) */
-    int gemm_kmax;    /* K block of gemm (0: DS_GEMM_KMAX); panels within DS_GEMM_PACK_FLOATS */
+    int gemm_kmax;    /* K block of gemm (0: DS_GEMM_KMAX); panels within DS_GEMM_PACK_USED */
 } ds_kernels;
 
 /* Kernel set for (level, dtype); NULL when not compiled in. */

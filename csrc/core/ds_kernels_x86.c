@@ -627,8 +627,8 @@ DEF_WIDEN2(f32) /* a copy: contiguous x rows measured 1.06-1.09x at OLMoE T = 12
 #define G2_MR 6
 #define G2_NR 16
 _Static_assert(((DS_GEMM_MAX_ROWS + G2_MR - 1) / G2_MR * G2_MR + G2_NR) * DS_GEMM_KMAX + 8 <=
-                   DS_GEMM_PACK_FLOATS,
-               "the AVX2 GEMM's panels must fit DS_GEMM_PACK_FLOATS");
+                   DS_GEMM_PACK_USED,
+               "the AVX2 GEMM's panels must fit DS_GEMM_PACK_USED");
 
 /* 8 x 8 transpose of r[0..7] (rows) in place. */
 INL TGT2 void tr8x8(__m256 *r)
@@ -776,6 +776,7 @@ INL void prefetch_share(const void *const *w, int64_t jn, int64_t nn, int64_t j2
                                int accumulate, float *pack)                             \
     {                                                                                   \
         const int64_t np = (mb + G2_MR - 1) / G2_MR;                                    \
+        ds_gemm_forget(pack); /* keeps no key of its x copies */                        \
         for (int64_t p = 0; p < np; p++) {                                              \
             const int64_t left = mb - p * G2_MR;                                        \
             packx2_##T(x + p * G2_MR, (int)(left < G2_MR ? left : G2_MR), K,            \
@@ -882,6 +883,7 @@ DEF_G3(2)
                                int accumulate, float *pack)                                 \
     {                                                                                       \
         const int64_t np = (mb + G3_MR - 1) / G3_MR;                                        \
+        ds_gemm_forget(pack); /* keeps no key of its x copies */                            \
         for (int64_t p = 0; p < np; p++) {                                                  \
             const int64_t left = mb - p * G3_MR;                                            \
             packw2_##T(x + p * G3_MR, (int)(left < G3_MR ? left : G3_MR), K,                \
@@ -916,8 +918,8 @@ DEF_G3(2)
 DEF_GEMM3(f32, 4, 0)
 DEF_GEMM3(bf16, 2, 1)
 _Static_assert((DS_GEMM_MAX_ROWS + G3_MR - 1) / G3_MR * G3_MR * DS_GEMM_KMAX + 8 +
-                       G3_NR * DS_GEMM_KMAX <= DS_GEMM_PACK_FLOATS,
-               "the in-place GEMM's panels and weight buffer must fit DS_GEMM_PACK_FLOATS");
+                       G3_NR * DS_GEMM_KMAX <= DS_GEMM_PACK_USED,
+               "the in-place GEMM's panels and weight buffer must fit DS_GEMM_PACK_USED");
 
 /* gemm3 where its rows, padded to vectors of 8, are no more than gemm2's,
  * padded to panels of 6, and mb <= max_rows. */
@@ -1045,11 +1047,24 @@ static const ds_kernels k5b_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5
  * interleaved: every other row is evenly spaced);
  * tile B 16 x rows in the pair-interleaved layout TDPBF16PS takes
  * (B[k/2][m][k%2]: a 16 x 16 dword transpose of the x rows), packed once per
- * call and used by every weight row.  Two weight tiles against two x panels
- * per pass: four accumulator tiles, transposed again when written to c.  A
- * first version packed the weights instead (the transpose on every weight
+ * call and used by every weight row, and kept (keyed by the rows' addresses,
+ * ds_gemm_xkey) for the next call on the same rows: the engine's items of
+ * one expert share them.  Two weight tiles against two x panels per pass:
+ * four accumulator tiles, transposed again when written to c.  A first
+ * version packed the weights instead (the transpose on every weight
  * element): 22 us of which 20 were the packing, per 16 x 256 x 512 block,
- * against 2.5 for the tile work.  K tails, short groups and unevenly spaced
+ * against 2.5 for the tile work.
+ *
+ * The weight stream sets the time (benchmarks/README.md, "AMX: the weight
+ * stream"): 32 rows read side by side, each in ascending lines, are 32
+ * streams the hardware prefetchers follow (benchmarks/read_patterns.c:
+ * 14.5 GB/s on one core, 28.5 on two, above a sequential read's 12.9 /
+ * 26.5), so there is no software prefetch (it took those reads to 12.0 /
+ * 24.2 GB/s and the engine to 1.08-1.17x the time), and K blocks are long (4096: a row's
+ * lines of a block are one run; 512 took 1.2x the time): x panels of up to
+ * 128 rows x 4096 stay in L2.  So from one row on, bfloat16 blocks run here
+ * rather than on the GEMV-shaped rows kernel (1.1-1.3x faster at T = 1-16).
+ * K tails, short groups and unevenly spaced
  * rows are copied (zero past K, nw and mb: masked loads, nothing past a
  * row's end is read); only the block's own rows and columns of c are
  * written.  Products of two bfloat16 values are exact in float32;
@@ -1064,10 +1079,10 @@ static const ds_kernels k5b_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5
 #define TGTX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq")))
 #define AX_K 32          /* k per tile slice */
 #define AX_TILE 512      /* bfloat16 values per A or B tile (16 x 64 bytes) */
-#define AX_KMAX 512      /* K block */
+#define AX_KMAX 4096     /* K block */
 _Static_assert((DS_GEMM_MAX_ROWS / 16) * (AX_KMAX / AX_K) * AX_TILE * 2 + 2 * (AX_KMAX / AX_K) * AX_TILE * 2 +
-                       4 * 256 * 4 + 64 <= DS_GEMM_PACK_FLOATS * 4,
-               "the AMX GEMM's panels must fit DS_GEMM_PACK_FLOATS");
+                       4 * 256 * 4 + 64 <= DS_GEMM_PACK_USED * 4,
+               "the AMX GEMM's panels must fit DS_GEMM_PACK_USED");
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -1176,12 +1191,12 @@ static TGTX void gemm_amx_bf16(int64_t mb, int64_t nw, const void *const *x, con
         cfg.rows[t] = 16;
     }
     _tile_loadconfig(&cfg);
-    /* the first group's weight lines on their way while x is packed */
-    const int64_t lines = (K * 2 + 63) / 64;
-    for (int64_t j = 0; j < (nw < 32 ? nw : 32); j++)
-        for (int64_t l = 0; l < lines; l++)
-            _mm_prefetch((const char *)w[j] + 64 * l, _MM_HINT_T0);
-    for (int64_t p = 0; p < np; p++)
+    /* x packed, unless the last call on this pack left the same rows there */
+    uintptr_t *key = ds_gemm_xkey(pack);
+    int packed = key[0] == (uintptr_t)mb && key[1] == (uintptr_t)K;
+    for (int64_t i = 0; packed && i < mb; i++)
+        packed = key[2 + i] == (uintptr_t)x[i];
+    for (int64_t p = 0; p < (packed ? 0 : np); p++)
         for (int64_t s = 0; s < ns; s++) {
             __m512i a[16];
             for (int64_t i = 0; i < 16; i++) {
@@ -1193,6 +1208,10 @@ static TGTX void gemm_amx_bf16(int64_t mb, int64_t nw, const void *const *x, con
             for (int k = 0; k < 16; k++)
                 _mm512_storeu_si512((void *)(t + k * AX_K), a[k]);
         }
+    key[0] = (uintptr_t)mb;
+    key[1] = (uintptr_t)K;
+    for (int64_t i = 0; i < mb; i++)
+        key[2 + i] = (uintptr_t)x[i];
     for (int64_t j0 = 0; j0 < nw; j0 += 32) {
         /* the group's two A tiles: 16 evenly spaced rows each, read where
          * they lie (entries j0.. and j0+16.., or the even and the odd entries
@@ -1233,10 +1252,6 @@ static TGTX void gemm_amx_bf16(int64_t mb, int64_t nw, const void *const *x, con
                                                : _mm512_setzero_si512());
                 }
             }
-        /* the next group's weight lines into L1, spread over this group's tile work */
-        const int64_t jn = j0 + 32, nn = nw - jn < 32 ? (nw - jn > 0 ? nw - jn : 0) : 32;
-        const int64_t total = nn * lines, iters = (np + 1) / 2 * ns;
-        int64_t it = 0, done = 0;
         for (int64_t p0 = 0; p0 < np; p0 += 2) {
             const int two = np - p0 > 1;
             _tile_zero(0);
@@ -1244,9 +1259,6 @@ static TGTX void gemm_amx_bf16(int64_t mb, int64_t nw, const void *const *x, con
             _tile_zero(2);
             _tile_zero(3);
             for (int64_t s = 0; s < ns; s++) {
-                const int64_t upto = ++it * total / iters;
-                for (; done < upto; done++)
-                    _mm_prefetch((const char *)w[jn + done % nn] + 64 * (done / nn), _MM_HINT_T0);
                 if (s < s_copy) {
                     _tile_loadd(4, base[0] + 64 * s, stride[0]);
                     if (nt > 1)
@@ -1280,10 +1292,9 @@ static TGTX void gemm_amx_bf16(int64_t mb, int64_t nw, const void *const *x, con
     _tile_release();
 }
 
-/* Blocks of at least 8 rows (an x tile at least half full) go to the tile
- * unit: OLMoE T = 128 1.2x faster than from 16 rows; from 4 or 6 rows
- * Mixtral T = 16 slowed down (benchmarks/README.md). */
-static const ds_kernels kx_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5_bf16, 4, 6, gemm_amx_bf16, 8,
+/* Every block goes to the tile unit, from one row on: the weight stream,
+ * not the arithmetic, sets the time (above). */
+static const ds_kernels kx_bf16 = {dot5b_bf16, rows5b_bf16, act5_bf16, combine5_bf16, 4, 6, gemm_amx_bf16, 1,
                                    dot5b_bf16, copy_bf16_rows, 2, AX_KMAX};
 const ds_kernels *ds_kernels_amx_bf16(ds_dtype dt) { return dt == DS_BF16 ? &kx_bf16 : NULL; }
 #else

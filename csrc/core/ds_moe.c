@@ -89,7 +89,7 @@ static void use_kernels(moe_ctx *c, const ds_kernels *kern)
 static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 /* K block for a block of mb rows (whole K for up to three rows, which run the
- * GEMV-shaped kernel).  Two limits: a weight group and a row
+ * GEMV-shaped kernel, and the level's own block for its block GEMM).  Two limits: a weight group and a row
  * tile of the kernel (10 rows x kc) must stay in L1 (48 KiB; a 4x6 bf16 tile
  * loses half its speed beyond about 2560), and the block's rows (mb x kc)
  * in L2.  K is split into equal blocks (multiples of 64) so that no block is
@@ -104,7 +104,7 @@ static int uses_gemm(const ds_kernels *kn, int64_t mb)
 
 static int64_t k_block(const ds_kernels *kn, int64_t mb, size_t esz, int64_t K)
 {
-    if (mb <= 3)
+    if (mb <= 3 && !uses_gemm(kn, mb))
         return K; /* GEMV-shaped: each weight row read once, as one stream */
     int64_t kmax;
     if (uses_gemm(kn, mb)) {
@@ -297,6 +297,19 @@ typedef struct {
     int whole;               /* K is the weight matrix's whole row length */
 } tile_job;
 
+/* The tiles copy a block's x rows into the pack (the old 256 KiB area) */
+#define TILE_COPY_BYTES ((32 * 2048 + 16) * 4)
+_Static_assert(TILE_COPY_BYTES <= DS_GEMM_PACK_USED * 4, "the tiles' copies of x must fit DS_GEMM_PACK_USED");
+
+/* Before each phase: the keys of x copies that block GEMMs left in the
+ * threads' packs no longer vouch for them (the rows' contents may differ
+ * from the last call's, at the same addresses). */
+static void forget_x(moe_ctx *c, int n_threads)
+{
+    for (int t = 0; t < n_threads; t++)
+        ds_gemm_forget(c->pack + (int64_t)t * DS_GEMM_PACK_FLOATS);
+}
+
 static void run_tiles(const tile_job *j)
 {
     const ds_kernels *kn = j->kn;
@@ -304,12 +317,13 @@ static void run_tiles(const tile_job *j)
      * weight rows one after another, each a single long stream that the
      * hardware prefetcher follows.  From four rows on, the GEMV shape runs
      * out of issue slots (measured: 4 rows x 1 weight row streams at half
-     * the speed of 4 x 6 tiles), so tiles take over. */
-    if (j->mb <= 3) {
+     * the speed of 4 x 6 tiles), so tiles take over.  A level whose block
+     * GEMM starts below four rows (AMX: from one) takes them there. */
+    if (j->mb <= 3 && !uses_gemm(kn, j->mb)) {
         kn->rows((int)j->mb, j->nw, j->xr, j->wr, j->K, j->c, j->ldc, j->accumulate, j->whole);
         return;
     }
-    /* Many rows, where the level has one: a packed block GEMM. */
+    /* Many rows, where the level has one: a block GEMM. */
     if (uses_gemm(kn, j->mb)) {
         kn->gemm(j->mb, j->nw, j->xr, j->wr, j->K, j->c, j->ldc, j->accumulate, j->pack);
         return;
@@ -327,7 +341,8 @@ static void run_tiles(const tile_job *j)
     ds_dot_tile_fn dot = kn->dot;
     const void *xw[MB];
     const int64_t xesz = kn->xw_esz ? kn->xw_esz : 4;
-    if (kn->dotw != NULL && j->mb <= MB && j->mb * j->K * xesz <= DS_GEMM_PACK_FLOATS * 4) {
+    if (kn->dotw != NULL && j->mb <= MB && j->mb * j->K * xesz <= TILE_COPY_BYTES) {
+        ds_gemm_forget(j->pack); /* a gemm's copy of x overwritten */
         kn->widen(j->mb, j->xr, j->K, j->pack, j->K);
         for (int64_t i = 0; i < j->mb; i++)
             xw[i] = (const char *)j->pack + i * j->K * xesz;
@@ -623,10 +638,12 @@ ds_status ds_moe_experts(const ds_experts *w, const ds_moe_args *a, void *worksp
     build_items2(&c);
     if (a->timings)
         t1 = now_seconds();
+    forget_x(&c, n_threads);
     if ((st = ds_parallel_for(n_threads, c.n1, gate_up_item, &c)) != DS_OK)
         return st;
     if (a->timings)
         t2 = now_seconds();
+    forget_x(&c, n_threads);
     if ((st = ds_parallel_for(n_threads, c.n2, down_item, &c)) != DS_OK)
         return st;
     if (a->timings)
@@ -705,5 +722,6 @@ ds_status ds_importance_accumulate(const ds_experts *w, const ds_importance_args
                                         : 1.0;
         }
     build_items1(&c, 1);
+    forget_x(&c, n_threads);
     return ds_parallel_for(n_threads, c.n1, gate_up_item, &c);
 }

@@ -89,6 +89,10 @@ static const mcase cases[] = {
      * 16-bit down rows of 1400, gate/up of 1200, prefixes of 700 */
     {"GEMV rows 1-2 KiB, float32 sizes", 3, 384, 500, 4, 2, 2, 0, 1},
     {"GEMV rows 1-2 KiB, 16-bit sizes", 3, 600, 700, 4, 2, 2, 0, 1},
+    /* K over the AMX GEMM's K block of 4096 (the second block adds to the
+     * first): gate/up rows of 4200, and down prefixes of up to 4200 */
+    {"K over 4096, gate/up", 40, 4200, 24, 2, 1, 1, 0, 0},
+    {"K over 4096, down", 24, 40, 4200, 2, 1, 2, 0, 1},
 };
 
 typedef struct {
@@ -284,6 +288,103 @@ static void test_moe_all_levels(void)
     ds_simd_set(best);
 }
 
+/* Two calls on one workspace and one x buffer whose contents change in
+ * between (a model's layers do this): the block GEMMs may keep a copy of x
+ * rows keyed by their addresses, which the engine must not trust across
+ * calls or phases.  The second call gives the bits of a call on a fresh
+ * workspace, at every level, 1 and 2 threads. */
+static void test_x_rewritten(void)
+{
+    ds_simd_level best = ds_simd_detected();
+    const mcase *c = &cases[8]; /* "many rows": 75 rows per expert, P = 2 */
+    const ds_dtype dts[2] = {DS_BF16, DS_F32};
+    for (int l = 0; l <= (int)best; l++) {
+        if (!ds_simd_compiled((ds_simd_level)l) || ds_simd_set((ds_simd_level)l) != DS_OK)
+            continue;
+        for (int d = 0; d < 2; d++) {
+            const ds_dtype dt = dts[d];
+            const size_t esz = ds_dtype_size(dt);
+            weights W;
+            make_weights(&W, c->E, c->I, c->H, dt);
+            const int64_t TK = c->T * c->K, TH = c->T * c->H;
+            int32_t *ids = malloc((size_t)TK * 4);
+            float *tw = malloc((size_t)TK * 4);
+            int8_t *lv = malloc((size_t)TK);
+            make_routing(c, c->E, ids, tw, lv);
+            void *x = malloc((size_t)TH * esz), *out = malloc((size_t)TH * esz);
+            for (int threads = 1; threads <= 2; threads++) {
+                ds_moe_args a;
+                memset(&a, 0, sizeof a);
+                a.T = c->T; a.K = c->K; a.P = c->P; a.x = x; a.ldx = c->H;
+                a.topk_ids = (ds_mat){ids, DS_I32, c->K, 1};
+                a.topk_weights = (ds_mat){tw, DS_F32, c->K, 1};
+                a.levels = (ds_mat){lv, DS_I8, c->K, 1};
+                a.out = out; a.ldo = c->H;
+                const size_t ws = ds_moe_workspace_size(&W.w, &a, threads);
+                void *wsp = malloc(ws);
+                ds_status st = DS_OK;
+                for (int round = 0; round < 2 && st == DS_OK; round++) {
+                    for (int64_t i = 0; i < TH; i++)
+                        store(x, dt, i, rng_normal());
+                    st = ds_moe_experts(&W.w, &a, wsp, ws, threads);
+                }
+                CHECK(st == DS_OK, "x rewritten %s %s: status %d (%s)", ds_simd_name((ds_simd_level)l),
+                      ds_dtype_name(dt), st, ds_last_error());
+                /* the reference reads a copy of x at another address,
+                 * which no key can name */
+                void *xc = malloc((size_t)TH * esz);
+                memcpy(xc, x, (size_t)TH * esz);
+                void *fresh = run_engine(c, &W.w, xc, ids, tw, lv, threads, ds_simd_name((ds_simd_level)l),
+                                         " x rewritten");
+                CHECK(memcmp(out, fresh, (size_t)TH * esz) == 0,
+                      "x rewritten %s %s, %d thread(s): the second call on one workspace gives the bits of "
+                      "a fresh call", ds_simd_name((ds_simd_level)l), ds_dtype_name(dt), threads);
+                free(fresh); free(wsp);
+                /* importance (phase 1 only), the first 50 tokens, every
+                 * pair on expert 0: one block of 100 rows, so the second
+                 * call's first block has the rows the first call's last
+                 * block had */
+                for (int64_t i = 0; i < TK; i++)
+                    ids[i] = 0;
+                double *acc[2];
+                for (int r = 0; r < 2; r++) {
+                    acc[r] = calloc((size_t)(4 * c->E * c->I), sizeof(double));
+                    ds_importance_args ia;
+                    memset(&ia, 0, sizeof ia);
+                    ia.T = 50; ia.K = c->K; ia.x = r == 0 ? x : xc; ia.ldx = c->H;
+                    ia.topk_ids = (ds_mat){ids, DS_I32, c->K, 1};
+                    ia.topk_weights = (ds_mat){tw, DS_F32, c->K, 1};
+                    ia.accum = acc[r];
+                    const size_t iws = ds_importance_workspace_size(&W.w, &ia, threads);
+                    void *iwsp = malloc(iws);
+                    st = DS_OK;
+                    /* r = 0: x rewritten between two calls on one
+                     * workspace; r = 1: a fresh workspace on a copy of the
+                     * last x */
+                    for (int round = 0; round < 2 - r && st == DS_OK; round++) {
+                        for (int64_t i = 0; r == 0 && i < TH; i++)
+                            store(x, dt, i, rng_normal());
+                        memset(acc[r], 0, (size_t)(4 * c->E * c->I) * sizeof(double));
+                        st = ds_importance_accumulate(&W.w, &ia, iwsp, iws, threads);
+                    }
+                    CHECK(st == DS_OK, "x rewritten importance: %s", ds_last_error());
+                    free(iwsp);
+                    if (r == 0)
+                        memcpy(xc, x, (size_t)TH * esz);
+                }
+                CHECK(memcmp(acc[0], acc[1], (size_t)(4 * c->E * c->I) * sizeof(double)) == 0,
+                      "x rewritten %s %s, %d thread(s): importance on one workspace gives the bits of a fresh "
+                      "call", ds_simd_name((ds_simd_level)l), ds_dtype_name(dt), threads);
+                free(acc[0]); free(acc[1]); free(xc);
+                make_routing(c, c->E, ids, tw, lv);
+            }
+            free(x); free(out); free(ids); free(tw); free(lv);
+            free_weights(&W);
+        }
+    }
+    ds_simd_set(best);
+}
+
 /* The tiles that take x rows copied once per block (float32, bfloat16
  * widened to float32, or bfloat16 as it is for the BF16 dot product:
  * kernels' dotw + widen): the same bits as the tile that reads x in
@@ -368,13 +469,16 @@ static void check_gemm(const char *what, ds_gemm_fn fn, ds_gemm_fn same, ds_dtyp
 {
     const int64_t mbs[] = {1, 5, 8, 9, 16, 17, 24, 31, 32, 33, 36, 40, 48, 56, 64, 72, 100, 127, 128};
     const int64_t nws[] = {1, 6, 7, 16, 29, 33, 64};
-    const int64_t Ks[] = {8, 75, 256, 333, 512}; /* up to kmax, the kernel's K block */
+    /* up to kmax, the kernel's K block; beyond 512 for a few shapes only */
+    const int64_t Ks[] = {8, 75, 256, 333, 512, 1000, 4096};
     const size_t esz = ds_dtype_size(dt);
     float *pack = malloc(DS_GEMM_PACK_FLOATS * sizeof(float));
     for (size_t ki = 0; ki < sizeof Ks / sizeof Ks[0]; ki++)
         for (size_t mi = 0; mi < sizeof mbs / sizeof mbs[0]; mi++)
             for (size_t ni = 0; ni < sizeof nws / sizeof nws[0] && Ks[ki] <= kmax; ni++) {
                 const int64_t K = Ks[ki], mb = mbs[mi], nw = nws[ni], ldc = nw + 3;
+                if (K > 512 && !((mb == 8 || mb == 17 || mb == 33 || mb == 128) && (nw == 33 || nw == 64)))
+                    continue;
                 /* rows of x and w at a stride of K + 5 elements: not contiguous */
                 char *xb = malloc((size_t)(mb * (K + 5)) * esz), *wb = malloc((size_t)(nw * (K + 5)) * esz);
                 for (int64_t i = 0; i < mb * (K + 5); i++)
@@ -398,6 +502,12 @@ static void check_gemm(const char *what, ds_gemm_fn fn, ds_gemm_fn same, ds_dtyp
                 for (int acc = 0; acc < 2; acc++) {
                     for (int64_t q = 0; q < (mb + 1) * ldc; q++)
                         c1[q] = c2[q] = acc ? (float)(q % 17) - 8.0f : -1.5f;
+                    /* new x rows: their keys cleared, as the engine does
+                     * before each phase; the second pass (acc = 1) calls
+                     * again on the same rows, unchanged, where a GEMM may
+                     * reuse the copy it keyed */
+                    if (acc == 0)
+                        ds_gemm_forget(pack);
                     if (same != NULL)
                         same(mb, nw, xr, wr, K, c1, ldc, acc, pack);
                     fn(mb, nw, xr, wr, K, c2, ldc, acc, pack);
@@ -764,6 +874,7 @@ int main(void)
     test_moe_all_levels();
     test_widened_tiles();
     test_block_gemms();
+    test_x_rewritten();
     test_importance();
     test_permutation();
     test_parallel_for_errors();
