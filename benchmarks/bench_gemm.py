@@ -19,6 +19,17 @@ their block GEMMs), e.g. the AMX tile unit against the AVX-512 BF16 kernels:
     python benchmarks/bench_gemm.py --simd amx_bf16 --against avx512_bf16 --dtypes bfloat16 \\
         --tokens 1,16,64,128,512 --out bench-results/gemm-amx
 
+``--rows`` compares the GEMV-shaped kernel's two rules for weight rows
+(experts of 1-3 rows: decode), four rows at a time against one at a time
+(``ops.set_rows_four``), at --simd:
+
+    python benchmarks/bench_gemm.py --simd avx2 --rows --dtypes float32,bfloat16 --tokens 1,4,16 \\
+        --out bench-results/gemm-rows
+
+(At T <= 16 the timed calls cycle through 8 routings, so that the experts a
+call reads are not those of the call before, still in a large last-level
+cache.)
+
 Prints a markdown table and writes <out>.json and <out>.md when --out is given.
 """
 from __future__ import annotations
@@ -51,6 +62,8 @@ def main(argv=None):
                    "block GEMMs exist at avx2 and, for bfloat16, amx_bf16)")
     p.add_argument("--against", default=None, help="a second SIMD level to compare --simd with "
                    "(instead of the block GEMM against the tiles)")
+    p.add_argument("--rows", action="store_true", help="weight rows of the GEMV-shaped kernel four at a "
+                   "time against one at a time (instead of the block GEMM against the tiles)")
     p.add_argument("--shapes", default="olmoe,mixtral", help="comma list of: " + ", ".join(SHAPES))
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16, float16")
     p.add_argument("--tokens", default="128,512", help="comma list of T")
@@ -59,6 +72,8 @@ def main(argv=None):
     p.add_argument("--gap-ms", type=float, default=20.0, help="idle gap before each timed call")
     p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     a = p.parse_args(argv)
+    if a.rows and a.against:
+        p.error("--rows and --against compare different things; give one of them")
     for name, value in (("--rounds", a.rounds), ("--threads", a.threads)):
         if value < 1:
             p.error(f"{name} must be >= 1; got {value}")
@@ -76,10 +91,14 @@ def main(argv=None):
         ops.set_simd_level(a.simd)
     level_a = ops.simd_level()
     # arm True: the block GEMM at --simd (or --simd itself); arm False: the tiles (or --against)
-    label = {True: "block GEMM", False: "dot tiles"} if a.against is None else {True: level_a, False: a.against}
+    label = ({True: "rows four at a time", False: "one at a time"} if a.rows
+             else {True: "block GEMM", False: "dot tiles"} if a.against is None
+             else {True: level_a, False: a.against})
 
     def use(arm):
-        if a.against is None:
+        if a.rows:
+            ops.set_rows_four(bool(arm))
+        elif a.against is None:
             ops.set_block_gemm(bool(arm))
         else:
             ops.set_simd_level(level_a if arm else a.against)
@@ -116,7 +135,11 @@ def main(argv=None):
             down = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(dt)
             for T in tokens:
                 x = torch.randn(T, H, generator=g).to(dt)
-                ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+                n_routes = 8 if T <= 16 else 1   # decode: fresh experts from call to call
+                routes = [torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+                          for _ in range(n_routes)]
+                ids = routes[0]
+                calls = 0
                 tw = torch.rand(T, K, generator=g)
                 out = torch.empty(T, H, dtype=dt)
                 times = {True: [], False: []}
@@ -133,12 +156,15 @@ def main(argv=None):
                         for on in rng.permutation([True, False]):
                             use(on)
                             time.sleep(a.gap_ms / 1e3)
+                            ids = routes[calls % n_routes]
+                            calls += 1
                             t0 = time.perf_counter()
                             ops.moe_experts(x, ids, tw, gu, down, out=out, num_threads=a.threads)
                             times[bool(on)].append(time.perf_counter() - t0)
                         loads.append(other_load(s0, cpu_snapshot()))
                 finally:
                     ops.set_block_gemm(True)
+                    ops.set_rows_four(None)
                     ops.set_simd_level(level_a)
                 flops = 2 * 3 * H * I * T * K
                 q_on, q_off = quartiles(times[True]), quartiles(times[False])
@@ -163,7 +189,7 @@ def main(argv=None):
           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g_, t_ = r["gemm_ms"], r["tiles_ms"]
-        md.append(f"| {r['shape']} | {r['dtype']} | {r['T']} | {r['rows_per_expert']:.0f} | "
+        md.append(f"| {r['shape']} | {r['dtype']} | {r['T']} | {r['rows_per_expert']:.3g} | "
                   f"{g_[1]:.1f} [{g_[0]:.1f}-{g_[2]:.1f}] ({r['gemm_gflops']:.0f} GFLOP/s) | "
                   f"{t_[1]:.1f} [{t_[0]:.1f}-{t_[2]:.1f}] ({r['tiles_gflops']:.0f} GFLOP/s) | "
                   f"**{r['ratio']:.2f}x** | {r['max_rel_diff']:.1e} | {r['bg_load']:.0%} |")

@@ -40,6 +40,8 @@ __all__ = [
     "simd_levels",
     "block_gemm",
     "set_block_gemm",
+    "rows_four",
+    "set_rows_four",
 ]
 
 #: The four neuron-importance metrics, in the order of the accumulator's first axis.
@@ -780,6 +782,23 @@ def set_block_gemm(enabled: bool) -> None:
     call on; for benchmarks that compare the two paths (results differ in
     the last bits: the summation order changes)."""
     _C.set_block_gemm(enabled)
+
+
+def rows_four() -> bool:
+    """Whether the GEMV-shaped kernel (experts with 1-3 rows: decode) reads
+    weight rows four at a time, four streams side by side (True), or one at a
+    time except short rows (False).  The default comes from the CPU: True on
+    Intel, whose prefetchers read several streams faster than one, False
+    elsewhere (benchmarks/README.md)."""
+    return _C.rows_four()
+
+
+def set_rows_four(four: Optional[bool]) -> None:
+    """Weight rows of the GEMV-shaped kernel four at a time (True), one at a
+    time (False), or the CPU's rule (None).  Process-wide, from the next call
+    on; for benchmarks.  The two sum in different orders: results differ in
+    the last bits between them (never between thread counts)."""
+    _C.set_rows_four(four)
 
 
 def _simd_from_environment() -> None:

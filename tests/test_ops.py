@@ -217,6 +217,39 @@ def test_block_gemm_switch(case_id, dtype):
     assert ops.block_gemm() is True
 
 
+@pytest.mark.parametrize("dtype", TORCH_DT_IDS)
+@pytest.mark.parametrize("case_id", ["T1", "H1100"])
+def test_rows_four_switch(case_id, dtype):
+    """Experts of 1-3 rows go through the GEMV-shaped kernel, which reads
+    weight rows one at a time or four at a time (the CPU's vendor picks).
+    Both match the float64 reference, the switch changes the path (H1100's
+    rows of 1100 are long sums: some bits differ), and None restores the
+    CPU's rule.  At the AVX2 level, whose rows kernel every dtype uses."""
+    if not ops.simd_levels()["avx2"]:
+        pytest.skip("the rows rule is in the x86 kernels; this CPU/build has no AVX2 level")
+    inp = build(CASES_BY_ID[case_id], dtype)
+    before, rule = ops.simd_level(), ops.rows_four()
+    try:
+        ops.set_simd_level("avx2")
+        ops.set_rows_four(True)
+        assert ops.rows_four() is True
+        four = run_moe(inp)
+        ops.set_rows_four(False)
+        assert ops.rows_four() is False
+        one = run_moe(inp)
+    finally:
+        ops.set_rows_four(None)
+        ops.set_simd_level(before)
+    assert ops.rows_four() is rule
+    assert_moe_close(four, inp, what="rows four at a time")
+    assert_moe_close(one, inp, what="rows one at a time")
+    if case_id == "H1100" and dtype == "float32":
+        assert not torch.equal(four, one), "switching the rows rule did not change the path"
+    with pytest.raises(TypeError, match="four must be True, False or None; got int"):
+        ops.set_rows_four(1)
+    assert ops.rows_four() is rule
+
+
 @pytest.mark.parametrize("value", ["generic", "avx2", "sse9", "avx512_bf16", "amx_bf16"])
 def test_simd_level_from_the_environment(value):
     env = dict(os.environ, DUALSPARSE_SIMD=value)

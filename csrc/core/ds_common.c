@@ -232,6 +232,34 @@ ds_status ds_simd_set(ds_simd_level level)
 /* atomic: a thread may switch it while another starts a call */
 static atomic_int ds_block_gemm_on = 1;
 
+static atomic_int ds_rows_four_on = -1; /* -1: not chosen yet */
+
+static int ds_cpu_is_intel(void)
+{
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    /* "GenuineIntel" in EBX, EDX, ECX */
+    return __get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu;
+#else
+    return 0;
+#endif
+}
+
+void ds_rows_four_set(int rule)
+{
+    atomic_store_explicit(&ds_rows_four_on, rule < 0 ? ds_cpu_is_intel() : rule != 0, memory_order_relaxed);
+}
+
+int ds_rows_four_rule(void)
+{
+    int r = atomic_load_explicit(&ds_rows_four_on, memory_order_relaxed);
+    if (r < 0) {
+        r = ds_cpu_is_intel();
+        atomic_store_explicit(&ds_rows_four_on, r, memory_order_relaxed);
+    }
+    return r;
+}
+
 void ds_block_gemm_set(int on) { atomic_store_explicit(&ds_block_gemm_on, on != 0, memory_order_relaxed); }
 
 int ds_block_gemm_enabled(void) { return atomic_load_explicit(&ds_block_gemm_on, memory_order_relaxed); }

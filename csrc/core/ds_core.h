@@ -70,6 +70,16 @@ int ds_simd_compiled(ds_simd_level level);     /* 1 if the build contains that l
  * levels (benchmarks compare the two).  Read once at the start of each call. */
 void ds_block_gemm_set(int on);
 int ds_block_gemm_enabled(void);
+/* Weight rows of the GEMV-shaped kernel (1-3 rows of x): one at a time, each
+ * row one stream, except short rows (0), or four at a time, four streams
+ * side by side (1).  Chosen by the CPU's vendor at first use: 1 on Intel,
+ * whose prefetchers read several streams faster than one, 0 elsewhere (AMD
+ * Zen 4 measured the opposite; benchmarks/README.md).  -1 restores that
+ * choice; tests set both.  Read once at the start of each call.  The two
+ * rules sum in different orders: the bits of decode shapes differ between
+ * them, never between thread counts. */
+void ds_rows_four_set(int rule);
+int ds_rows_four_rule(void);
 
 /* ---- threads ----------------------------------------------------------- */
 /* fn(ctx, item) is called once for every item in [0, n_items), by at most

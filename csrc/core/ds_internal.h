@@ -102,11 +102,14 @@ typedef void (*ds_dot_tile_fn)(int mr, int nr, const void *const *x, const void 
 
 /* The GEMV-shaped case (mr <= 4 rows of x): c[i*ldc + j] (+)= x_i . w_j for
  * the nw weight rows, one after another as single streams (short rows four
- * at a time), without a call per row.  whole says that K is the matrix's
- * whole row length (not a prefix or a K block of it), so that the rows of a
- * contiguous matrix are one stream; it is a fact of the problem's shape, not
- * of the memory layout.  The summation order depends only on (mr, nw, K,
- * whole). */
+ * at a time), without a call per row.  whole holds flags: DS_ROWS_WHOLE says
+ * that K is the matrix's whole row length (not a prefix or a K block of it),
+ * so that the rows of a contiguous matrix are one stream; it is a fact of
+ * the problem's shape, not of the memory layout.  DS_ROWS_FOUR sends every
+ * row four at a time (the CPU's rule, ds_rows_four_rule, read once per
+ * call).  The summation order depends only on (mr, nw, K, whole). */
+#define DS_ROWS_WHOLE 1
+#define DS_ROWS_FOUR 2
 typedef void (*ds_dot_rows_fn)(int mr, int64_t nw, const void *const *x, const void *const *w,
                                int64_t K, float *c, int64_t ldc, int accumulate, int whole);
 

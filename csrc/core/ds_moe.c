@@ -47,6 +47,7 @@ typedef struct {
     const ds_experts *w;
     const ds_kernels *kern; /* &kern_copy */
     ds_kernels kern_copy;   /* the level's kernels, without gemm when it is switched off */
+    int rows_four;          /* DS_ROWS_FOUR where the rows kernel takes every row four at a time */
     int64_t T, K, P;
     const void *x;
     int64_t ldx;
@@ -83,6 +84,7 @@ static void use_kernels(moe_ctx *c, const ds_kernels *kern)
     c->kern_copy = *kern;
     if (!ds_block_gemm_enabled())
         c->kern_copy.gemm = NULL;
+    c->rows_four = ds_rows_four_rule() ? DS_ROWS_FOUR : 0;
     c->kern = &c->kern_copy;
 }
 
@@ -294,7 +296,7 @@ typedef struct {
     int64_t ldc;
     int accumulate;
     float *pack;             /* the thread's panel buffer for kn->gemm */
-    int whole;               /* K is the weight matrix's whole row length */
+    int whole;               /* DS_ROWS_WHOLE: K is the weight matrix's whole row length; DS_ROWS_FOUR */
 } tile_job;
 
 /* The tiles copy a block's x rows into the pack (the old 256 KiB area) */
@@ -395,7 +397,7 @@ static void gate_up_item(void *vctx, int64_t item, int tid)
                 xr[i] = (const char *)c->x + (c->row_tok[row0 + rb + i] * c->ldx + k0) * (int64_t)esz;
             const int64_t kl = H - k0 < kc ? H - k0 : kc;
             tile_job tj = {c->kern, xr, mb, wr, 2 * nj, kl, S, ldS, k0 > 0,
-                           c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS, kl == H};
+                           c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS, (kl == H) | c->rows_four};
             run_tiles(&tj);
         }
         if (c->imp) {
@@ -461,7 +463,7 @@ static void down_item(void *vctx, int64_t item, int tid)
                     const int64_t kl = len - k0 < kc ? len - k0 : kc;
                     tile_job tj = {c->kern, ab, mb, wr, nh, kl, c->Y + (row0 + rb) * H + it->h0, H,
                                    b > 0 || k0 > 0, c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS,
-                                   kl == hi - lo};
+                                   (kl == hi - lo) | c->rows_four};
                     run_tiles(&tj);
                 }
             }

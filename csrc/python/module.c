@@ -1532,6 +1532,24 @@ static PyObject *py_set_block_gemm(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_rows_four(PyObject *self, PyObject *args)
+{
+    (void)self; (void)args;
+    return PyBool_FromLong(ds_rows_four_rule());
+}
+
+static PyObject *py_set_rows_four(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    if (arg != Py_None && !PyBool_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "set_rows_four: four must be True, False or None; got %s",
+                     Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    ds_rows_four_set(arg == Py_None ? -1 : arg == Py_True);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_simd_level(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -1575,6 +1593,8 @@ static PyMethodDef methods[] = {
     {"set_simd_level", py_set_simd_level, METH_VARARGS, "force a SIMD level at or below the detected one"},
     {"block_gemm", py_block_gemm, METH_NOARGS, "whether levels with a block GEMM use it"},
     {"set_block_gemm", py_set_block_gemm, METH_O, "use (True) or bypass (False) the block GEMM"},
+    {"rows_four", py_rows_four, METH_NOARGS, "whether the GEMV-shaped kernel takes weight rows four at a time"},
+    {"set_rows_four", py_set_rows_four, METH_O, "weight rows four at a time (True), one (False), the CPU's rule (None)"},
     {"build_info", py_build_info, METH_NOARGS, "how this extension was built"},
     {"release_workspace", py_release_workspace, METH_NOARGS, "free the cached workspace buffer"},
     {NULL, NULL, 0, NULL}};

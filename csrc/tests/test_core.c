@@ -284,6 +284,18 @@ static void test_moe_all_levels(void)
         for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
             for (int d = 0; d < 3; d++)
                 run_moe_case(&cases[i], dts[d], ds_simd_name((ds_simd_level)l));
+        /* the GEMV-shaped kernel's other rule for weight rows (one at a
+         * time or four at a time: the CPU's vendor picks one), on the cases
+         * of few rows per expert */
+        const int rule = ds_rows_four_rule();
+        ds_rows_four_set(!rule);
+        CHECK(ds_rows_four_rule() == !rule, "rows rule set to %d", !rule);
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+            if (cases[i].T * cases[i].K <= 4 * cases[i].E)
+                for (int d = 0; d < 3; d++)
+                    run_moe_case(&cases[i], dts[d], ds_simd_name((ds_simd_level)l));
+        ds_rows_four_set(-1);
+        CHECK(ds_rows_four_rule() == rule, "rows rule restored to the CPU's");
     }
     ds_simd_set(best);
 }
