@@ -48,6 +48,7 @@ def collect() -> dict:
         "cflags": b["cflags"],
         "simd_level": _C.simd_level(),
         "simd_levels": _C.simd_levels(),
+        "rows_four": _C.rows_four(),
         "num_threads": default_num_threads(),
         "num_threads_source": "torch.get_num_threads()" if torch is not None else "os.sched_getaffinity",
         "cpus": os.cpu_count(),
@@ -74,6 +75,8 @@ def format_info(d: dict) -> str:
         ("compiler", d["compiler"]),
         ("build flags", d["cflags"]),
         ("SIMD level", f"{d['simd_level']}  [{levels}]"),
+        ("decode rows", "four weight rows at a time (ops.rows_four)" if d.get("rows_four")
+         else "one weight row at a time, short rows four (ops.rows_four)"),
         ("threads", f"{d['num_threads']} (from {d['num_threads_source']}; {d['cpus']} CPUs)"),
         ("CUDA", cuda_line),
     ]
