@@ -139,7 +139,7 @@ void ds_combine_generic_f16(const float *const *y, const float *w, int nk, int64
  * expert) skips copying them again.  A key vouches for the copy only while
  * the rows' contents cannot change: the engine clears every thread's key
  * (ds_gemm_forget) before each phase, and a thread's key whenever it writes
- * the pack by other means. */
+ * the pack by other means; a gemm that keeps no key clears it too. */
 #define DS_GEMM_MAX_ROWS 128
 #define DS_GEMM_KMAX 256
 #define DS_GEMM_XKEY_WORDS (2 + DS_GEMM_MAX_ROWS)

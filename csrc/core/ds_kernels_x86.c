@@ -62,9 +62,10 @@
 /* Every weight row through the (mr x 1) tile, inlined in one loop; short
  * rows (and every row, where the call says DS_ROWS_FOUR: the rule for Intel
  * CPUs, whose prefetchers read four streams side by side faster than one,
- * 1.05-1.23x on a Xeon with float32 and bfloat16, where a Zen 4 measured
- * 0.85x for four at a time) go four at a time through the (mr x 4) tile instead, so that the
- * per-row reduction and loop overhead do not dominate such short streams:
+ * 1.02-1.24x on a Xeon with float32 and bfloat16, where a Zen 4 measured
+ * 0.85x for four at a time) go four at a time through the (mr x 4) tile
+ * instead, so that the per-row reduction and loop overhead do not dominate
+ * such short streams:
  * rows under 1 KiB, and prefixes of rows (e.g. half experts) up to 2 KiB,
  * which are streams with gaps between them.  Whole rows of 1 KiB and more
  * stay one at a time: a contiguous matrix's whole rows are one stream that

@@ -91,7 +91,8 @@ static void use_kernels(moe_ctx *c, const ds_kernels *kern)
 static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 /* K block for a block of mb rows (whole K for up to three rows, which run the
- * GEMV-shaped kernel, and the level's own block for its block GEMM).  Two limits: a weight group and a row
+ * GEMV-shaped kernel; the level's own block for its block GEMM).  Two
+ * limits: a weight group and a row
  * tile of the kernel (10 rows x kc) must stay in L1 (48 KiB; a 4x6 bf16 tile
  * loses half its speed beyond about 2560), and the block's rows (mb x kc)
  * in L2.  K is split into equal blocks (multiples of 64) so that no block is
