@@ -7,8 +7,10 @@
  *   1. gate/up: for (expert, neuron chunk) items, the fused SwiGLU
  *      activations A[row, neuron] of the rows whose prefix covers the chunk;
  *   2. down:    for (expert, hidden chunk) items, Y[row, h] = A[row, :n] .
- *      down[e][h, :n] with n the row's prefix length (summed block by block
- *      where down is stored in column blocks, ds_experts.down_parts);
+ *      down[e][h, :n] with n the row's prefix length, summed in segments
+ *      that end where a level's prefix ends (each read once by all the rows
+ *      that reach it) and block by block where down is stored in column
+ *      blocks (ds_experts.down_parts);
  *   3. combine: for token blocks, out[t] = sum_k w[t,k] * Y[row(t,k)] in k
  *      order.
  * Each item writes a region no other item touches and the split into items
@@ -424,52 +426,63 @@ static void gate_up_item(void *vctx, int64_t item, int tid)
 
 /* ---- phase 2: down projection over each row's prefix ---------------------- */
 
-static void down_item(void *vctx, int64_t item, int tid)
+/* The rows of one level end their prefix where the next level's rows go on,
+ * so the prefix of the highest level is cut at the ends of the levels
+ * present into segments, and segment [s0, s1) is summed for every row whose
+ * prefix reaches s1: the expert's first m rows (levels descending).  Each
+ * segment reads its part of down once, for all the rows that need it (2T-Drop
+ * read the major half twice, once for the full rows and once for the half
+ * rows).  Each piece of a segment in one stored column block of down (one
+ * block for the row layout) reads a range of that block's rows; every piece
+ * after a row's first adds to Y.  A row sums its segments, pieces and K
+ * blocks in ascending order; an expert whose rows are all of one level has
+ * one segment, and is computed exactly as with num_partitions = 1. */
+static void down_segment(moe_ctx *c, const item2_t *it, int tid, int64_t m, int64_t s0, int64_t s1)
 {
-    moe_ctx *c = (moe_ctx *)vctx;
     const ds_experts *w = c->w;
-    const item2_t *it = &c->items2[item];
-    const int64_t e = it->e, P = c->P, I = w->I, H = w->H;
-    const int64_t row0 = c->e_row0[e], nh = it->h1 - it->h0;
-    const int64_t *em = c->e_m + e * (P + 2);
-    const size_t esz = ds_dtype_size(w->dtype);
-    const char *down = (const char *)w->down[e];
+    const int64_t I = w->I, H = w->H, nh = it->h1 - it->h0, row0 = c->e_row0[it->e];
     const int64_t D = w->down_parts > 1 ? w->down_parts : 1;
-    const void *ar[DS_GEMM_MAX_ROWS], *wr[HC];
-
-    for (int64_t p = P; p >= 1; p--) {
-        const int64_t rs = em[p + 1], re = em[p], n = (p * I) / P;
-        const int64_t bm = block_rows(c->kern, re - rs);
-        for (int64_t rb = rs; rb < re; rb += bm) {
-            const int64_t mb = re - rb < bm ? re - rb : bm;
-            for (int64_t i = 0; i < mb; i++)
-                ar[i] = c->A + (row0 + rb + i) * I * (int64_t)c->act_esz;
-            /* The prefix [0, n) through the stored column blocks (one block
-             * for the row layout): each block's rows are whole rows of their
-             * own matrix, and a prefix that ends inside a block reads a
-             * prefix of its rows.  Blocks after the first add to Y. */
-            for (int64_t b = 0; b < D; b++) {
-                const int64_t lo = (b * I) / D, hi = ((b + 1) * I) / D;
-                if (lo >= n)
-                    break;
-                const int64_t len = (n < hi ? n : hi) - lo, ld = D > 1 ? hi - lo : w->ld_down;
-                const char *blk = down + (D > 1 ? H * lo : 0) * (int64_t)esz;
-                const int64_t kc = k_block(c->kern, mb, c->act_esz, len);
-                for (int64_t k0 = 0; k0 < len; k0 += kc) {
-                    const void *ab[DS_GEMM_MAX_ROWS];
-                    for (int64_t h = 0; h < nh; h++)
-                        wr[h] = blk + ((it->h0 + h) * ld + k0) * (int64_t)esz;
-                    for (int64_t i = 0; i < mb; i++)
-                        ab[i] = (const char *)ar[i] + (lo + k0) * (int64_t)c->act_esz;
-                    const int64_t kl = len - k0 < kc ? len - k0 : kc;
-                    tile_job tj = {c->kern, ab, mb, wr, nh, kl, c->Y + (row0 + rb) * H + it->h0, H,
-                                   b > 0 || k0 > 0, c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS,
-                                   (kl == hi - lo) | c->rows_four};
-                    run_tiles(&tj);
-                }
+    const size_t esz = ds_dtype_size(w->dtype);
+    const int64_t bm = block_rows(c->kern, m);
+    const void *ab[DS_GEMM_MAX_ROWS], *wr[HC];
+    for (int64_t b = 0; b < D; b++) {
+        const int64_t lo = (b * I) / D, hi = ((b + 1) * I) / D;
+        const int64_t p0 = s0 > lo ? s0 : lo, p1 = s1 < hi ? s1 : hi; /* the piece [p0, p1) */
+        if (p0 >= p1)
+            continue;
+        const int64_t len = p1 - p0, ld = D > 1 ? hi - lo : w->ld_down;
+        const char *blk = (const char *)w->down[it->e] + ((D > 1 ? H * lo : 0) + (p0 - lo)) * (int64_t)esz;
+        for (int64_t rb = 0; rb < m; rb += bm) {
+            const int64_t mb = m - rb < bm ? m - rb : bm;
+            const int64_t kc = k_block(c->kern, mb, c->act_esz, len);
+            for (int64_t k0 = 0; k0 < len; k0 += kc) {
+                for (int64_t h = 0; h < nh; h++)
+                    wr[h] = blk + ((it->h0 + h) * ld + k0) * (int64_t)esz;
+                for (int64_t i = 0; i < mb; i++)
+                    ab[i] = c->A + ((row0 + rb + i) * I + p0 + k0) * (int64_t)c->act_esz;
+                const int64_t kl = len - k0 < kc ? len - k0 : kc;
+                tile_job tj = {c->kern, ab, mb, wr, nh, kl, c->Y + (row0 + rb) * H + it->h0, H,
+                               p0 + k0 > 0, c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS,
+                               (kl == hi - lo) | c->rows_four};
+                run_tiles(&tj);
             }
         }
     }
+}
+
+static void down_item(void *vctx, int64_t item, int tid)
+{
+    moe_ctx *c = (moe_ctx *)vctx;
+    const item2_t *it = &c->items2[item];
+    const int64_t P = c->P, I = c->w->I;
+    const int64_t *em = c->e_m + it->e * (P + 2);
+    int64_t s0 = 0;
+    for (int64_t q = 1; q <= P; q++)
+        if (em[q] > em[q + 1]) { /* rows of level q: their prefix ends here */
+            const int64_t s1 = (q * I) / P;
+            down_segment(c, it, tid, em[q], s0, s1);
+            s0 = s1;
+        }
 }
 
 /* ---- phase 3: weighted combine in token order ------------------------------ */
