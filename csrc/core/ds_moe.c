@@ -435,8 +435,9 @@ static void gate_up_item(void *vctx, int64_t item, int tid)
  * rows).  Each piece of a segment in one stored column block of down (one
  * block for the row layout) reads a range of that block's rows; every piece
  * after a row's first adds to Y.  A row sums its segments, pieces and K
- * blocks in ascending order; an expert whose rows are all of one level has
- * one segment, and is computed exactly as with num_partitions = 1. */
+ * blocks in ascending order; an expert whose rows are all at one level has
+ * one segment, so at level P it is computed exactly as with
+ * num_partitions = 1 (levels = P everywhere is bitwise no drop). */
 static void down_segment(moe_ctx *c, const item2_t *it, int tid, int64_t m, int64_t s0, int64_t s1)
 {
     const ds_experts *w = c->w;
