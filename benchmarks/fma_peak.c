@@ -5,9 +5,10 @@
  *
  * For each vector width the CPU has (AVX2 + FMA: 256-bit, AVX-512F: 512-bit),
  * 1 .. N threads (argument, default 2) each run independent FMA chains (enough
- * of them to cover the instruction latency on current cores) for about a
- * second; the best of 3 passes is printed in GFLOP/s (2 flops per lane per
- * FMA), per thread and in total.  No memory is touched in the loop. */
+ * of them to cover the instruction latency on current cores) for 40 million
+ * iterations (a fraction of a second); the best of 3 passes is printed in
+ * GFLOP/s (2 flops per lane per FMA), per thread and in total.  No memory is
+ * touched in the loop. */
 #define _GNU_SOURCE
 #include <immintrin.h>
 #include <pthread.h>
