@@ -17,6 +17,8 @@
 #include <time.h>
 
 #define ITERS 40000000L
+#define CHAINS256 12 /* AVX2 has 16 registers */
+#define CHAINS512 24 /* AVX-512 has 32 */
 
 static double now(void)
 {
@@ -25,40 +27,40 @@ static double now(void)
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-/* 12 chains of 8 lanes (AVX2 has 16 registers) */
+/* CHAINS256 chains of 8 lanes */
 __attribute__((target("avx2,fma"))) static double run256(void)
 {
-    __m256 a[12];
+    __m256 a[CHAINS256];
     const __m256 x = _mm256_set1_ps(1.0000001f), y = _mm256_set1_ps(-1e-7f);
-    for (int i = 0; i < 12; i++)
+    for (int i = 0; i < CHAINS256; i++)
         a[i] = _mm256_set1_ps((float)i);
     for (long it = 0; it < ITERS; it++) {
-#pragma GCC unroll 12
-        for (int i = 0; i < 12; i++)
+#pragma GCC unroll 32 /* every chain, whatever CHAINS256 is */
+        for (int i = 0; i < CHAINS256; i++)
             a[i] = _mm256_fmadd_ps(a[i], x, y);
     }
     float s = 0.0f, t[8];
-    for (int i = 0; i < 12; i++) {
+    for (int i = 0; i < CHAINS256; i++) {
         _mm256_storeu_ps(t, a[i]);
         s += t[0];
     }
     return (double)s; /* keeps the chains alive */
 }
 
-/* 24 chains of 16 lanes (32 registers) */
+/* CHAINS512 chains of 16 lanes */
 __attribute__((target("avx512f"))) static double run512(void)
 {
-    __m512 a[24];
+    __m512 a[CHAINS512];
     const __m512 x = _mm512_set1_ps(1.0000001f), y = _mm512_set1_ps(-1e-7f);
-    for (int i = 0; i < 24; i++)
+    for (int i = 0; i < CHAINS512; i++)
         a[i] = _mm512_set1_ps((float)i);
     for (long it = 0; it < ITERS; it++) {
-#pragma GCC unroll 24
-        for (int i = 0; i < 24; i++)
+#pragma GCC unroll 32 /* every chain */
+        for (int i = 0; i < CHAINS512; i++)
             a[i] = _mm512_fmadd_ps(a[i], x, y);
     }
     float s = 0.0f;
-    for (int i = 0; i < 24; i++)
+    for (int i = 0; i < CHAINS512; i++)
         s += _mm512_reduce_add_ps(a[i]);
     return (double)s;
 }
@@ -98,7 +100,7 @@ static double rate(int wide, int threads)
                 slowest = jobs[t].seconds;
         }
         pthread_barrier_destroy(&start);
-        const double flops = (double)ITERS * (wide ? 24 * 16 : 12 * 8) * 2.0 * threads;
+        const double flops = (double)ITERS * (wide ? CHAINS512 * 16 : CHAINS256 * 8) * 2.0 * threads;
         const double r = flops / slowest / 1e9;
         if (r > best)
             best = r;
@@ -108,8 +110,9 @@ static double rate(int wide, int threads)
 
 int main(int argc, char **argv)
 {
-    int max_threads = argc > 1 ? atoi(argv[1]) : 2;
-    if (max_threads < 1 || max_threads > 64) {
+    char *end = NULL;
+    const long max_threads = argc > 1 ? strtol(argv[1], &end, 10) : 2;
+    if (argc > 1 && (end == argv[1] || *end != '\0' || max_threads < 1 || max_threads > 64)) {
         fprintf(stderr, "threads must be 1..64; got %s\n", argv[1]);
         return 2;
     }
@@ -123,7 +126,7 @@ int main(int argc, char **argv)
             printf("| %s | - | not on this CPU | |\n", name[wide]);
             continue;
         }
-        for (int t = 1; t <= max_threads; t++) {
+        for (int t = 1; t <= (int)max_threads; t++) {
             double r = rate(wide, t);
             printf("| %s | %d | %.1f | %.1f |\n", name[wide], t, r / t, r);
             fflush(stdout);
