@@ -20,8 +20,8 @@ import torch
 from dualsparse import _C, ops
 
 import reference as R
-from cases import (CASE_IDS, CASES_BY_ID, KIND_IDS, KINDS, SMALL_CASE_IDS, TORCH_DTYPES, assert_moe_close,
-                   assert_same_bits, bits, build)
+from cases import (CASE_IDS, CASES_BY_ID, KIND_IDS, KINDS, SMALL_CASE_IDS, TORCH_DTYPES, Case,
+                   assert_moe_close, assert_same_bits, bits, build)
 from conftest import usable_simd_levels
 from hang import HANG_S
 
@@ -215,6 +215,32 @@ def test_block_gemm_switch(case_id, dtype):
     with pytest.raises(TypeError, match="enabled must be True or False; got int"):
         ops.set_block_gemm(1)
     assert ops.block_gemm() is True
+
+
+@pytest.mark.parametrize("simd", ["avx512", "avx512_bf16", "amx_bf16"])
+def test_avx512_block_gemm_switch(simd):
+    """AVX-512 sends float32 blocks of 96 rows and more through its block GEMM
+    (every AVX-512 level: the float32 kernels are the same).  140 rows per
+    expert make one block of 128 rows on the GEMM and one of 12 on the dot
+    tiles; H = 1100 makes two K blocks.  On and off both match the float64
+    reference, and the switch changes the path (long sums: some bits)."""
+    if not ops.simd_levels().get(simd):
+        pytest.skip(f"level {simd} not on this CPU/build")
+    case = Case("rows140_H1100_I300", T=280, H=1100, I=300, E=2, K=1, P=1, levels="full")
+    inp = build(case, "float32")
+    before = ops.simd_level()
+    try:
+        ops.set_simd_level(simd)
+        assert ops.block_gemm() is True
+        on = run_moe(inp)
+        ops.set_block_gemm(False)
+        off = run_moe(inp)
+    finally:
+        ops.set_block_gemm(True)
+        ops.set_simd_level(before)
+    assert_moe_close(on, inp, what="AVX-512 block GEMM")
+    assert_moe_close(off, inp, what="AVX-512 dot tiles")
+    assert not torch.equal(on, off), "switching the block GEMM off did not change the path"
 
 
 @pytest.mark.parametrize("dtype", TORCH_DT_IDS)

@@ -627,8 +627,8 @@ DEF_WIDEN2(f32) /* a copy: contiguous x rows measured 1.06-1.09x at OLMoE T = 12
  * the next, and 0.99-1.05x at 64-128).  Used for blocks
  * of at least 32 rows, all three dtypes: measured against the dot tiles in
  * one process (benchmarks/README.md), 1.2-1.35x at 64-128 rows per expert
- * and level at 16-32.  The same scheme in AVX-512 (12 x 32 tiles) was 0.87-1.0x
- * the AVX-512 dot tiles on a Zen 4 and is not used. */
+ * and level at 16-32.  Its AVX-512 form (gemm5, below) pays on 512-bit
+ * units only from about 96 rows. */
 #define G2_MR 6
 #define G2_NR 16
 _Static_assert(((DS_GEMM_MAX_ROWS + G2_MR - 1) / G2_MR * G2_MR + G2_NR) * DS_GEMM_KMAX + 8 <=
@@ -1030,7 +1030,189 @@ static TGT2 void act2_f16(const float *gu, int64_t n, void *dst)
         d[j] = ds_f32_to_f16(ds_silu(gu[2 * j]) * gu[2 * j + 1]);
 }
 
-static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6, NULL, 0, dot5_f32, widen2_f32, 0, 0};
+/* ---- AVX-512 block GEMM ----------------------------------------------------
+ * The AVX2 packed GEMM's scheme on 512-bit vectors: the block's x rows
+ * copied, as float32, into k-major panels of 12 rows (xp[k*12 + i]), and each
+ * group of 32 weight rows into a k-major panel (wp[k*32 + j], 64 KiB at K =
+ * 512), against which every x panel of the block runs.  The 12 x 32
+ * micro-kernel holds 24 accumulators and, per k, loads two weight vectors
+ * and broadcasts twelve x values for 24 FMAs (two loads per 24 FMAs, where
+ * the 4 x 6 dot tiles load ten and reduce every output across lanes).  Both
+ * copies are made sixteen rows at a time by a 16 x 16 transpose in
+ * registers.  Each output is one FMA chain in k order, started at zero in
+ * each call and then added to c: gemm2's arithmetic, so for the same K the
+ * bits are gemm2's.
+ *
+ * Measured on an Intel Xeon (AVX-512, 2 threads; benchmarks/README.md): at
+ * 128 rows per expert 1.1-1.2x the dot tiles.  Used for float32 blocks of at
+ * least G5_ROWS rows. */
+#define G5_MR 12
+#define G5_NR 32
+#define G5_KMAX 1024
+#define G5_ROWS 96
+_Static_assert(((DS_GEMM_MAX_ROWS + G5_MR - 1) / G5_MR * G5_MR + G5_NR) * G5_KMAX + 16 <= DS_GEMM_PACK_USED,
+               "the AVX-512 GEMM's panels must fit DS_GEMM_PACK_USED");
+
+/* 16 x 16 transpose of r[0..15] (rows) in place: r[q] becomes column q. */
+INL TGT5 void tr16x16(__m512 *r)
+{
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+        const __m512d c2 = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c2));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c2));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    /* r[4a + b]: rows 4a..4a+3, in each 128-bit lane l the k = 4l + b */
+    for (int a = 0; a < 4; a += 2)
+        for (int b = 0; b < 4; b++) {
+            t[4 * a + b] = _mm512_shuffle_f32x4(r[4 * a + b], r[4 * (a + 1) + b], 0x88);
+            t[4 * (a + 1) + b] = _mm512_shuffle_f32x4(r[4 * a + b], r[4 * (a + 1) + b], 0xdd);
+        }
+    for (int a = 0; a < 2; a++)
+        for (int b = 0; b < 4; b++) {
+            r[4 * a + b] = _mm512_shuffle_f32x4(t[4 * a + b], t[4 * (a + 2) + b], 0x88);
+            r[4 * (a + 2) + b] = _mm512_shuffle_f32x4(t[4 * a + b], t[4 * (a + 2) + b], 0xdd);
+        }
+}
+
+/* Rows [0, n) (n <= 16, the rest zero) at k .. k + kr (kr <= 16, the rest
+ * zero), widened to float32 and transposed: r[q] holds k + q of each row. */
+#define DEF_LOAD16T5(T)                                                              \
+    INL TGT5 void ld16t5_##T(const void *const *rows, int n, int64_t k, int kr, __m512 *r) \
+    {                                                                                \
+        const __mmask16 m = kr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << kr) - 1u); \
+        for (int i = 0; i < 16; i++)                                                 \
+            r[i] = i < n ? ld5m_##T(rows[i], k, m) : _mm512_setzero_ps();            \
+        tr16x16(r);                                                                  \
+    }
+DEF_LOAD16T5(f32)
+
+/* x rows [0, n) (n <= 12) into one k-major panel (xp[k*12 + i], rows beyond
+ * n zero); weight rows [0, nr) (nr <= 32) into one (wp[k*32 + j]). */
+#define DEF_PACK5(T)                                                                  \
+    INL TGT5 void packx5_##T(const void *const *x, int n, int64_t K, float *xp)       \
+    {                                                                                 \
+        for (int64_t k = 0; k < K; k += 16) {                                         \
+            const int kr = K - k < 16 ? (int)(K - k) : 16;                            \
+            __m512 r[16];                                                             \
+            ld16t5_##T(x, n, k, kr, r);                                               \
+            for (int q = 0; q < kr; q++)                                              \
+                _mm512_mask_storeu_ps(xp + G5_MR * (k + q), (__mmask16)0x0fff, r[q]);  \
+        }                                                                             \
+    }                                                                                 \
+    INL TGT5 void packw5_##T(const void *const *w, int nr, int64_t K, float *wp)      \
+    {                                                                                 \
+        for (int h = 0; h < G5_NR; h += 16) {                                         \
+            const int n = nr - h < 0 ? 0 : nr - h < 16 ? nr - h : 16;                 \
+            for (int64_t k = 0; k < K; k += 16) {                                     \
+                const int kr = K - k < 16 ? (int)(K - k) : 16;                        \
+                __m512 r[16];                                                         \
+                ld16t5_##T(w + h, n, k, kr, r);                                       \
+                for (int q = 0; q < kr; q++)                                          \
+                    _mm512_storeu_ps(wp + G5_NR * (k + q) + h, r[q]);                 \
+            }                                                                         \
+        }                                                                             \
+    }
+DEF_PACK5(f32)
+
+/* One 12 x 32 output tile over K: the first nrows rows and ncols columns of c
+ * written (or added to). */
+typedef struct {
+    const void *const *rows; /* the next weight group's rows (n of them) */
+    int64_t n, l0, nl;       /* lines [l0, l0 + nl) of each */
+} g5_pf;
+
+INL TGT5 void g5_kernel(const float *xp, const float *wp, int64_t K, float *c, int64_t ldc, int nrows,
+                        int ncols, int accumulate, const g5_pf *pf)
+{
+    const int64_t npf = pf->n * pf->nl;
+    const int64_t every = npf > 0 && K / 2 > npf ? (K / 2) / npf : 1;
+    int64_t q = 0, r = 0, l = pf->l0, nxt = 0;
+    __m512 a0[G5_MR], a1[G5_MR];
+#pragma GCC unroll 12
+    for (int i = 0; i < G5_MR; i++) {
+        a0[i] = _mm512_setzero_ps();
+        a1[i] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < K; k += 2) {
+        if (q < npf && k >= nxt) {
+            _mm_prefetch((const char *)pf->rows[r] + 64 * l, _MM_HINT_T1);
+            q++;
+            nxt += 2 * every;
+            if (++r == pf->n) {
+                r = 0;
+                l++;
+            }
+        }
+#pragma GCC unroll 2
+        for (int64_t kk = k; kk < k + 2 && kk < K; kk++) {
+            const __m512 b0 = _mm512_loadu_ps(wp + G5_NR * kk), b1 = _mm512_loadu_ps(wp + G5_NR * kk + 16);
+#pragma GCC unroll 12
+            for (int i = 0; i < G5_MR; i++) {
+                const __m512 a = _mm512_set1_ps(xp[G5_MR * kk + i]);
+                a0[i] = _mm512_fmadd_ps(a, b0, a0[i]);
+                a1[i] = _mm512_fmadd_ps(a, b1, a1[i]);
+            }
+        }
+    }
+    const __mmask16 m0 = ncols >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << ncols) - 1u);
+    const __mmask16 m1 = ncols >= 32 ? (__mmask16)0xffff
+                         : ncols > 16 ? (__mmask16)((1u << (ncols - 16)) - 1u) : (__mmask16)0;
+#pragma GCC unroll 12
+    for (int i = 0; i < G5_MR; i++)
+        if (i < nrows) {
+            float *ci = c + i * ldc;
+            __m512 v0 = a0[i], v1 = a1[i];
+            if (accumulate) {
+                v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, ci), v0);
+                v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, ci + 16), v1);
+            }
+            _mm512_mask_storeu_ps(ci, m0, v0);
+            _mm512_mask_storeu_ps(ci + 16, m1, v1);
+        }
+}
+
+/* The driver: every x panel packed first (at most 11 x 12 rows x K floats:
+ * 264 KiB at K = 512, in L2), then for each group of 32 weight rows, packed
+ * once, all x panels; before panel p the p-th share of the next group's
+ * cache lines is prefetched. */
+#define DEF_GEMM5(T, ESZ)                                                               \
+    static TGT5 void gemm5_##T(int64_t mb, int64_t nw, const void *const *x,            \
+                               const void *const *w, int64_t K, float *c, int64_t ldc,  \
+                               int accumulate, float *pack)                             \
+    {                                                                                   \
+        const int64_t np = (mb + G5_MR - 1) / G5_MR;                                    \
+        ds_gemm_forget(pack); /* keeps no key of its x copies */                        \
+        for (int64_t p = 0; p < np; p++) {                                              \
+            const int64_t left = mb - p * G5_MR;                                        \
+            packx5_##T(x + p * G5_MR, (int)(left < G5_MR ? left : G5_MR), K,            \
+                       pack + p * G5_MR * K);                                           \
+        }                                                                               \
+        float *wp = pack + (np * G5_MR * K + 15) / 16 * 16;                             \
+        const int64_t lines = (K * (ESZ) + 63) / 64;                                    \
+        for (int64_t j0 = 0; j0 < nw; j0 += G5_NR) {                                    \
+            const int nr = (int)(nw - j0 < G5_NR ? nw - j0 : G5_NR);                    \
+            packw5_##T(w + j0, nr, K, wp);                                              \
+            const int64_t jn = j0 + G5_NR, nn = nw - jn < G5_NR ? nw - jn : G5_NR;      \
+            for (int64_t p = 0; p < np; p++) {                                          \
+                const int64_t left = mb - p * G5_MR;                                    \
+                const int64_t l0 = p * lines / np, l1 = (p + 1) * lines / np;           \
+                const g5_pf pf = {w + jn, nn > 0 ? nn : 0, l0, l1 - l0};                \
+                g5_kernel(pack + p * G5_MR * K, wp, K, c + p * G5_MR * ldc + j0, ldc,   \
+                          (int)(left < G5_MR ? left : G5_MR), nr, accumulate, &pf);     \
+            }                                                                           \
+        }                                                                               \
+    }
+DEF_GEMM5(f32, 4)
+
+static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6, gemm5_f32, G5_ROWS, dot5_f32, widen2_f32, 0, G5_KMAX};
 static const ds_kernels k5_bf16 = {dot5_bf16, rows5_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0,
                                    dotw5_bf16, widen2_bf16, 0, 0};
 static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6, NULL, 0, NULL, NULL, 0, 0};

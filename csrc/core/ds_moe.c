@@ -28,13 +28,19 @@ _Static_assert(MB <= DS_GEMM_MAX_ROWS, "a block of rows must fit the GEMM's pane
 
 /* Rows per block: MB for the tiles; up to DS_GEMM_MAX_ROWS where the level
  * has a block GEMM, split evenly (130 rows: 65 + 65, not 128 + 2, since
- * every block reads the item's weights once more). */
+ * every block reads the item's weights once more), unless the even blocks
+ * would fall below the GEMM's rows while full ones would not (AVX-512
+ * float32, whose GEMM starts at 96 rows: 140 rows as 128 on the GEMM and 12
+ * on the tiles, not 70 + 70 on the tiles). */
 static int64_t block_rows(const ds_kernels *kn, int64_t m)
 {
     if (kn->gemm == NULL || m <= MB)
         return MB;
     const int64_t nb = (m + DS_GEMM_MAX_ROWS - 1) / DS_GEMM_MAX_ROWS;
-    return (m + nb - 1) / nb;
+    const int64_t even = (m + nb - 1) / nb;
+    if (nb > 1 && even < kn->gemm_rows)
+        return DS_GEMM_MAX_ROWS;
+    return even;
 }
 
 typedef struct {
