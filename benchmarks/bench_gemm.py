@@ -1,8 +1,9 @@
 """The engine's block GEMM against its dot tiles, side by side in one process.
 
 On levels that have a block GEMM (AVX2: blocks of 32 rows and more of an
-expert; AVX-512 float32: 96 rows and more), ``ops.set_block_gemm(False)`` sends
-every block through the dot tiles instead.  This script times ``ops.moe_experts`` (no drop) both ways on the
+expert; AVX-512: 96 rows and more in float32, 32 and more in bfloat16 and
+float16), ``ops.set_block_gemm(False)`` sends every block through the dot tiles
+instead.  This script times ``ops.moe_experts`` (no drop) both ways on the
 OLMoE-1B-7B and Mixtral-8x7B expert shapes with random weights: interleaved
 rounds (each round runs both paths once, in a fresh random order, after an idle
 gap), medians with their interquartile range, the ratio of the medians, and
@@ -14,6 +15,8 @@ gets about T*K/E rows.
         --out bench-results/gemm-avx2
     python benchmarks/bench_gemm.py --simd avx512 --dtypes float32 --tokens 512,1024,2048 \\
         --out bench-results/gemm-avx512
+    python benchmarks/bench_gemm.py --simd avx512 --dtypes bfloat16,float16 --tokens 128,512 \\
+        --out bench-results/gemm-avx512-16
 
 ``--against LEVEL`` compares two SIMD levels the same way instead (both with
 their block GEMMs), e.g. the AMX tile unit against the AVX-512 BF16 kernels:

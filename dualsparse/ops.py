@@ -772,8 +772,9 @@ def set_simd_level(level: str) -> None:
 
 def block_gemm() -> bool:
     """Whether levels that have a block GEMM for blocks of many rows (AVX2:
-    32 rows and more; AVX-512 float32: 96 and more; AMX bfloat16: every
-    block) use it; True unless switched off."""
+    32 rows and more; AVX-512: 96 and more in float32, 32 and more in
+    bfloat16 and float16; AMX bfloat16: every block) use it; True unless
+    switched off."""
     return _C.block_gemm()
 
 

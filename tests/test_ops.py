@@ -217,17 +217,20 @@ def test_block_gemm_switch(case_id, dtype):
     assert ops.block_gemm() is True
 
 
-@pytest.mark.parametrize("simd", ["avx512", "avx512_bf16", "amx_bf16"])
-def test_avx512_block_gemm_switch(simd):
-    """AVX-512 sends float32 blocks of 96 rows and more through its block GEMM
-    (every AVX-512 level: the float32 kernels are the same).  140 rows per
-    expert make one block of 128 rows on the GEMM and one of 12 on the dot
-    tiles; H = 1100 makes two K blocks.  On and off both match the float64
-    reference, and the switch changes the path (long sums: some bits)."""
+@pytest.mark.parametrize("simd,dtype", [("avx512", "float32"), ("avx512_bf16", "float32"), ("amx_bf16", "float32"),
+                                         ("avx512", "bfloat16"), ("avx512", "float16"), ("amx_bf16", "float16")])
+def test_avx512_block_gemm_switch(simd, dtype):
+    """AVX-512 sends blocks of 96 rows and more (float32) or 32 and more
+    (bfloat16, float16) through its block GEMM; every AVX-512 level has the
+    same float32 and float16 kernels, bfloat16 only the plain avx512 level.
+    140 rows per expert make, in float32, one block of 128 rows on the GEMM
+    and one of 12 on the dot tiles (16-bit: two of 70 on the GEMM); H = 1100
+    makes two K blocks.  On and off both match the float64 reference, and the
+    switch changes the path (long sums: some bits)."""
     if not ops.simd_levels().get(simd):
         pytest.skip(f"level {simd} not on this CPU/build")
     case = Case("rows140_H1100_I300", T=280, H=1100, I=300, E=2, K=1, P=1, levels="full")
-    inp = build(case, "float32")
+    inp = build(case, dtype)
     before = ops.simd_level()
     try:
         ops.set_simd_level(simd)

@@ -1032,9 +1032,9 @@ static TGT2 void act2_f16(const float *gu, int64_t n, void *dst)
 
 /* ---- AVX-512 block GEMM ----------------------------------------------------
  * The AVX2 packed GEMM's scheme on 512-bit vectors: the block's x rows
- * copied, as float32, into k-major panels of 12 rows (xp[k*12 + i]), and each
- * group of 32 weight rows into a k-major panel (wp[k*32 + j], 64 KiB at K =
- * 512), against which every x panel of the block runs.  The 12 x 32
+ * copied, as float32 (16-bit dtypes widened), into k-major panels of 12 rows
+ * (xp[k*12 + i]), and each group of 32 weight rows into a k-major panel (wp[k*32 + j], 128 KiB at K =
+ * 1024, in L2), against which every x panel of the block runs.  The 12 x 32
  * micro-kernel holds 24 accumulators and, per k, loads two weight vectors
  * and broadcasts twelve x values for 24 FMAs (two loads per 24 FMAs, where
  * the 4 x 6 dot tiles load ten and reduce every output across lanes).  Both
@@ -1043,13 +1043,18 @@ static TGT2 void act2_f16(const float *gu, int64_t n, void *dst)
  * each call and then added to c: gemm2's arithmetic, so for the same K the
  * bits are gemm2's.
  *
- * Measured on an Intel Xeon (AVX-512, 2 threads; benchmarks/README.md): at
- * 128 rows per expert 1.1-1.2x the dot tiles.  Used for float32 blocks of at
- * least G5_ROWS rows. */
+ * Measured on an Intel Xeon (AVX-512, 2 threads; benchmarks/README.md):
+ * float32 at 128-512 rows per expert 1.08-1.14x the dot tiles, below 1 under
+ * about 90 rows, where one weight group's arithmetic does not pay for its
+ * copy; bfloat16 and float16 weights, which the tiles widen at every load and
+ * the copy widens once, level at 24-32 rows and 1.2-1.5x from 48.  Used for
+ * blocks of at least G5_ROWS (float32) or G5_ROWS16 rows; the AVX-512 BF16
+ * and AMX levels keep their own bfloat16 kernels. */
 #define G5_MR 12
 #define G5_NR 32
 #define G5_KMAX 1024
-#define G5_ROWS 96
+#define G5_ROWS 96   /* float32 */
+#define G5_ROWS16 32 /* bfloat16 and float16, widened in the copies */
 _Static_assert(((DS_GEMM_MAX_ROWS + G5_MR - 1) / G5_MR * G5_MR + G5_NR) * G5_KMAX + 16 <= DS_GEMM_PACK_USED,
                "the AVX-512 GEMM's panels must fit DS_GEMM_PACK_USED");
 
@@ -1093,6 +1098,8 @@ INL TGT5 void tr16x16(__m512 *r)
         tr16x16(r);                                                                  \
     }
 DEF_LOAD16T5(f32)
+DEF_LOAD16T5(bf16)
+DEF_LOAD16T5(f16)
 
 /* x rows [0, n) (n <= 12) into one k-major panel (xp[k*12 + i], rows beyond
  * n zero); weight rows [0, nr) (nr <= 32) into one (wp[k*32 + j]). */
@@ -1121,6 +1128,8 @@ DEF_LOAD16T5(f32)
         }                                                                             \
     }
 DEF_PACK5(f32)
+DEF_PACK5(bf16)
+DEF_PACK5(f16)
 
 /* One 12 x 32 output tile over K: the first nrows rows and ncols columns of c
  * written (or added to). */
@@ -1180,9 +1189,11 @@ INL TGT5 void g5_kernel(const float *xp, const float *wp, int64_t K, float *c, i
 }
 
 /* The driver: every x panel packed first (at most 11 x 12 rows x K floats:
- * 264 KiB at K = 512, in L2), then for each group of 32 weight rows, packed
- * once, all x panels; before panel p the p-th share of the next group's
- * cache lines is prefetched. */
+ * 528 KiB at K = 1024, in L2), then for each group of 32 weight rows, packed
+ * once, all x panels; panel p prefetches the p-th share of the next group's
+ * cache lines into L2, one line every few k inside its FMA loop (a burst
+ * before each panel ran at 0.93-0.98x the speed of no prefetch, this at
+ * 1.01-1.06x). */
 #define DEF_GEMM5(T, ESZ)                                                               \
     static TGT5 void gemm5_##T(int64_t mb, int64_t nw, const void *const *x,            \
                                const void *const *w, int64_t K, float *c, int64_t ldc,  \
@@ -1204,18 +1215,20 @@ INL TGT5 void g5_kernel(const float *xp, const float *wp, int64_t K, float *c, i
             for (int64_t p = 0; p < np; p++) {                                          \
                 const int64_t left = mb - p * G5_MR;                                    \
                 const int64_t l0 = p * lines / np, l1 = (p + 1) * lines / np;           \
-                const g5_pf pf = {w + jn, nn > 0 ? nn : 0, l0, l1 - l0};                \
+                const g5_pf pf = {nn > 0 ? w + jn : w, nn > 0 ? nn : 0, l0, l1 - l0};   \
                 g5_kernel(pack + p * G5_MR * K, wp, K, c + p * G5_MR * ldc + j0, ldc,   \
                           (int)(left < G5_MR ? left : G5_MR), nr, accumulate, &pf);     \
             }                                                                           \
         }                                                                               \
     }
 DEF_GEMM5(f32, 4)
+DEF_GEMM5(bf16, 2)
+DEF_GEMM5(f16, 2)
 
 static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6, gemm5_f32, G5_ROWS, dot5_f32, widen2_f32, 0, G5_KMAX};
-static const ds_kernels k5_bf16 = {dot5_bf16, rows5_bf16, act5_bf16, combine5_bf16, 4, 6, NULL, 0,
-                                   dotw5_bf16, widen2_bf16, 0, 0};
-static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6, NULL, 0, NULL, NULL, 0, 0};
+static const ds_kernels k5_bf16 = {dot5_bf16, rows5_bf16, act5_bf16, combine5_bf16, 4, 6, gemm5_bf16, G5_ROWS16,
+                                   dotw5_bf16, widen2_bf16, 0, G5_KMAX};
+static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6, gemm5_f16, G5_ROWS16, NULL, NULL, 0, G5_KMAX};
 /* bfloat16 x rows copied as they are (the BF16 tiles take bfloat16 x):
  * contiguous rows measured 1.05-1.07x at Mixtral T = 16 / 128, level at
  * OLMoE T = 128 (benchmarks/README.md). */

@@ -576,16 +576,22 @@ static void test_block_gemms(void)
         printf("skip: AVX2 block GEMMs (AVX2 not compiled or not on this CPU)\n");
     }
     if (ds_simd_compiled(DS_SIMD_AVX512) && ds_simd_detected() >= DS_SIMD_AVX512) {
-        const ds_kernels *kn = ds_kernels_avx512(DS_F32);
-        CHECK(kn != NULL && kn->gemm != NULL, "avx512: a float32 block GEMM");
-        if (kn != NULL && kn->gemm != NULL) {
+        const ds_dtype dts[3] = {DS_F32, DS_BF16, DS_F16};
+        for (int d = 0; d < 3; d++) {
+            const ds_kernels *kn = ds_kernels_avx512(dts[d]);
+            CHECK(kn != NULL && kn->gemm != NULL, "avx512: a %s block GEMM", ds_dtype_name(dts[d]));
+            if (kn == NULL || kn->gemm == NULL)
+                continue;
             /* float64 up to its K block; the bits of the AVX2 packed GEMM
              * (the same FMA chain per output) up to that one's */
-            check_gemm("avx512 float32 GEMM", kn->gemm, NULL, DS_F32, kn->gemm_kmax ? kn->gemm_kmax : DS_GEMM_KMAX);
+            char what[64];
+            snprintf(what, sizeof what, "avx512 %s GEMM", ds_dtype_name(dts[d]));
+            check_gemm(what, kn->gemm, NULL, dts[d], kn->gemm_kmax ? kn->gemm_kmax : DS_GEMM_KMAX);
             ds_gemm_fn packed = NULL, in_place = NULL;
-            ds_gemm_avx2_variants(DS_F32, &packed, &in_place);
+            ds_gemm_avx2_variants(dts[d], &packed, &in_place);
+            snprintf(what, sizeof what, "avx512 %s GEMM against AVX2's", ds_dtype_name(dts[d]));
             if (packed != NULL && ds_simd_detected() >= DS_SIMD_AVX2)
-                check_gemm("avx512 float32 GEMM against AVX2's", kn->gemm, packed, DS_F32, DS_GEMM_KMAX);
+                check_gemm(what, kn->gemm, packed, dts[d], DS_GEMM_KMAX);
         }
     } else {
         printf("skip: AVX-512 block GEMM (AVX-512 not compiled or not on this CPU)\n");
