@@ -186,6 +186,22 @@ def test_moe_experts_every_simd_level(case_id, dtype, simd_level):
     assert_moe_close(run_moe(inp), inp, what=f"simd={simd_level}")
 
 
+def moe_gemm_on_off(inp, simd):
+    """run_moe at level simd with the block GEMM on, then off (both restored)."""
+    before = ops.simd_level()
+    try:
+        ops.set_simd_level(simd)
+        assert ops.block_gemm() is True
+        on = run_moe(inp)
+        ops.set_block_gemm(False)
+        assert ops.block_gemm() is False
+        off = run_moe(inp)
+    finally:
+        ops.set_block_gemm(True)
+        ops.set_simd_level(before)
+    return on, off
+
+
 @pytest.mark.parametrize("dtype", TORCH_DT_IDS)
 @pytest.mark.parametrize("case_id", ["few_experts", "rows70_H600_I300"])
 def test_block_gemm_switch(case_id, dtype):
@@ -197,17 +213,7 @@ def test_block_gemm_switch(case_id, dtype):
     if not ops.simd_levels()["avx2"]:
         pytest.skip("the block GEMM is an AVX2 kernel; this CPU/build has no AVX2 level")
     inp = build(CASES_BY_ID[case_id], dtype)
-    before = ops.simd_level()
-    try:
-        ops.set_simd_level("avx2")
-        assert ops.block_gemm() is True
-        on = run_moe(inp)
-        ops.set_block_gemm(False)
-        assert ops.block_gemm() is False
-        off = run_moe(inp)
-    finally:
-        ops.set_block_gemm(True)
-        ops.set_simd_level(before)
+    on, off = moe_gemm_on_off(inp, "avx2")
     assert_moe_close(on, inp, what="block GEMM")
     assert_moe_close(off, inp, what="dot tiles")
     if case_id == "rows70_H600_I300":   # long sums: some outputs differ in their last bits
@@ -231,16 +237,7 @@ def test_avx512_block_gemm_switch(simd, dtype):
         pytest.skip(f"level {simd} not on this CPU/build")
     case = Case("rows140_H1100_I300", T=280, H=1100, I=300, E=2, K=1, P=1, levels="full")
     inp = build(case, dtype)
-    before = ops.simd_level()
-    try:
-        ops.set_simd_level(simd)
-        assert ops.block_gemm() is True
-        on = run_moe(inp)
-        ops.set_block_gemm(False)
-        off = run_moe(inp)
-    finally:
-        ops.set_block_gemm(True)
-        ops.set_simd_level(before)
+    on, off = moe_gemm_on_off(inp, simd)
     assert_moe_close(on, inp, what="AVX-512 block GEMM")
     assert_moe_close(off, inp, what="AVX-512 dot tiles")
     assert not torch.equal(on, off), "switching the block GEMM off did not change the path"
