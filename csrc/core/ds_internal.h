@@ -150,6 +150,24 @@ void ds_combine_generic_f16(const float *const *y, const float *w, int nk, int64
 #define DS_GEMM_PACK_USED (DS_GEMM_PACK_FLOATS - DS_GEMM_XKEY_WORDS * (int64_t)(sizeof(uintptr_t) / sizeof(float)))
 DS_INLINE uintptr_t *ds_gemm_xkey(float *pack) { return (uintptr_t *)(void *)(pack + DS_GEMM_PACK_USED); }
 DS_INLINE void ds_gemm_forget(float *pack) { ds_gemm_xkey(pack)[0] = 0; }
+/* Whether the pack's key names these x rows (mb rows at these addresses, K
+ * long): the copy the last gemm on this pack made of them is still there. */
+DS_INLINE int ds_gemm_x_kept(float *pack, int64_t mb, int64_t K, const void *const *x)
+{
+    const uintptr_t *key = ds_gemm_xkey(pack);
+    int same = key[0] == (uintptr_t)mb && key[1] == (uintptr_t)K;
+    for (int64_t i = 0; same && i < mb; i++)
+        same = key[2 + i] == (uintptr_t)x[i];
+    return same;
+}
+DS_INLINE void ds_gemm_keep_x(float *pack, int64_t mb, int64_t K, const void *const *x)
+{
+    uintptr_t *key = ds_gemm_xkey(pack);
+    key[0] = (uintptr_t)mb;
+    key[1] = (uintptr_t)K;
+    for (int64_t i = 0; i < mb; i++)
+        key[2 + i] = (uintptr_t)x[i];
+}
 typedef void (*ds_gemm_fn)(int64_t mb, int64_t nw, const void *const *x, const void *const *w,
                            int64_t K, float *c, int64_t ldc, int accumulate, float *pack);
 

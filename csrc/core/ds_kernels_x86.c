@@ -1189,7 +1189,8 @@ INL TGT5 void g5_kernel(const float *xp, const float *wp, int64_t K, float *c, i
 }
 
 /* The driver: every x panel packed first (at most 11 x 12 rows x K floats:
- * 528 KiB at K = 1024, in L2), then for each group of 32 weight rows, packed
+ * 528 KiB at K = 1024, in L2; kept under the pack's key, as the AMX GEMM
+ * keeps its copy, for the next call on the same rows), then for each group of 32 weight rows, packed
  * once, all x panels; panel p prefetches the p-th share of the next group's
  * cache lines into L2, one line every few k inside its FMA loop (a burst
  * before each panel ran at 0.93-0.98x the speed of no prefetch, this at
@@ -1200,12 +1201,13 @@ INL TGT5 void g5_kernel(const float *xp, const float *wp, int64_t K, float *c, i
                                int accumulate, float *pack)                             \
     {                                                                                   \
         const int64_t np = (mb + G5_MR - 1) / G5_MR;                                    \
-        ds_gemm_forget(pack); /* keeps no key of its x copies */                        \
-        for (int64_t p = 0; p < np; p++) {                                              \
-            const int64_t left = mb - p * G5_MR;                                        \
-            packx5_##T(x + p * G5_MR, (int)(left < G5_MR ? left : G5_MR), K,            \
-                       pack + p * G5_MR * K);                                           \
-        }                                                                               \
+        if (!ds_gemm_x_kept(pack, mb, K, x))                                            \
+            for (int64_t p = 0; p < np; p++) {                                          \
+                const int64_t left = mb - p * G5_MR;                                    \
+                packx5_##T(x + p * G5_MR, (int)(left < G5_MR ? left : G5_MR), K,        \
+                           pack + p * G5_MR * K);                                       \
+            }                                                                           \
+        ds_gemm_keep_x(pack, mb, K, x);                                                 \
         float *wp = pack + (np * G5_MR * K + 15) / 16 * 16;                             \
         const int64_t lines = (K * (ESZ) + 63) / 64;                                    \
         for (int64_t j0 = 0; j0 < nw; j0 += G5_NR) {                                    \
@@ -1392,10 +1394,7 @@ static TGTX void gemm_amx_bf16(int64_t mb, int64_t nw, const void *const *x, con
     }
     _tile_loadconfig(&cfg);
     /* x packed, unless the last call on this pack left the same rows there */
-    uintptr_t *key = ds_gemm_xkey(pack);
-    int packed = key[0] == (uintptr_t)mb && key[1] == (uintptr_t)K;
-    for (int64_t i = 0; packed && i < mb; i++)
-        packed = key[2 + i] == (uintptr_t)x[i];
+    const int packed = ds_gemm_x_kept(pack, mb, K, x);
     for (int64_t p = 0; p < (packed ? 0 : np); p++)
         for (int64_t s = 0; s < ns; s++) {
             __m512i a[16];
@@ -1408,10 +1407,7 @@ static TGTX void gemm_amx_bf16(int64_t mb, int64_t nw, const void *const *x, con
             for (int k = 0; k < 16; k++)
                 _mm512_storeu_si512((void *)(t + k * AX_K), a[k]);
         }
-    key[0] = (uintptr_t)mb;
-    key[1] = (uintptr_t)K;
-    for (int64_t i = 0; i < mb; i++)
-        key[2 + i] = (uintptr_t)x[i];
+    ds_gemm_keep_x(pack, mb, K, x);
     for (int64_t j0 = 0; j0 < nw; j0 += 32) {
         /* the group's two A tiles: 16 evenly spaced rows each, read where
          * they lie (entries j0.. and j0+16.., or the even and the odd entries
