@@ -84,6 +84,8 @@ def load_openblas(coretype: str | None = None, threads: int = 2, thread_timeout:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        if path != src:  # the loaded copy stays mapped; its 25 MB file need not outlive the call
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
     prefix = "scipy_"
     lib[f"{prefix}openblas_set_num_threads"](threads)
     got = lib[f"{prefix}openblas_get_num_threads"]()

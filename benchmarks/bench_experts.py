@@ -1078,7 +1078,8 @@ def markdown(runs):
         out.append("")
         gr = lim["gemm_rate_gflops"]
         out.append("Machine limits at start-up: GEMM " + ", ".join(
-            f"{dt} {gr[dt]:.0f} GFLOP/s ({lim['gemm_rate_source'][dt]})" for dt in gr) +
+            f"{dt} {gr[dt]:.0f} GFLOP/s ({lim['gemm_rate_source'][dt]})" if gr[dt] >= 10 else
+            f"{dt} {gr[dt]:.2g} GFLOP/s ({lim['gemm_rate_source'][dt]})" for dt in gr) +
             f"; read bandwidth {lim['bandwidth_gbps']:.1f} GB/s ({lim['bandwidth_source']}).")
         out.append("")
     rows = [r for run in runs for r in run["rows"]]

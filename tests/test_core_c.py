@@ -68,3 +68,16 @@ def test_c_unit_tests(target, tmp_path):
         build = os.path.relpath(tmp_path / "build", CSRC)
     _check(_make(target, build), build)
     assert (tmp_path / "build" / BINARY[target]).exists()
+
+
+@pytest.mark.parametrize("source", ["gemm_stream.c"])
+def test_benchmark_c_sources_compile(source):
+    """The C benchmarks that use the core's internal header still compile
+    against it (syntax and types only; they are run by hand)."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc.split()[0]) is None:
+        pytest.skip(f"no C compiler ({cc!r} not found)")
+    src = CSRC.parent / "benchmarks" / source
+    flags = ["-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration", "-fsyntax-only"]
+    proc = subprocess.run(cc.split() + flags + [f"-I{CSRC / 'core'}", str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,6 +11,12 @@
  *      that end where a level's prefix ends (each read once by all the rows
  *      that reach it) and block by block where down is stored in column
  *      blocks (ds_experts.down_parts);
+ *      partitions narrower than DS_SEG_MIN neurons are too small for that:
+ *      there gate/up covers every partition some row needs for all the
+ *      expert's rows (one item range, not one per level), and each level's
+ *      rows sum down over their own prefix (measured on the built-in
+ *      models' 40- and 160-neuron experts: 2T-Drop at 10% went from 1.15-
+ *      1.18x the time of no drop to 0.97-1.00x; benchmarks/README.md);
  *   3. combine: for token blocks, out[t] = sum_k w[t,k] * Y[row(t,k)] in k
  *      order.
  * Each item writes a region no other item touches and the split into items
@@ -23,6 +29,8 @@
 #define HC 128   /* hidden rows per phase-2 item */
 #define MB 64    /* rows per block inside an item (tiles) */
 #define TB 8     /* tokens per combine item */
+/* partitions of fewer neurons than this: one gate/up range, down per level */
+#define DS_SEG_MIN 64
 
 _Static_assert(MB <= DS_GEMM_MAX_ROWS, "a block of rows must fit the GEMM's panels");
 
@@ -244,17 +252,22 @@ static void build_plan(moe_ctx *c, const ds_mat *ids, const ds_mat *levels, int6
  * row counts, so every chunk has one row count: the rows whose level reaches
  * its partition.  Consecutive partitions that the same rows need are merged
  * into one range, so an expert with no partial rows is computed exactly as
- * with num_partitions = 1 (2T-Drop with equal thresholds is bitwise 1T-Drop). */
+ * with num_partitions = 1 (2T-Drop with equal thresholds is bitwise 1T-Drop).
+ * Narrow partitions (I / P < DS_SEG_MIN) are merged as long as any row needs
+ * the next one, and the range runs for the rows of its first partition: the
+ * rows of lower levels get activations they never read, which costs less
+ * than one more item per level at these sizes. */
 static void build_items1(moe_ctx *c, int importance)
 {
     const ds_experts *w = c->w;
     const int64_t P = importance ? 1 : c->P;
+    const int narrow = w->I / P < DS_SEG_MIN;
     int64_t n = 0;
     for (int64_t e = 0; e < w->E; e++) {
         const int64_t *m = c->e_m + e * (c->P + 2);
         for (int64_t q = 1; q <= P;) {
             int64_t q1 = q;
-            while (q1 < P && m[q1 + 1] == m[q])
+            while (q1 < P && (m[q1 + 1] == m[q] || (narrow && m[q1 + 1] > 0)))
                 q1++;
             const int64_t lo = ((q - 1) * w->I) / P, hi = (q1 * w->I) / P;
             if (m[q] > 0)
@@ -435,7 +448,9 @@ static void gate_up_item(void *vctx, int64_t item, int tid)
 /* The rows of one level end their prefix where the next level's rows go on,
  * so the prefix of the highest level is cut at the ends of the levels
  * present into segments, and segment [s0, s1) is summed for every row whose
- * prefix reaches s1: the expert's first m rows (levels descending).  Each
+ * prefix reaches s1: the expert's rows [r0, m) (levels descending; r0 = 0,
+ * except for narrow partitions, where a level's rows [r0, m) take their
+ * whole prefix [0, s1) in one call).  Each
  * segment reads its part of down once, for all the rows that need it (2T-Drop
  * read the major half twice, once for the full rows and once for the half
  * rows).  Each piece of a segment in one stored column block of down (one
@@ -444,13 +459,14 @@ static void gate_up_item(void *vctx, int64_t item, int tid)
  * blocks in ascending order; an expert whose rows are all at one level has
  * one segment, so at level P it is computed exactly as with
  * num_partitions = 1 (levels = P everywhere is bitwise no drop). */
-static void down_segment(moe_ctx *c, const item2_t *it, int tid, int64_t m, int64_t s0, int64_t s1)
+static void down_segment(moe_ctx *c, const item2_t *it, int tid, int64_t r0, int64_t m, int64_t s0,
+                         int64_t s1)
 {
     const ds_experts *w = c->w;
     const int64_t I = w->I, H = w->H, nh = it->h1 - it->h0, row0 = c->e_row0[it->e];
     const int64_t D = w->down_parts > 1 ? w->down_parts : 1;
     const size_t esz = ds_dtype_size(w->dtype);
-    const int64_t bm = block_rows(c->kern, m);
+    const int64_t bm = block_rows(c->kern, m - r0);
     const void *ab[DS_GEMM_MAX_ROWS], *wr[HC];
     for (int64_t b = 0; b < D; b++) {
         const int64_t lo = (b * I) / D, hi = ((b + 1) * I) / D;
@@ -459,7 +475,7 @@ static void down_segment(moe_ctx *c, const item2_t *it, int tid, int64_t m, int6
             continue;
         const int64_t len = p1 - p0, ld = D > 1 ? hi - lo : w->ld_down;
         const char *blk = (const char *)w->down[it->e] + ((D > 1 ? H * lo : 0) + (p0 - lo)) * (int64_t)esz;
-        for (int64_t rb = 0; rb < m; rb += bm) {
+        for (int64_t rb = r0; rb < m; rb += bm) {
             const int64_t mb = m - rb < bm ? m - rb : bm;
             const int64_t kc = k_block(c->kern, mb, c->act_esz, len);
             for (int64_t k0 = 0; k0 < len; k0 += kc) {
@@ -483,11 +499,17 @@ static void down_item(void *vctx, int64_t item, int tid)
     const item2_t *it = &c->items2[item];
     const int64_t P = c->P, I = c->w->I;
     const int64_t *em = c->e_m + it->e * (P + 2);
+    if (I / P < DS_SEG_MIN) { /* narrow partitions: each level's rows over their own prefix */
+        for (int64_t q = P; q >= 1; q--)
+            if (em[q] > em[q + 1])
+                down_segment(c, it, tid, em[q + 1], em[q], 0, (q * I) / P);
+        return;
+    }
     int64_t s0 = 0;
     for (int64_t q = 1; q <= P; q++)
         if (em[q] > em[q + 1]) { /* rows of level q: their prefix ends here */
             const int64_t s1 = (q * I) / P;
-            down_segment(c, it, tid, em[q], s0, s1);
+            down_segment(c, it, tid, 0, em[q], s0, s1);
             s0 = s1;
         }
 }
