@@ -15,8 +15,8 @@
  *      there gate/up covers every partition some row needs for all the
  *      expert's rows (one item range, not one per level), and each level's
  *      rows sum down over their own prefix (measured on the built-in
- *      models' 40- and 160-neuron experts: 2T-Drop at 10% went from 1.15-
- *      1.18x the time of no drop to 0.97-1.00x; benchmarks/README.md);
+ *      models' 40- and 160-neuron experts: 2T-Drop at 10% went from 1.07-
+ *      1.17x the time of no drop to 0.96-1.01x; benchmarks/README.md);
  *   3. combine: for token blocks, out[t] = sum_k w[t,k] * Y[row(t,k)] in k
  *      order.
  * Each item writes a region no other item touches and the split into items
@@ -29,8 +29,11 @@
 #define HC 128   /* hidden rows per phase-2 item */
 #define MB 64    /* rows per block inside an item (tiles) */
 #define TB 8     /* tokens per combine item */
-/* partitions of fewer neurons than this: one gate/up range, down per level */
+/* partitions of fewer neurons than this: one gate/up range, down per level
+ * (0 at build time: segments everywhere, for benchmarks/bench_partitions.py) */
+#ifndef DS_SEG_MIN
 #define DS_SEG_MIN 64
+#endif
 
 _Static_assert(MB <= DS_GEMM_MAX_ROWS, "a block of rows must fit the GEMM's panels");
 
