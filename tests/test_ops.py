@@ -186,20 +186,28 @@ def test_moe_experts_every_simd_level(case_id, dtype, simd_level):
     assert_moe_close(run_moe(inp), inp, what=f"simd={simd_level}")
 
 
-def moe_gemm_on_off(inp, simd):
-    """run_moe at level simd with the block GEMM on, then off (both restored)."""
+def run_switched(inp, simd, switch, state, values, restore):
+    """run_moe at level simd once per value of a process-wide switch
+    (switch(v), checked with state() is v); the switch is set back to
+    restore and the level to the one before, whatever happens."""
     before = ops.simd_level()
+    outs = []
     try:
         ops.set_simd_level(simd)
-        assert ops.block_gemm() is True
-        on = run_moe(inp)
-        ops.set_block_gemm(False)
-        assert ops.block_gemm() is False
-        off = run_moe(inp)
+        for v in values:
+            switch(v)
+            assert state() is v
+            outs.append(run_moe(inp))
     finally:
-        ops.set_block_gemm(True)
+        switch(restore)
         ops.set_simd_level(before)
-    return on, off
+    return outs
+
+
+def moe_gemm_on_off(inp, simd):
+    """run_moe at level simd with the block GEMM on, then off (both restored)."""
+    assert ops.block_gemm() is True
+    return run_switched(inp, simd, ops.set_block_gemm, ops.block_gemm, (True, False), True)
 
 
 @pytest.mark.parametrize("dtype", TORCH_DT_IDS)
@@ -254,18 +262,8 @@ def test_rows_four_switch(case_id, dtype):
     if not ops.simd_levels()["avx2"]:
         pytest.skip("the rows rule is in the x86 kernels; this CPU/build has no AVX2 level")
     inp = build(CASES_BY_ID[case_id], dtype)
-    before, rule = ops.simd_level(), ops.rows_four()
-    try:
-        ops.set_simd_level("avx2")
-        ops.set_rows_four(True)
-        assert ops.rows_four() is True
-        four = run_moe(inp)
-        ops.set_rows_four(False)
-        assert ops.rows_four() is False
-        one = run_moe(inp)
-    finally:
-        ops.set_rows_four(None)
-        ops.set_simd_level(before)
+    rule = ops.rows_four()
+    four, one = run_switched(inp, "avx2", ops.set_rows_four, ops.rows_four, (True, False), None)
     assert ops.rows_four() is rule
     assert_moe_close(four, inp, what="rows four at a time")
     assert_moe_close(one, inp, what="rows one at a time")
