@@ -139,17 +139,54 @@ void ds_combine_generic_f16(const float *const *y, const float *w, int nk, int64
  * expert) skips copying them again.  A key vouches for the copy only while
  * the rows' contents cannot change: the engine clears every thread's key
  * (ds_gemm_forget) before each phase, and a thread's key whenever it writes
- * the pack by other means; a gemm that keeps no key clears it too. */
+ * the pack by other means; a gemm that keeps no key clears it too.  A second
+ * key (ds_gemm_wkey) does the same for a gemm's copy of its weight rows, kept
+ * only while the caller says that its next calls take the same weight rows
+ * (ds_gemm_reuse_w; the engine clears the flag before each phase). */
 #define DS_GEMM_MAX_ROWS 128
 #define DS_GEMM_KMAX 256
 #define DS_GEMM_XKEY_WORDS (2 + DS_GEMM_MAX_ROWS)
+#define DS_GEMM_WKEY_MAX 256 /* weight rows a kept weight copy can name */
+#define DS_GEMM_KEY_WORDS (DS_GEMM_XKEY_WORDS + 3 + DS_GEMM_WKEY_MAX)
 /* AMX: x panels of 128 rows x 4096 and two weight tiles' columns of 4096
  * (1.25 MiB); also holds a block of tile rows widened to float32 (up to
- * 32 x 2048) */
-#define DS_GEMM_PACK_FLOATS (5 * 65536 + 2048)
-#define DS_GEMM_PACK_USED (DS_GEMM_PACK_FLOATS - DS_GEMM_XKEY_WORDS * (int64_t)(sizeof(uintptr_t) / sizeof(float)))
+ * 32 x 2048); the AVX-512 GEMM: x panels of 132 rows x 1024 and up to 256
+ * kept weight rows x 1024 (1.5 MiB) */
+#define DS_GEMM_PACK_FLOATS (7 * 65536 + 4096)
+#define DS_GEMM_PACK_USED (DS_GEMM_PACK_FLOATS - DS_GEMM_KEY_WORDS * (int64_t)(sizeof(uintptr_t) / sizeof(float)))
 DS_INLINE uintptr_t *ds_gemm_xkey(float *pack) { return (uintptr_t *)(void *)(pack + DS_GEMM_PACK_USED); }
-DS_INLINE void ds_gemm_forget(float *pack) { ds_gemm_xkey(pack)[0] = 0; }
+DS_INLINE uintptr_t *ds_gemm_wkey(float *pack) { return ds_gemm_xkey(pack) + DS_GEMM_XKEY_WORDS; }
+DS_INLINE void ds_gemm_forget(float *pack)
+{
+    ds_gemm_xkey(pack)[0] = 0;
+    ds_gemm_wkey(pack)[0] = 0;
+}
+/* Whether the caller's next gemm calls on this pack take the same weight
+ * rows (blocks of rows one after another), so that a gemm that copies its
+ * weights keeps every group of them (word 2 of the weight key). */
+DS_INLINE void ds_gemm_reuse_w(float *pack, int on) { ds_gemm_wkey(pack)[2] = (uintptr_t)on; }
+DS_INLINE int ds_gemm_reusing_w(float *pack) { return ds_gemm_wkey(pack)[2] != 0; }
+/* Whether the weight key names these weight rows (nw <= DS_GEMM_WKEY_MAX
+ * rows at these addresses, K long): the gemm's copy of them is still there. */
+DS_INLINE int ds_gemm_w_kept(float *pack, int64_t nw, int64_t K, const void *const *w)
+{
+    const uintptr_t *key = ds_gemm_wkey(pack);
+    int same = nw <= DS_GEMM_WKEY_MAX && key[0] == (uintptr_t)nw && key[1] == (uintptr_t)K;
+    for (int64_t j = 0; same && j < nw; j++)
+        same = key[3 + j] == (uintptr_t)w[j];
+    return same;
+}
+DS_INLINE void ds_gemm_keep_w(float *pack, int64_t nw, int64_t K, const void *const *w)
+{
+    uintptr_t *key = ds_gemm_wkey(pack);
+    key[0] = 0;
+    if (nw > DS_GEMM_WKEY_MAX)
+        return;
+    key[1] = (uintptr_t)K;
+    for (int64_t j = 0; j < nw; j++)
+        key[3 + j] = (uintptr_t)w[j];
+    key[0] = (uintptr_t)nw;
+}
 /* Whether the pack's key names these x rows (mb rows at these addresses, K
  * long): the copy the last gemm on this pack made of them is still there. */
 DS_INLINE int ds_gemm_x_kept(float *pack, int64_t mb, int64_t K, const void *const *x)
@@ -189,6 +226,7 @@ typedef struct {
     void (*widen)(int64_t n, const void *const *x, int64_t K, void *dst, int64_t ldd);
     int xw_esz;       /* bytes per element of the copies (0: 4, float32) */
     int gemm_kmax;    /* K block of gemm (0: DS_GEMM_KMAX); panels within DS_GEMM_PACK_USED */
+    int gemm_keeps_w; /* gemm keeps its weight copies for the next blocks (ds_gemm_reuse_w) */
 } ds_kernels;
 
 /* Kernel set for (level, dtype); NULL when not compiled in. */

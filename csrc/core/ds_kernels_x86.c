@@ -1057,6 +1057,10 @@ static TGT2 void act2_f16(const float *gu, int64_t n, void *dst)
 #define G5_ROWS16 32 /* bfloat16 and float16, widened in the copies */
 _Static_assert(((DS_GEMM_MAX_ROWS + G5_MR - 1) / G5_MR * G5_MR + G5_NR) * G5_KMAX + 16 <= DS_GEMM_PACK_USED,
                "the AVX-512 GEMM's panels must fit DS_GEMM_PACK_USED");
+/* where kept weight groups start: after the x panels of DS_GEMM_MAX_ROWS rows */
+#define G5_WKEEP (((DS_GEMM_MAX_ROWS + G5_MR - 1) / G5_MR * G5_MR * G5_KMAX + 15) / 16 * 16)
+_Static_assert(G5_WKEEP + (DS_GEMM_WKEY_MAX + G5_NR - 1) / G5_NR * G5_NR * G5_KMAX <= DS_GEMM_PACK_USED,
+               "the AVX-512 GEMM's kept weight groups must fit DS_GEMM_PACK_USED");
 
 /* 16 x 16 transpose of r[0..15] (rows) in place: r[q] becomes column q. */
 INL TGT5 void tr16x16(__m512 *r)
@@ -1190,11 +1194,15 @@ INL TGT5 void g5_kernel(const float *xp, const float *wp, int64_t K, float *c, i
 
 /* The driver: every x panel packed first (at most 11 x 12 rows x K floats:
  * 528 KiB at K = 1024, in L2; kept under the pack's key, as the AMX GEMM
- * keeps its copy, for the next call on the same rows), then for each group of 32 weight rows, packed
- * once, all x panels; panel p prefetches the p-th share of the next group's
- * cache lines into L2, one line every few k inside its FMA loop (a burst
- * before each panel ran at 0.93-0.98x the speed of no prefetch, this at
- * 1.01-1.06x). */
+ * keeps its copy, for the next call on the same rows), then for each group
+ * of 32 weight rows, packed once, all x panels; panel p prefetches the p-th
+ * share of the next group's cache lines into L2, one line every few k inside
+ * its FMA loop (a burst before each panel ran at 0.93-0.98x the speed of no
+ * prefetch, this at 1.01-1.06x).  Where the engine says that its next calls
+ * are further blocks of rows on the same weight rows (ds_gemm_reuse_w), every
+ * group is kept, up to 256 rows x K (1 MiB), under a second key, and those
+ * calls neither copy nor prefetch them (an expert of 512 rows copied each
+ * weight four times; measured 1.03-1.06x at 256-512 rows, benchmarks/README.md). */
 #define DEF_GEMM5(T, ESZ)                                                               \
     static TGT5 void gemm5_##T(int64_t mb, int64_t nw, const void *const *x,            \
                                const void *const *w, int64_t K, float *c, int64_t ldc,  \
@@ -1208,12 +1216,21 @@ INL TGT5 void g5_kernel(const float *xp, const float *wp, int64_t K, float *c, i
                            pack + p * G5_MR * K);                                       \
             }                                                                           \
         ds_gemm_keep_x(pack, mb, K, x);                                                 \
-        float *wp = pack + (np * G5_MR * K + 15) / 16 * 16;                             \
         const int64_t lines = (K * (ESZ) + 63) / 64;                                    \
+        /* the caller's next calls take these weight rows too: every group kept, \
+         * each at its own place after the largest x panels (one offset for      \
+         * every call), under a key; otherwise one group at a time after x */    \
+        const int keepw = ds_gemm_reusing_w(pack) && nw <= DS_GEMM_WKEY_MAX;            \
+        const int wkept = keepw && ds_gemm_w_kept(pack, nw, K, w);                      \
+        if (!wkept)                                                                     \
+            ds_gemm_wkey(pack)[0] = 0;                                                  \
+        float *wp0 = keepw ? pack + G5_WKEEP : pack + (np * G5_MR * K + 15) / 16 * 16;  \
         for (int64_t j0 = 0; j0 < nw; j0 += G5_NR) {                                    \
             const int nr = (int)(nw - j0 < G5_NR ? nw - j0 : G5_NR);                    \
-            packw5_##T(w + j0, nr, K, wp);                                              \
-            const int64_t jn = j0 + G5_NR, nn = nw - jn < G5_NR ? nw - jn : G5_NR;      \
+            float *wp = keepw ? wp0 + j0 * K : wp0;                                     \
+            if (!wkept)                                                                 \
+                packw5_##T(w + j0, nr, K, wp);                                          \
+            const int64_t jn = j0 + G5_NR, nn = wkept ? 0 : nw - jn < G5_NR ? nw - jn : G5_NR; \
             for (int64_t p = 0; p < np; p++) {                                          \
                 const int64_t left = mb - p * G5_MR;                                    \
                 const int64_t l0 = p * lines / np, l1 = (p + 1) * lines / np;           \
@@ -1222,15 +1239,17 @@ INL TGT5 void g5_kernel(const float *xp, const float *wp, int64_t K, float *c, i
                           (int)(left < G5_MR ? left : G5_MR), nr, accumulate, &pf);     \
             }                                                                           \
         }                                                                               \
+        if (keepw && !wkept)                                                            \
+            ds_gemm_keep_w(pack, nw, K, w);                                             \
     }
 DEF_GEMM5(f32, 4)
 DEF_GEMM5(bf16, 2)
 DEF_GEMM5(f16, 2)
 
-static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6, gemm5_f32, G5_ROWS, dot5_f32, widen2_f32, 0, G5_KMAX};
+static const ds_kernels k5_f32 = {dot5_f32, rows5_f32, act5_f32, combine5_f32, 4, 6, gemm5_f32, G5_ROWS, dot5_f32, widen2_f32, 0, G5_KMAX, 1};
 static const ds_kernels k5_bf16 = {dot5_bf16, rows5_bf16, act5_bf16, combine5_bf16, 4, 6, gemm5_bf16, G5_ROWS16,
-                                   dotw5_bf16, widen2_bf16, 0, G5_KMAX};
-static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6, gemm5_f16, G5_ROWS16, NULL, NULL, 0, G5_KMAX};
+                                   dotw5_bf16, widen2_bf16, 0, G5_KMAX, 1};
+static const ds_kernels k5_f16 = {dot5_f16, rows5_f16, act5_f16, combine5_f16, 4, 6, gemm5_f16, G5_ROWS16, NULL, NULL, 0, G5_KMAX, 1};
 /* bfloat16 x rows copied as they are (the BF16 tiles take bfloat16 x):
  * contiguous rows measured 1.05-1.07x at Mixtral T = 16 / 128, level at
  * OLMoE T = 128 (benchmarks/README.md). */

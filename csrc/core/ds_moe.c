@@ -19,6 +19,11 @@
  *      1.17x the time of no drop to 0.96-1.01x; benchmarks/README.md);
  *   3. combine: for token blocks, out[t] = sum_k w[t,k] * Y[row(t,k)] in k
  *      order.
+ * An expert of more rows than one block, all of them on a block GEMM that
+ * keeps its weight copies (AVX-512), takes its blocks K block by K block
+ * (each block's sums in the same order as block by block), so that
+ * consecutive GEMM calls name the same weight rows and the GEMM's copy of
+ * them serves every block (ds_gemm_reuse_w).
  * Each item writes a region no other item touches and the split into items
  * depends only on the problem, so any thread count gives the same bits. */
 #include "ds_internal.h"
@@ -33,6 +38,12 @@
  * (0 at build time: segments everywhere, for benchmarks/bench_partitions.py) */
 #ifndef DS_SEG_MIN
 #define DS_SEG_MIN 64
+#endif
+/* an expert's blocks of rows K block by K block on the GEMM's kept weight
+ * copies (0 at build time: block by block, for the before/after in
+ * benchmarks/README.md) */
+#ifndef DS_GEMM_KEEP_W
+#define DS_GEMM_KEEP_W 1
 #endif
 
 _Static_assert(MB <= DS_GEMM_MAX_ROWS, "a block of rows must fit the GEMM's panels");
@@ -87,6 +98,7 @@ typedef struct {
     float *Y;           /* R x H */
     float *scratch;     /* per thread */
     int64_t scratch_len;
+    int64_t s_rows;     /* rows S holds (at least DS_GEMM_MAX_ROWS) */
     float *pack;        /* per thread: DS_GEMM_PACK_FLOATS */
     const float **cmb_rows; /* per thread: K row pointers for the combine */
     float *cmb_w;           /* per thread: K weights */
@@ -152,7 +164,8 @@ static double now_seconds(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static int64_t scratch_floats(void) { return DS_GEMM_MAX_ROWS * 2 * NC; }
+/* rows of one expert whose gate/up outputs S holds at once (1024: 1 MiB per thread) */
+#define S_ROWS_MAX 1024
 
 /* ---- validation ---------------------------------------------------------- */
 
@@ -328,13 +341,15 @@ typedef struct {
 #define TILE_COPY_BYTES ((32 * 2048 + 16) * 4)
 _Static_assert(TILE_COPY_BYTES <= DS_GEMM_PACK_USED * 4, "the tiles' copies of x must fit DS_GEMM_PACK_USED");
 
-/* Before each phase: the keys of x copies that block GEMMs left in the
- * threads' packs no longer vouch for them (the rows' contents may differ
- * from the last call's, at the same addresses). */
+/* Before each phase: the keys of x and weight copies that block GEMMs left
+ * in the threads' packs no longer vouch for them (the rows' contents may
+ * differ from the last call's, at the same addresses). */
 static void forget_x(moe_ctx *c, int n_threads)
 {
-    for (int t = 0; t < n_threads; t++)
+    for (int t = 0; t < n_threads; t++) {
         ds_gemm_forget(c->pack + (int64_t)t * DS_GEMM_PACK_FLOATS);
+        ds_gemm_reuse_w(c->pack + (int64_t)t * DS_GEMM_PACK_FLOATS, 0);
+    }
 }
 
 static void run_tiles(const tile_job *j)
@@ -392,6 +407,42 @@ static void run_tiles(const tile_job *j)
     }
 }
 
+/* The activations (or importance sums) of rows [r0, r1) of an item from S. */
+static void gate_up_epilogue(moe_ctx *c, const item1_t *it, const float *S, int64_t ldS,
+                             int64_t r0, int64_t r1)
+{
+    const ds_experts *w = c->w;
+    const int64_t e = it->e, j0 = it->j0, nj = it->j1 - it->j0, row0 = c->e_row0[e];
+    if (c->imp) {
+        const ds_importance_args *ia = c->imp;
+        for (int64_t i = r0; i < r1; i++) {
+            double cw = 1.0;
+            if (ia->weighted) {
+                int64_t pr = c->row_pair[row0 + i];
+                int64_t t = pr / c->K, k = pr % c->K;
+                cw = ds_load_real(ia->topk_weights.data, ia->topk_weights.dtype,
+                                  t * ia->topk_weights.s0 + k * ia->topk_weights.s1);
+            }
+            ds_importance_epilogue(S + (i - r0) * ldS, nj, cw, ia->accum + e * w->I + j0, w->E * w->I);
+        }
+    } else {
+        for (int64_t i = r0; i < r1; i++)
+            c->kern->act(S + (i - r0) * ldS, nj, c->A + ((row0 + i) * w->I + j0) * (int64_t)c->act_esz);
+    }
+}
+
+/* Whether an expert's m rows, in blocks of bm, are more than one block and
+ * all run a block GEMM that keeps its weight copies (their K blocks then do
+ * not depend on the rows, so the blocks can take each K block in turn, on
+ * the weights the GEMM copied for the first of them).  GEMMs that keep no
+ * copies stay block by block (the AVX2 GEMMs measured 0.97-0.99x the
+ * other way round). */
+static int gemm_blocks(const ds_kernels *kn, int64_t m, int64_t bm)
+{
+    const int64_t last = m - (m - 1) / bm * bm;
+    return DS_GEMM_KEEP_W && kn->gemm_keeps_w && m > bm && uses_gemm(kn, bm) && uses_gemm(kn, last);
+}
+
 static void gate_up_item(void *vctx, int64_t item, int tid)
 {
     moe_ctx *c = (moe_ctx *)vctx;
@@ -403,13 +454,19 @@ static void gate_up_item(void *vctx, int64_t item, int tid)
     const size_t esz = ds_dtype_size(w->dtype);
     const int64_t H = w->H, ldS = 2 * NC;
     float *S = c->scratch + (int64_t)tid * c->scratch_len;
+    float *pack = c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS;
     const char *gate = (const char *)w->gate[e], *up = (const char *)w->up[e];
     const void *xr[DS_GEMM_MAX_ROWS], *wr[2 * NC];
     const int64_t bm = block_rows(c->kern, m);
+    /* K blocks outermost where every block of rows runs the GEMM and S holds
+     * all the rows: the blocks then follow one another on the same weight
+     * rows, which the GEMM copies once (same products and sums per output) */
+    const int kouter = gemm_blocks(c->kern, m, bm) && m <= c->s_rows;
+    const int64_t nrb = kouter ? cdiv(m, bm) : 1;
 
-    for (int64_t rb = 0; rb < m; rb += bm) {
-        const int64_t mb = m - rb < bm ? m - rb : bm;
-        const int64_t kc = k_block(c->kern, mb, esz, H);
+    for (int64_t rb0 = 0; rb0 < m; rb0 += nrb * bm) {
+        const int64_t mb0 = m - rb0 < bm ? m - rb0 : bm;
+        const int64_t kc = k_block(c->kern, mb0, esz, H);
         for (int64_t k0 = 0; k0 < H; k0 += kc) {
             /* weight rows interleaved (gate j, up j, ...) so that S holds
              * (a, b) pairs per neuron */
@@ -418,31 +475,20 @@ static void gate_up_item(void *vctx, int64_t item, int tid)
                 wr[2 * jj] = gate + off;
                 wr[2 * jj + 1] = up + off;
             }
-            for (int64_t i = 0; i < mb; i++)
-                xr[i] = (const char *)c->x + (c->row_tok[row0 + rb + i] * c->ldx + k0) * (int64_t)esz;
             const int64_t kl = H - k0 < kc ? H - k0 : kc;
-            tile_job tj = {c->kern, xr, mb, wr, 2 * nj, kl, S, ldS, k0 > 0,
-                           c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS, (kl == H) | c->rows_four};
-            run_tiles(&tj);
-        }
-        if (c->imp) {
-            const ds_importance_args *ia = c->imp;
-            for (int64_t i = 0; i < mb; i++) {
-                double cw = 1.0;
-                if (ia->weighted) {
-                    int64_t pr = c->row_pair[row0 + rb + i];
-                    int64_t t = pr / c->K, k = pr % c->K;
-                    cw = ds_load_real(ia->topk_weights.data, ia->topk_weights.dtype,
-                                      t * ia->topk_weights.s0 + k * ia->topk_weights.s1);
-                }
-                ds_importance_epilogue(S + i * ldS, nj, cw, ia->accum + e * w->I + j0,
-                                       w->E * w->I);
+            ds_gemm_reuse_w(pack, nrb > 1);
+            for (int64_t b = 0; b < nrb; b++) {
+                const int64_t rb = rb0 + b * bm, mb = m - rb < bm ? m - rb : bm;
+                for (int64_t i = 0; i < mb; i++)
+                    xr[i] = (const char *)c->x + (c->row_tok[row0 + rb + i] * c->ldx + k0) * (int64_t)esz;
+                tile_job tj = {c->kern, xr, mb, wr, 2 * nj, kl, S + (rb - rb0) * ldS, ldS, k0 > 0,
+                               pack, (kl == H) | c->rows_four};
+                run_tiles(&tj);
             }
-        } else {
-            for (int64_t i = 0; i < mb; i++)
-                c->kern->act(S + i * ldS, nj,
-                             c->A + ((row0 + rb + i) * w->I + j0) * (int64_t)c->act_esz);
         }
+        ds_gemm_reuse_w(pack, 0);
+        const int64_t r1 = rb0 + nrb * bm < m ? rb0 + nrb * bm : m;
+        gate_up_epilogue(c, it, S, ldS, rb0, r1);
     }
 }
 
@@ -478,20 +524,28 @@ static void down_segment(moe_ctx *c, const item2_t *it, int tid, int64_t r0, int
             continue;
         const int64_t len = p1 - p0, ld = D > 1 ? hi - lo : w->ld_down;
         const char *blk = (const char *)w->down[it->e] + ((D > 1 ? H * lo : 0) + (p0 - lo)) * (int64_t)esz;
-        for (int64_t rb = r0; rb < m; rb += bm) {
-            const int64_t mb = m - rb < bm ? m - rb : bm;
-            const int64_t kc = k_block(c->kern, mb, c->act_esz, len);
+        /* K blocks outermost where every block of rows runs the GEMM (as in
+         * gate_up_item; Y holds every row) */
+        const int64_t nrb = gemm_blocks(c->kern, m - r0, bm) ? cdiv(m - r0, bm) : 1;
+        for (int64_t rb0 = r0; rb0 < m; rb0 += nrb * bm) {
+            const int64_t mb0 = m - rb0 < bm ? m - rb0 : bm;
+            const int64_t kc = k_block(c->kern, mb0, c->act_esz, len);
             for (int64_t k0 = 0; k0 < len; k0 += kc) {
                 for (int64_t h = 0; h < nh; h++)
                     wr[h] = blk + ((it->h0 + h) * ld + k0) * (int64_t)esz;
-                for (int64_t i = 0; i < mb; i++)
-                    ab[i] = c->A + ((row0 + rb + i) * I + p0 + k0) * (int64_t)c->act_esz;
                 const int64_t kl = len - k0 < kc ? len - k0 : kc;
-                tile_job tj = {c->kern, ab, mb, wr, nh, kl, c->Y + (row0 + rb) * H + it->h0, H,
-                               p0 + k0 > 0, c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS,
-                               (kl == hi - lo) | c->rows_four};
-                run_tiles(&tj);
+                ds_gemm_reuse_w(c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS, nrb > 1);
+                for (int64_t b = 0; b < nrb; b++) {
+                    const int64_t rb = rb0 + b * bm, mb = m - rb < bm ? m - rb : bm;
+                    for (int64_t i = 0; i < mb; i++)
+                        ab[i] = c->A + ((row0 + rb + i) * I + p0 + k0) * (int64_t)c->act_esz;
+                    tile_job tj = {c->kern, ab, mb, wr, nh, kl, c->Y + (row0 + rb) * H + it->h0, H,
+                                   p0 + k0 > 0, c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS,
+                                   (kl == hi - lo) | c->rows_four};
+                    run_tiles(&tj);
+                }
             }
+            ds_gemm_reuse_w(c->pack + (int64_t)tid * DS_GEMM_PACK_FLOATS, 0);
         }
     }
 }
@@ -555,7 +609,10 @@ static int carve(moe_ctx *c, ds_arena *ar, const ds_experts *w, int64_t T, int64
     c->e_m = ds_arena_take(ar, (size_t)(E * (P + 2)) * 8);
     *cnt = ds_arena_take(ar, (size_t)(E * P) * 8);
     c->items1 = ds_arena_take(ar, (size_t)(E * (P + cdiv(w->I, NC))) * sizeof(item1_t));
-    c->scratch_len = scratch_floats();
+    c->s_rows = T < S_ROWS_MAX ? T : S_ROWS_MAX;
+    if (c->s_rows < DS_GEMM_MAX_ROWS)
+        c->s_rows = DS_GEMM_MAX_ROWS;
+    c->scratch_len = c->s_rows * 2 * NC;
     c->scratch = ds_arena_take(ar, (size_t)(n_threads * c->scratch_len) * sizeof(float));
     /* reserved whatever the level, so that the size does not depend on it */
     c->pack = ds_arena_take(ar, (size_t)n_threads * DS_GEMM_PACK_FLOATS * sizeof(float));

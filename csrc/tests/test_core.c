@@ -78,6 +78,10 @@ static const mcase cases[] = {
     {"many rows long K", 200, 1100, 24, 2, 1, 1, 0, 0},
     {"many rows full", 160, 40, 600, 2, 1, 3, 0, 0},
     {"rows over 128", 420, 75, 40, 2, 1, 2, 0, 1},
+    /* 390 rows on one expert: blocks of 98, 98, 98 and 96 rows (panels of 12
+     * rows: 9, 9, 9, 8) that take the GEMM's weight copies in turn, over two
+     * K blocks; the level-2 rows in blocks of their own */
+    {"GEMM blocks on kept weights", 390, 1100, 300, 2, 1, 2, 1, 1},
     /* dot tiles (about 20 rows per expert) over two K blocks that are both
      * multiples of 8, so that the second adds to the first: the AVX2 tiles'
      * four-at-a-time reduction with accumulation */
@@ -392,6 +396,106 @@ static void test_x_rewritten(void)
             }
             free(x); free(out); free(ids); free(tw); free(lv);
             free_weights(&W);
+        }
+    }
+    ds_simd_set(best);
+}
+
+/* The same for weights: an expert of 200 rows (two blocks of 100 on a
+ * block GEMM) takes the GEMM's copy of its weight rows for both blocks,
+ * keyed by their addresses.  Importance (one gate/up item: 100 neurons)
+ * called twice on one workspace, the weights rewritten in place in
+ * between, gives the bits of a call on a copy of the weights at other
+ * addresses; so does moe_experts. */
+static void test_weights_rewritten(void)
+{
+    ds_simd_level best = ds_simd_detected();
+    const mcase c = {"kept weights", 200, 300, 100, 1, 1, 1, 1, 0};
+    const ds_dtype dts[2] = {DS_BF16, DS_F32};
+    for (int l = 0; l <= (int)best; l++) {
+        if (!ds_simd_compiled((ds_simd_level)l) || ds_simd_set((ds_simd_level)l) != DS_OK)
+            continue;
+        for (int d = 0; d < 2; d++) {
+            const ds_dtype dt = dts[d];
+            const size_t esz = ds_dtype_size(dt);
+            weights W;
+            make_weights(&W, c.E, c.I, c.H, dt);
+            const int64_t TK = c.T * c.K, TH = c.T * c.H;
+            int32_t *ids = malloc((size_t)TK * 4);
+            float *tw = malloc((size_t)TK * 4);
+            int8_t *lv = malloc((size_t)TK);
+            make_routing(&c, c.E, ids, tw, lv);
+            void *x = malloc((size_t)TH * esz), *out = malloc((size_t)TH * esz);
+            for (int64_t i = 0; i < TH; i++)
+                store(x, dt, i, rng_normal());
+            const int64_t ngu = 2 * c.I * c.H, ndn = c.H * c.I;
+            weights Wc;
+            make_weights(&Wc, c.E, c.I, c.H, dt);
+            for (int threads = 1; threads <= 2; threads++) {
+                /* importance: r = 0 twice on one workspace, weights
+                 * rewritten before each call; r = 1 once on a fresh one */
+                double *acc[2];
+                ds_status st = DS_OK;
+                for (int r = 0; r < 2; r++) {
+                    acc[r] = calloc((size_t)(4 * c.E * c.I), sizeof(double));
+                    ds_importance_args ia;
+                    memset(&ia, 0, sizeof ia);
+                    ia.T = c.T; ia.K = c.K; ia.x = x; ia.ldx = c.H;
+                    ia.topk_ids = (ds_mat){ids, DS_I32, c.K, 1};
+                    ia.topk_weights = (ds_mat){tw, DS_F32, c.K, 1};
+                    ia.accum = acc[r];
+                    const size_t iws = ds_importance_workspace_size(&W.w, &ia, threads);
+                    void *iwsp = malloc(iws);
+                    for (int round = 0; round < 2 - r && st == DS_OK; round++) {
+                        for (int64_t i = 0; r == 0 && i < ngu; i++)
+                            store(W.gu, dt, i, rng_normal() / sqrt((double)c.H));
+                        memset(acc[r], 0, (size_t)(4 * c.E * c.I) * sizeof(double));
+                        st = ds_importance_accumulate(r == 0 ? &W.w : &Wc.w, &ia, iwsp, iws, threads);
+                    }
+                    free(iwsp);
+                    /* the fresh call reads a copy of the weights at other
+                     * addresses, which no key can name */
+                    if (r == 0) {
+                        memcpy(Wc.gu, W.gu, (size_t)ngu * esz);
+                        memcpy(Wc.dn, W.dn, (size_t)ndn * esz);
+                    }
+                }
+                CHECK(st == DS_OK, "weights rewritten importance: %s", ds_last_error());
+                CHECK(memcmp(acc[0], acc[1], (size_t)(4 * c.E * c.I) * sizeof(double)) == 0,
+                      "weights rewritten %s %s, %d thread(s): importance on one workspace gives the bits "
+                      "of a fresh call", ds_simd_name((ds_simd_level)l), ds_dtype_name(dt), threads);
+                free(acc[0]); free(acc[1]);
+                /* moe_experts: two calls on one workspace, all weights
+                 * rewritten in between, against a fresh workspace */
+                ds_moe_args a;
+                memset(&a, 0, sizeof a);
+                a.T = c.T; a.K = c.K; a.P = c.P; a.x = x; a.ldx = c.H;
+                a.topk_ids = (ds_mat){ids, DS_I32, c.K, 1};
+                a.topk_weights = (ds_mat){tw, DS_F32, c.K, 1};
+                a.out = out; a.ldo = c.H;
+                const size_t ws = ds_moe_workspace_size(&W.w, &a, threads);
+                void *wsp = malloc(ws);
+                for (int round = 0; round < 2 && st == DS_OK; round++) {
+                    for (int64_t i = 0; i < ngu; i++)
+                        store(W.gu, dt, i, rng_normal() / sqrt((double)c.H));
+                    for (int64_t i = 0; i < ndn; i++)
+                        store(W.dn, dt, i, rng_normal() / sqrt((double)c.I));
+                    st = ds_moe_experts(&W.w, &a, wsp, ws, threads);
+                }
+                CHECK(st == DS_OK, "weights rewritten %s %s: status %d (%s)", ds_simd_name((ds_simd_level)l),
+                      ds_dtype_name(dt), st, ds_last_error());
+                memcpy(Wc.gu, W.gu, (size_t)ngu * esz);
+                memcpy(Wc.dn, W.dn, (size_t)ndn * esz);
+                void *fresh = run_engine(&c, &Wc.w, x, ids, tw, NULL, threads, ds_simd_name((ds_simd_level)l),
+                                         " weights rewritten");
+                CHECK(memcmp(out, fresh, (size_t)TH * esz) == 0,
+                      "weights rewritten %s %s, %d thread(s): the second call on one workspace gives the "
+                      "bits of a fresh call", ds_simd_name((ds_simd_level)l), ds_dtype_name(dt), threads);
+                free(fresh); free(wsp);
+            }
+            free(x); free(out); free(ids); free(tw); free(lv);
+            free_weights(&W);
+            free_weights(&Wc);
         }
     }
     ds_simd_set(best);
@@ -908,6 +1012,7 @@ int main(void)
     test_widened_tiles();
     test_block_gemms();
     test_x_rewritten();
+    test_weights_rewritten();
     test_importance();
     test_permutation();
     test_parallel_for_errors();
