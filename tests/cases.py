@@ -60,7 +60,7 @@ CASES = [
          note="partitions of 20 neurons (under 64: one gate/up range, down per level), 64 rows per expert"),
     Case("wide_P4_rows48", T=96, H=72, I=256, E=4, K=2, P=4,
          note="partitions of 64 neurons (down in segments), four levels, 48 rows per expert"),
-    Case("rows390_kept_weights", T=390, H=1100, I=300, E=3, K=1, P=2, ids="one",
+    Case("rows390_kept_weights", T=390, H=1100, I=300, E=3, K=1, P=2, ids="one", levels="full",
          note="390 rows on one expert: GEMM blocks of 98, 98, 98 and 96 rows on one copy of the weights, two K blocks"),
     Case("all_dropped", T=12, H=20, I=12, E=4, K=2, P=2, levels="zero",
          note="every pair at level 0: output is zero"),
