@@ -81,7 +81,7 @@ static const mcase cases[] = {
     /* 390 rows on one expert: blocks of 98, 98, 98 and 96 rows (panels of 12
      * rows: 9, 9, 9, 8) that take the GEMM's weight copies in turn, over two
      * K blocks */
-    {"GEMM blocks on kept weights", 390, 1100, 300, 2, 1, 1, 1, 0},
+    {"GEMM blocks on kept weights", 390, 1100, 40, 2, 1, 1, 1, 0},
     /* dot tiles (about 20 rows per expert) over two K blocks that are both
      * multiples of 8, so that the second adds to the first: the AVX2 tiles'
      * four-at-a-time reduction with accumulation */
