@@ -9,10 +9,13 @@
  * 8 KiB apart, as in an OLMoE expert of H = 2048) over a K block of 256
  * float32 values, added to c.  "L2": every call reads the same 256 KiB;
  * "stream": each item's eight K blocks are read once from a 1 GiB buffer,
- * beyond the last-level cache of most machines.  Prints the median GFLOP/s
- * of the rounds and their range, for the packed GEMM (gemm2) and the one
- * that reads float32 weights in place (gemm3); the engine's rule
- * (csrc/core/ds_kernels_x86.c) picks between them by rows. */
+ * beyond the last-level cache of most machines; "stream, blocked": the same
+ * bytes laid out as if packed once at load time, each call's 256 rows of one
+ * K block one contiguous 256 KiB run (row j at j KiB), so that every call
+ * reads one sequential stream instead of 1 KiB pieces 8 KiB apart.  Prints
+ * the median GFLOP/s of the rounds and their range, for the packed GEMM
+ * (gemm2) and the one that reads float32 weights in place (gemm3); the
+ * engine's rule (csrc/core/ds_kernels_x86.c) picks between them by rows. */
 #define _GNU_SOURCE
 #include "ds_internal.h"
 
@@ -74,28 +77,33 @@ int main(int argc, char **argv)
     memset(c, 0, (size_t)128 * NW * sizeof(float));
     static const int rows[] = {16, 24, 32, 48, 64, 96, 128};
     printf("GFLOP/s, one thread, median [min-max] of %d rounds of %d calls\n", rounds, CALLS);
-    printf("rows | gemm2 L2 | gemm2 stream | gemm3 L2 | gemm3 stream\n");
+    printf("rows | gemm2 L2 | gemm2 stream | gemm2 stream, blocked | gemm3 L2 | gemm3 stream | gemm3 stream, blocked\n");
     int64_t next = 0;
     for (size_t ri = 0; ri < sizeof rows / sizeof rows[0]; ri++) {
         const int mb = rows[ri];
         const void *xr[128];
-        double med[4], lo[4], hi[4];
-        for (int v = 0; v < 4; v++) {
+        /* v: GEMM v / 3 (gemm2, gemm3); weights v % 3: 0 in L2, 1 streamed,
+         * 2 streamed in the blocked layout */
+        double med[6], lo[6], hi[6];
+        for (int v = 0; v < 6; v++) {
+            const int where = v % 3;
             double r[99];
             for (int rd = 0; rd < rounds; rd++) {
                 double t0 = now();
                 for (int call = 0; call < CALLS; call++) {
                     /* in L2: the first K block of one item (256 KiB) every call */
-                    const int64_t k0 = v % 2 == 1 ? (int64_t)(call % (H / KB)) * KB : 0;
-                    if (v % 2 == 1 && call % (H / KB) == 0)
+                    const int64_t k0 = where > 0 ? (int64_t)(call % (H / KB)) * KB : 0;
+                    if (where > 0 && call % (H / KB) == 0)
                         next = (next + 37) % items; /* a new item: every K block of it once */
-                    const float *w = big + (v % 2 == 1 ? next * item : 0) + k0;
+                    const float *w = big + (where > 0 ? next * item : 0);
                     const void *wr[NW];
                     for (int j = 0; j < NW; j++)
-                        wr[j] = w + (j & 1 ? (int64_t)(NW / 2) * H : 0) + (int64_t)(j >> 1) * H;
+                        wr[j] = where == 2 ? w + k0 * NW + (int64_t)j * KB
+                                           : w + k0 + (j & 1 ? (int64_t)(NW / 2) * H : 0) +
+                                                 (int64_t)(j >> 1) * H;
                     for (int i = 0; i < mb; i++)
                         xr[i] = x + (int64_t)i * H + k0;
-                    g[v / 2](mb, NW, xr, wr, KB, c, NW, call > 0, pack);
+                    g[v / 3](mb, NW, xr, wr, KB, c, NW, call > 0, pack);
                 }
                 r[rd] = 2.0 * mb * NW * KB * CALLS / (now() - t0) * 1e-9;
             }
@@ -105,7 +113,7 @@ int main(int argc, char **argv)
             hi[v] = r[rounds - 1];
         }
         printf("%4d", mb);
-        for (int v = 0; v < 4; v++)
+        for (int v = 0; v < 6; v++)
             printf(" | %6.1f [%5.1f-%5.1f]", med[v], lo[v], hi[v]);
         printf("\n");
     }
