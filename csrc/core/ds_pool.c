@@ -6,7 +6,15 @@
  * thread count.  One job runs at a time; a second caller arriving while the
  * pool is busy (another Python thread with the GIL released) runs its items
  * on its own thread instead of waiting.  After fork() the child starts with
- * an empty pool. */
+ * an empty pool.
+ *
+ * A worker that has finished a job, and the caller waiting for the workers,
+ * first poll for up to DS_POOL_SPIN_US microseconds before they sleep on the
+ * condition variable: one call of the engine is three jobs in a row (gate/up,
+ * down, combine) and a model's layers call it back to back, so the next job
+ * usually comes within that time, and a sleeping thread is woken late
+ * (tens to hundreds of microseconds, on virtual machines more), while the
+ * thread that posted the job runs its items alone. */
 #define _POSIX_C_SOURCE 200809L
 #include "ds_internal.h"
 
@@ -14,8 +22,20 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <time.h>
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
+#include <immintrin.h>
+#define DS_CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define DS_CPU_RELAX() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define DS_CPU_RELAX() ((void)0)
+#endif
 
 #define DS_POOL_MAX 256
+#ifndef DS_POOL_SPIN_US
+#define DS_POOL_SPIN_US 100 /* 0: sleep at once (the build before the polling) */
+#endif
 
 typedef struct {
     pthread_mutex_t busy;   /* held by the thread that owns the current job */
@@ -23,9 +43,9 @@ typedef struct {
     pthread_cond_t wake, done;
     int n_workers;
     pthread_t threads[DS_POOL_MAX];
-    uint64_t generation;
+    atomic_ullong generation; /* written under mu; polled without it */
     int participants;       /* workers asked to join the current job */
-    int finished;           /* workers that finished it */
+    atomic_int finished;    /* workers that finished it (written under mu) */
     ds_item_fn fn;
     void *ctx;
     int64_t n_items;
@@ -50,15 +70,54 @@ static void run_items(ds_item_fn fn, void *ctx, int64_t n, atomic_llong *next, i
     }
 }
 
+static int64_t mono_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + (int64_t)t.tv_nsec;
+}
+
+/* Polls ready(arg) for up to DS_POOL_SPIN_US; 1 once it holds, 0 if time ran out. */
+static int poll_for(int (*ready)(const void *), const void *arg)
+{
+    if (DS_POOL_SPIN_US <= 0)
+        return 0;
+    const int64_t end = mono_ns() + (int64_t)DS_POOL_SPIN_US * 1000;
+    do {
+        for (int i = 0; i < 16; i++) {
+            if (ready(arg))
+                return 1;
+            DS_CPU_RELAX();
+        }
+    } while (mono_ns() < end);
+    return 0;
+}
+
+static int new_job(const void *seen)
+{
+    return atomic_load_explicit(&pool.generation, memory_order_acquire) !=
+           *(const unsigned long long *)seen;
+}
+
+static int all_finished(const void *want)
+{
+    return atomic_load_explicit(&pool.finished, memory_order_acquire) >= *(const int *)want;
+}
+
 static void *worker_main(void *arg)
 {
     int index = (int)(intptr_t)arg; /* 1-based */
-    uint64_t seen = 0;
+    unsigned long long seen = 0;
     pthread_mutex_lock(&pool.mu);
     for (;;) {
-        while (pool.generation == seen)
+        if (atomic_load(&pool.generation) == seen) {
+            pthread_mutex_unlock(&pool.mu);
+            poll_for(new_job, &seen);
+            pthread_mutex_lock(&pool.mu);
+        }
+        while (atomic_load(&pool.generation) == seen)
             pthread_cond_wait(&pool.wake, &pool.mu);
-        seen = pool.generation;
+        seen = atomic_load(&pool.generation);
         if (index > pool.participants)
             continue;
         ds_item_fn fn = pool.fn;
@@ -67,8 +126,7 @@ static void *worker_main(void *arg)
         pthread_mutex_unlock(&pool.mu);
         run_items(fn, ctx, n, &pool.next, index);
         pthread_mutex_lock(&pool.mu);
-        pool.finished++;
-        if (pool.finished == pool.participants)
+        if (atomic_fetch_add(&pool.finished, 1) + 1 == pool.participants)
             pthread_cond_signal(&pool.done);
     }
     return NULL;
@@ -82,9 +140,9 @@ static void pool_after_fork_child(void)
     pthread_cond_init(&pool.wake, NULL);
     pthread_cond_init(&pool.done, NULL);
     pool.n_workers = 0;
-    pool.generation = 0;
+    atomic_store(&pool.generation, 0);
     pool.participants = 0;
-    pool.finished = 0;
+    atomic_store(&pool.finished, 0);
 }
 
 static void pool_register_fork(void) { pthread_atfork(NULL, NULL, pool_after_fork_child); }
@@ -131,15 +189,16 @@ ds_status ds_parallel_for(int n_threads, int64_t n_items, ds_item_fn fn, void *c
     pool.n_items = n_items;
     atomic_store(&pool.next, 0);
     pool.participants = helpers;
-    pool.finished = 0;
-    pool.generation++;
+    atomic_store(&pool.finished, 0);
+    atomic_fetch_add(&pool.generation, 1);
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.mu);
 
     run_items(fn, ctx, n_items, &pool.next, 0);
 
+    poll_for(all_finished, &helpers);
     pthread_mutex_lock(&pool.mu);
-    while (pool.finished < pool.participants)
+    while (atomic_load(&pool.finished) < pool.participants)
         pthread_cond_wait(&pool.done, &pool.mu);
     pthread_mutex_unlock(&pool.mu);
     pthread_mutex_unlock(&pool.busy);
