@@ -184,6 +184,35 @@ static void make_routing(const mcase *c, int64_t E, int32_t *ids, float *tw, int
 
 static double tol_for(ds_dtype dt) { return dt == DS_F32 ? 2e-5 : dt == DS_BF16 ? 2e-2 : 4e-3; }
 
+/* The arguments of a ds_moe_experts call on case c (its levels where it
+ * has them). */
+static ds_moe_args moe_args(const mcase *c, const void *x, const int32_t *ids, const float *tw,
+                            const int8_t *lv, void *out)
+{
+    ds_moe_args a;
+    memset(&a, 0, sizeof a);
+    a.T = c->T; a.K = c->K; a.P = c->P; a.x = x; a.ldx = c->H;
+    a.topk_ids = (ds_mat){ids, DS_I32, c->K, 1};
+    a.topk_weights = (ds_mat){tw, DS_F32, c->K, 1};
+    a.levels = (ds_mat){c->lv_mode ? lv : NULL, DS_I8, c->K, 1};
+    a.out = out; a.ldo = c->H;
+    return a;
+}
+
+/* The arguments of a ds_importance_accumulate call on the first T tokens of
+ * case c. */
+static ds_importance_args importance_args(const mcase *c, int64_t T, const void *x, const int32_t *ids,
+                                          const float *tw, double *accum)
+{
+    ds_importance_args ia;
+    memset(&ia, 0, sizeof ia);
+    ia.T = T; ia.K = c->K; ia.x = x; ia.ldx = c->H;
+    ia.topk_ids = (ds_mat){ids, DS_I32, c->K, 1};
+    ia.topk_weights = (ds_mat){tw, DS_F32, c->K, 1};
+    ia.accum = accum;
+    return ia;
+}
+
 /* One ds_moe_experts call on case c with `threads` threads; returns the
  * output (T*H values of the weights' dtype, malloc'ed, prefilled with 0xff). */
 static void *run_engine(const mcase *c, const ds_experts *w, const void *x, const int32_t *ids,
@@ -191,15 +220,9 @@ static void *run_engine(const mcase *c, const ds_experts *w, const void *x, cons
                         const char *what)
 {
     const size_t esz = ds_dtype_size(w->dtype), n = (size_t)(c->T * c->H + 1) * esz;
-    ds_moe_args a;
-    memset(&a, 0, sizeof a);
-    a.T = c->T; a.K = c->K; a.P = c->P; a.x = x; a.ldx = c->H;
-    a.topk_ids = (ds_mat){ids, DS_I32, c->K, 1};
-    a.topk_weights = (ds_mat){tw, DS_F32, c->K, 1};
-    a.levels = (ds_mat){c->lv_mode ? lv : NULL, DS_I8, c->K, 1};
     void *out = malloc(n);
     memset(out, 0xff, n);
-    a.out = out; a.ldo = c->H;
+    ds_moe_args a = moe_args(c, x, ids, tw, lv, out);
     size_t ws = ds_moe_workspace_size(w, &a, threads);
     void *wsp = malloc(ws);
     ds_status st = ds_moe_experts(w, &a, wsp, ws, threads);
@@ -329,13 +352,7 @@ static void test_x_rewritten(void)
             make_routing(c, c->E, ids, tw, lv);
             void *x = malloc((size_t)TH * esz), *out = malloc((size_t)TH * esz);
             for (int threads = 1; threads <= 2; threads++) {
-                ds_moe_args a;
-                memset(&a, 0, sizeof a);
-                a.T = c->T; a.K = c->K; a.P = c->P; a.x = x; a.ldx = c->H;
-                a.topk_ids = (ds_mat){ids, DS_I32, c->K, 1};
-                a.topk_weights = (ds_mat){tw, DS_F32, c->K, 1};
-                a.levels = (ds_mat){lv, DS_I8, c->K, 1};
-                a.out = out; a.ldo = c->H;
+                ds_moe_args a = moe_args(c, x, ids, tw, lv, out);
                 const size_t ws = ds_moe_workspace_size(&W.w, &a, threads);
                 void *wsp = malloc(ws);
                 ds_status st = DS_OK;
@@ -365,12 +382,7 @@ static void test_x_rewritten(void)
                 double *acc[2];
                 for (int r = 0; r < 2; r++) {
                     acc[r] = calloc((size_t)(4 * c->E * c->I), sizeof(double));
-                    ds_importance_args ia;
-                    memset(&ia, 0, sizeof ia);
-                    ia.T = 50; ia.K = c->K; ia.x = r == 0 ? x : xc; ia.ldx = c->H;
-                    ia.topk_ids = (ds_mat){ids, DS_I32, c->K, 1};
-                    ia.topk_weights = (ds_mat){tw, DS_F32, c->K, 1};
-                    ia.accum = acc[r];
+                    ds_importance_args ia = importance_args(c, 50, r == 0 ? x : xc, ids, tw, acc[r]);
                     const size_t iws = ds_importance_workspace_size(&W.w, &ia, threads);
                     void *iwsp = malloc(iws);
                     st = DS_OK;
@@ -438,12 +450,7 @@ static void test_weights_rewritten(void)
                 ds_status st = DS_OK;
                 for (int r = 0; r < 2; r++) {
                     acc[r] = calloc((size_t)(4 * c.E * c.I), sizeof(double));
-                    ds_importance_args ia;
-                    memset(&ia, 0, sizeof ia);
-                    ia.T = c.T; ia.K = c.K; ia.x = x; ia.ldx = c.H;
-                    ia.topk_ids = (ds_mat){ids, DS_I32, c.K, 1};
-                    ia.topk_weights = (ds_mat){tw, DS_F32, c.K, 1};
-                    ia.accum = acc[r];
+                    ds_importance_args ia = importance_args(&c, c.T, x, ids, tw, acc[r]);
                     const size_t iws = ds_importance_workspace_size(&W.w, &ia, threads);
                     void *iwsp = malloc(iws);
                     for (int round = 0; round < 2 - r && st == DS_OK; round++) {
@@ -467,12 +474,7 @@ static void test_weights_rewritten(void)
                 free(acc[0]); free(acc[1]);
                 /* moe_experts: two calls on one workspace, all weights
                  * rewritten in between, against a fresh workspace */
-                ds_moe_args a;
-                memset(&a, 0, sizeof a);
-                a.T = c.T; a.K = c.K; a.P = c.P; a.x = x; a.ldx = c.H;
-                a.topk_ids = (ds_mat){ids, DS_I32, c.K, 1};
-                a.topk_weights = (ds_mat){tw, DS_F32, c.K, 1};
-                a.out = out; a.ldo = c.H;
+                ds_moe_args a = moe_args(&c, x, ids, tw, NULL, out);
                 const size_t ws = ds_moe_workspace_size(&W.w, &a, threads);
                 void *wsp = malloc(ws);
                 for (int round = 0; round < 2 && st == DS_OK; round++) {
